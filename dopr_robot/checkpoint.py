@@ -1,0 +1,82 @@
+"""Checkpoints a user can read: `<name>.safetensors` (the EMA policy's weights, normalizer statistics
+included) beside `<name>.json` (config, shapes, observation keys, normalization, the dataset's env_args).
+
+Evaluation needs nothing else: `load_policy` rebuilds the policy from the JSON and loads the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from dopr_robot.config import config_from_dict
+from dopr_robot.errors import UserError
+from dopr_robot.fileio import atomic_path, write_json
+from dopr_robot.policies import ActionChunkPolicy, RangeNormalizer, build_policy
+
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(directory: Path, name: str, policy: ActionChunkPolicy, meta: dict[str, Any]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
+    with atomic_path(directory / f"{name}.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    meta = {"format": FORMAT_VERSION, **meta, "normalizer": {
+        "obs": {"center": policy.obs_normalizer.center.tolist(), "scale": policy.obs_normalizer.scale.tolist()},
+        "action": {"center": policy.action_normalizer.center.tolist(),
+                   "scale": policy.action_normalizer.scale.tolist()},
+    }}
+    write_json(directory / f"{name}.json", meta)
+    return directory / f"{name}.json"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory (its `checkpoints/final.json`, else the newest) or a checkpoint's .json/.safetensors."""
+    path = Path(path)
+    if path.is_dir():
+        ckpt_dir = path / "checkpoints"
+        if (ckpt_dir / "final.json").is_file():
+            return ckpt_dir / "final.json"
+        candidates = sorted(ckpt_dir.glob("*.json"), key=lambda p: p.stat().st_mtime) if ckpt_dir.is_dir() else []
+        if not candidates:
+            raise UserError(f"{path} holds no checkpoints (expected {ckpt_dir}/final.json)")
+        return candidates[-1]
+    if path.suffix == ".safetensors":
+        path = path.with_suffix(".json")
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    return path
+
+
+def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[ActionChunkPolicy, dict[str, Any]]:
+    meta_path = resolve_checkpoint(path)
+    try:
+        meta = json.loads(meta_path.read_text())
+        config = config_from_dict(meta["config"])
+        obs_dim, action_dim = int(meta["obs_dim"]), int(meta["action_dim"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"checkpoint metadata {meta_path} is malformed ({type(e).__name__}: {e})") from None
+    d = config.data
+    policy = build_policy(
+        config.policy, obs_dim, action_dim, d.n_obs_steps, d.horizon,
+        RangeNormalizer(torch.zeros(obs_dim), torch.ones(obs_dim), 1.0),
+        RangeNormalizer(torch.zeros(action_dim), torch.ones(action_dim), 1.0),
+    )
+    weights = meta_path.with_suffix(".safetensors")
+    if not weights.is_file():
+        raise UserError(f"checkpoint weights not found: {weights}")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"checkpoint weights {weights} are unreadable ({e})") from None
+    try:
+        policy.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint weights {weights} do not match its config ({str(e).splitlines()[0]})") from None
+    return policy.to(device).eval(), meta

@@ -1,0 +1,125 @@
+"""The `dopr-robot` command line: a thin layer over collect, training and evaluation.
+
+Bad input (missing or corrupt files, unknown keys, invalid values) ends with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from dopr_robot.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train diffusion / flow action-chunking policies with AdamW, Muon or DoPr; "
+                       "measure closed-loop success.")
+
+
+@app.command("collect")
+def collect_cmd(
+    task: str = typer.Option("lift", help="lift | can | square"),
+    episodes: int = typer.Option(100, help="successful demonstrations to write"),
+    seed: int = typer.Option(0, help="attempt i uses environment seed SEED + i"),
+    out: Path = typer.Option(..., help="output robomimic-layout .hdf5 file"),
+    max_steps: int = typer.Option(400, help="step limit of one expert attempt"),
+    overwrite: bool = typer.Option(False, help="replace OUT if it exists"),
+):
+    """Roll out a scripted expert in robosuite and write its successful demos (robomimic HDF5)."""
+    from dopr_robot.collect import collect
+
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} exists; pass --overwrite to replace it")
+    s = collect(task, episodes, seed, out, max_steps=max_steps)
+    typer.echo(f"expert success rate {s['expert_success_rate']:.1%} ({s['demos']}/{s['attempts']} attempts), "
+               f"mean length {s['mean_length']:.1f} steps, {s['seconds']:.0f} s -> {s['out']}")
+
+
+@app.command("train")
+def train_cmd(
+    config: Optional[Path] = typer.Option(None, help="YAML config (default: the built-in Lift quickstart config)"),
+    dataset: Optional[Path] = typer.Option(None, help="robomimic .hdf5 dataset (overrides data.path)"),
+    optim: Optional[str] = typer.Option(None, help="adam | muon | dopr (DoPr over Adam) | dopr-muon"),
+    policy: Optional[str] = typer.Option(None, help="diffusion | flow"),
+    steps: Optional[int] = typer.Option(None, help="training steps (train.steps)"),
+    seed: Optional[int] = typer.Option(None, help="training seed (train.seed)"),
+    out: Optional[Path] = typer.Option(None, help="run directory (default: runs/<config>_<policy>_<optim>_s<seed>)"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="override any config key: --set optim.lr=3e-4"),
+    resume: bool = typer.Option(False, help="continue the run in --out from its trainer_state.pt"),
+    overwrite: bool = typer.Option(False, help="replace an existing run directory"),
+):
+    """Train a policy; writes config.yaml, metrics.jsonl and checkpoints/ into the run directory."""
+    from dopr_robot.config import load_config
+    from dopr_robot.training import train
+
+    overrides = list(set_ or [])
+    for key, value in (("data.path", dataset), ("optim.name", optim), ("policy.type", policy),
+                       ("train.steps", steps), ("train.seed", seed), ("train.device", device)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = load_config(config, overrides)
+    if out is None:
+        name = config.stem if config else "lift"
+        out = Path("runs") / f"{name}_{cfg.policy.type}_{cfg.optim.name}_s{cfg.train.seed}"
+    if out.exists() and any(out.iterdir()) and not resume:
+        if not overwrite:
+            raise UserError(f"run directory {out} exists; pass --resume to continue it or --overwrite to replace it")
+        shutil.rmtree(out)
+    run = train(cfg, out, collect_if_missing=dataset is None, resume=resume)
+    typer.echo(f"trained -> {run}  (next: dopr-robot eval {run})")
+
+
+@app.command("eval")
+def eval_cmd(
+    run: Path = typer.Argument(..., help="run directory or checkpoint (.json/.safetensors)"),
+    episodes: int = typer.Option(50, help="number of seeded episodes"),
+    workers: int = typer.Option(0, help="parallel worker processes (0 = one per CPU core)"),
+    seed_start: int = typer.Option(100000, help="episode i uses seed SEED_START + i"),
+    max_steps: int = typer.Option(400, help="step limit per episode"),
+    n_action_steps: Optional[int] = typer.Option(None, help="actions executed per chunk (default: training's)"),
+    out: Optional[Path] = typer.Option(None, help="report path (default: RUN/eval.json)"),
+    save_trajectories: bool = typer.Option(False, help="also store every episode (robomimic layout) beside the report"),
+):
+    """Closed-loop success of a checkpoint over many seeded rollouts; writes a JSON report."""
+    from dopr_robot.evaluation import evaluate, format_report, save_report
+
+    if episodes < 1 or max_steps < 1 or workers < 0:
+        raise UserError("need --episodes >= 1, --max-steps >= 1, --workers >= 0")
+    if out is None:
+        out = (run if run.is_dir() else run.parent) / "eval.json"
+    trajectories = out.with_name(out.stem + "_rollouts.hdf5") if save_trajectories else None
+    report = evaluate(run, episodes=episodes, seed_start=seed_start, max_steps=max_steps, workers=workers,
+                      n_action_steps=n_action_steps, save_trajectories=trajectories)
+    save_report(report, out)
+    typer.echo(format_report(report))
+    typer.echo(f"report -> {out}" + (f", trajectories -> {trajectories}" if trajectories else ""))
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            typer.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

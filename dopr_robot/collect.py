@@ -1,0 +1,81 @@
+"""`dopr-robot collect`: roll out a scripted expert in robosuite and write a robomimic-layout HDF5 file.
+
+Attempt i uses environment seed `seed + i`; only successful attempts are kept, each with its seed recorded,
+until `episodes` demonstrations are written. 10% of the demos (at least one) form the `valid` mask.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from dopr_robot.datasets.robomimic_hdf5 import Episode, write_robomimic
+from dopr_robot.envs import RobosuiteEnv, default_env_args
+from dopr_robot.envs.experts import EXPERTS
+from dopr_robot.errors import UserError
+
+# Per-step observation keys we do not store: concatenations of keys that are stored anyway.
+_REDUNDANT_OBS = ("robot0_proprio-state",)
+
+
+def run_expert_episode(env: RobosuiteEnv, task: str, seed: int, max_steps: int) -> Episode:
+    """One scripted episode from the initial state of `seed`, stopped at the first success."""
+    obs = env.reset(seed)
+    expert = EXPERTS[task]()
+    steps: list[dict[str, np.ndarray]] = []
+    actions, rewards, states = [], [], []
+    success = False
+    for _ in range(max_steps):
+        action = expert.act(obs)
+        steps.append(obs)
+        states.append(env.get_state())
+        obs, reward = env.step(action)
+        actions.append(action)
+        rewards.append(reward)
+        if env.is_success():
+            success = True
+            break
+    keys = [k for k in steps[0] if k not in _REDUNDANT_OBS]
+    stacked = {k: np.stack([s[k] for s in steps]) for k in keys}
+    next_obs = {k: np.concatenate([stacked[k][1:], obs[k][None]]) for k in keys}
+    return Episode(
+        obs=stacked, next_obs=next_obs, actions=np.asarray(actions), rewards=np.asarray(rewards),
+        states=np.asarray(states), attrs={"seed": seed, "success": success, "model_file": env.model_xml()},
+    )
+
+
+def collect(task: str, episodes: int, seed: int, out: str | Path, max_steps: int = 400,
+            valid_fraction: float = 0.1, progress: bool = True) -> dict:
+    if task not in EXPERTS:
+        raise UserError(f"no scripted expert for task {task!r}; choose one of {', '.join(EXPERTS)}")
+    if episodes < 1:
+        raise UserError(f"--episodes must be >= 1; got {episodes}")
+    env_args = default_env_args(task)
+    env = RobosuiteEnv(env_args)
+    kept: list[Episode] = []
+    attempts, start = 0, time.time()
+    bar = tqdm(total=episodes, desc=f"collect {task}", unit="demo", disable=not progress)
+    while len(kept) < episodes and attempts < 3 * episodes + 10:
+        episode = run_expert_episode(env, task, seed + attempts, max_steps)
+        attempts += 1
+        if episode.attrs["success"]:
+            kept.append(episode)
+            bar.update(1)
+        bar.set_postfix(success=f"{len(kept)}/{attempts}")
+    bar.close()
+    env.close()
+    if len(kept) < episodes:
+        raise UserError(f"the {task} expert succeeded in only {len(kept)} of {attempts} attempts; nothing written")
+    n_valid = max(1, int(round(valid_fraction * episodes))) if episodes > 1 else 0
+    order = np.random.default_rng(seed).permutation(episodes)
+    valid = sorted(order[:n_valid].tolist())
+    train = sorted(order[n_valid:].tolist())
+    write_robomimic(out, kept, env_args, masks={"train": train, "valid": valid},
+                    attrs={"task": task, "expert": task, "collect_seed": seed, "noise": 0.0}, compression="gzip")
+    return {
+        "task": task, "demos": len(kept), "attempts": attempts, "expert_success_rate": len(kept) / attempts,
+        "mean_length": float(np.mean([len(e) for e in kept])), "seconds": time.time() - start, "out": str(out),
+    }

@@ -1,0 +1,279 @@
+"""Experiment configuration: typed dataclasses, loaded from YAML, overridden with `--set key=value`.
+
+Every random choice and every knob of a run lives here; the resolved config is written into the run
+directory, so a run can be repeated from its own `config.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dopr_robot.errors import UserError
+from dopr_robot.optim.config import OptimConfig
+
+DEFAULT_OBS_KEYS = ["object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"]
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/lift_scripted.hdf5"
+    # If `path` does not exist, this many scripted-expert demos of `task` are collected into it first.
+    task: str = "lift"
+    collect_episodes: int = 100
+    collect_seed: int = 0
+    obs_keys: list[str] = field(default_factory=lambda: list(DEFAULT_OBS_KEYS))
+    n_obs_steps: int = 2
+    horizon: int = 16
+    n_action_steps: int = 8
+    train_filter: str = "train"
+    valid_filter: str = "valid"
+    # Smallest per-dimension (max - min) used for [-1, 1] scaling; stops near-constant dims from blowing up.
+    norm_range_floor: float = 0.1
+
+
+@dataclass
+class MLPConfig:
+    hidden_dim: int = 512
+    num_layers: int = 4
+    step_embed_dim: int = 128
+
+
+@dataclass
+class UNetConfig:
+    down_dims: list[int] = field(default_factory=lambda: [256, 512, 1024])
+    kernel_size: int = 5
+    n_groups: int = 8
+    step_embed_dim: int = 256
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 100
+    num_inference_steps: int = 10  # DDIM steps at sampling time
+    beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: str = "epsilon"
+    clip_sample: bool = True
+
+
+@dataclass
+class FlowConfig:
+    num_inference_steps: int = 10
+    integrator: str = "euler"  # euler | midpoint
+    time_distribution: str = "uniform"  # uniform | beta
+    beta_a: float = 1.5  # time ~ Beta(a, b) when time_distribution == "beta"
+    beta_b: float = 1.0
+
+
+@dataclass
+class PolicyConfig:
+    type: str = "diffusion"  # diffusion | flow
+    backbone: str = "mlp"  # mlp | unet
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 5000
+    batch_size: int = 256
+    seed: int = 0
+    warmup_steps: int = 500
+    grad_clip: float = 10.0  # max global grad norm; 0 disables
+    ema_power: float = 0.75  # EMA decay 1 - (1 + step)^-power, capped at ema_max_decay (diffusion_policy)
+    ema_max_decay: float = 0.9999
+    log_every: int = 100
+    val_every: int = 1000
+    checkpoint_every: int = 0  # 0: only the final checkpoint
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+
+
+@dataclass
+class EvalConfig:
+    episodes: int = 50
+    seed_start: int = 100000
+    max_steps: int = 400
+    workers: int = 0  # 0 = one per CPU core
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+CHOICES = {
+    "policy.type": ("diffusion", "flow"),
+    "policy.backbone": ("mlp", "unet"),
+    "policy.diffusion.prediction_type": ("epsilon", "sample"),
+    "policy.flow.integrator": ("euler", "midpoint"),
+    "policy.flow.time_distribution": ("uniform", "beta"),
+    "optim.name": ("adam", "muon", "dopr", "dopr-muon"),
+    "optim.adjust_lr": ("match_rms_adamw", "original"),
+    "optim.ap.damping_form": ("mean", "trace"),
+    "optim.ap.conv_mode": ("channel", "full"),
+    "data.task": ("lift", "can", "square"),
+}
+POSITIVE = (
+    "data.collect_episodes", "data.n_obs_steps", "data.horizon", "data.n_action_steps", "policy.mlp.hidden_dim",
+    "policy.mlp.num_layers", "policy.unet.kernel_size", "policy.unet.n_groups", "policy.diffusion.num_train_timesteps",
+    "policy.diffusion.num_inference_steps", "policy.flow.num_inference_steps", "train.steps", "train.batch_size",
+    "train.log_every", "train.val_every", "optim.lr", "optim.ap.refresh_every", "optim.ns_steps", "eval.episodes",
+    "eval.max_steps", "data.norm_range_floor", "policy.flow.beta_a", "policy.flow.beta_b",
+)
+NON_NEGATIVE = (
+    "optim.weight_decay", "optim.eps", "optim.ap.damping", "optim.ap.eps", "train.warmup_steps", "train.grad_clip",
+    "train.checkpoint_every", "eval.workers", "eval.seed_start", "train.threads", "optim.momentum",
+)
+UNIT_INTERVAL = ("optim.ap.ema_decay", "train.ema_max_decay")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- `key=value` overrides (values parsed as YAML), then validated."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config file {path} must hold a mapping at the top level")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set expects key=value, got {item!r}")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {key}: {part!r} is not a section")
+        node[parts[-1]] = parsed
+    config = _build(Config, raw, "")
+    validate(config)
+    return config
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    config = _build(Config, raw, "")
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    flat = _flatten(config.to_dict())
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise UserError(f"{key} must be one of {', '.join(allowed)}; got {flat[key]!r}")
+    for key in POSITIVE:
+        if not flat[key] > 0:
+            raise UserError(f"{key} must be > 0; got {flat[key]!r}")
+    for key in NON_NEGATIVE:
+        if not flat[key] >= 0:
+            raise UserError(f"{key} must be >= 0; got {flat[key]!r}")
+    for key in UNIT_INTERVAL:
+        if not 0 <= flat[key] < 1:
+            raise UserError(f"{key} must be in [0, 1); got {flat[key]!r}")
+    for key, value in flat.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{key} must be finite; got {value!r}")
+    d = config.data
+    if d.n_obs_steps + d.n_action_steps - 1 > d.horizon:
+        raise UserError(
+            f"data.horizon ({d.horizon}) must cover n_obs_steps + n_action_steps - 1 "
+            f"({d.n_obs_steps + d.n_action_steps - 1}) actions"
+        )
+    if not d.obs_keys:
+        raise UserError("data.obs_keys must name at least one observation key")
+    if config.policy.backbone == "unet":
+        if any(c % config.policy.unet.n_groups for c in config.policy.unet.down_dims):
+            raise UserError("policy.unet.down_dims must be divisible by policy.unet.n_groups")
+        if d.horizon % (2 ** (len(config.policy.unet.down_dims) - 1)):
+            raise UserError("data.horizon must be divisible by 2^(len(policy.unet.down_dims) - 1) for the UNet")
+    if not all(0 <= b < 1 for b in config.optim.betas):
+        raise UserError(f"optim.betas must lie in [0, 1); got {config.optim.betas}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise UserError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise UserError(f"unknown config key {prefix}{unknown[0]!r} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{key} must be a list; got {value!r}")
+        args = typing.get_args(hint)
+        if origin is tuple and len(value) != len(args):
+            raise UserError(f"{key} must have {len(args)} entries; got {value!r}")
+        items = [_coerce(args[i] if origin is tuple else args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "1e-4" as a string
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise UserError(f"{key} must be {hint.__name__}; got {value!r}")
+    return value
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

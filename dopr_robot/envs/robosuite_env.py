@@ -1,0 +1,116 @@
+"""robosuite 1.5 environments rebuilt from a dataset's `env_args` (robomimic's format), seeded per episode.
+
+A dataset is all a user must supply: its `env_args` JSON names the environment and every keyword it was made
+with, so training and evaluation rebuild exactly that environment. Rendering is always off here (low-dim
+observations need no renderer), which keeps evaluation headless.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import numpy as np
+
+from dopr_robot.errors import UserError
+
+# Our task names -> robosuite environment names.
+TASKS = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare"}
+
+# robosuite calls the object observation "object-state"; robomimic (and every dataset) calls it "object".
+_ROBOMIMIC_OBS_NAMES = {"object-state": "object"}
+
+# Keyword arguments that must not come from a file: we never render, and our loop decides when an episode ends.
+_HEADLESS_KWARGS = {
+    "has_renderer": False,
+    "has_offscreen_renderer": False,
+    "use_camera_obs": False,
+    "ignore_done": True,
+}
+# Keys of robomimic's image-era env_kwargs that robosuite 1.5 does not accept or that only matter for cameras.
+_DROPPED_KWARGS = ("camera_depths", "camera_heights", "camera_widths", "camera_names", "render_gpu_device_id",
+                   "lite_physics")
+
+
+def import_robosuite():
+    """Import robosuite without its import-time console chatter (missing private macro file, optional robots)."""
+    logging.getLogger("robosuite_logs").addFilter(lambda record: record.levelno >= logging.ERROR)
+    import robosuite
+
+    return robosuite
+
+
+def default_env_args(task: str) -> dict[str, Any]:
+    """env_args for one of our tasks: Panda, default composite controller (OSC delta pose), 20 Hz, low-dim."""
+    if task not in TASKS:
+        raise UserError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    suite = import_robosuite()
+    from robosuite.controllers import load_composite_controller_config
+
+    return {
+        "env_name": TASKS[task],
+        "type": 1,  # robomimic's EnvType.ROBOSUITE_TYPE
+        "env_version": suite.__version__,
+        "env_kwargs": {
+            "robots": ["Panda"],
+            "controller_configs": load_composite_controller_config(robot="Panda"),
+            "control_freq": 20,
+            "reward_shaping": False,
+            "use_object_obs": True,
+            **_HEADLESS_KWARGS,
+        },
+    }
+
+
+class RobosuiteEnv:
+    """A robosuite environment with robomimic observation names and per-episode seeding."""
+
+    def __init__(self, env_args: dict[str, Any]):
+        suite = import_robosuite()
+        try:
+            name = env_args["env_name"]
+            kwargs = copy.deepcopy(env_args["env_kwargs"])
+        except (KeyError, TypeError) as e:
+            raise UserError(f"env_args has no {e} entry: not a robomimic/robosuite dataset") from None
+        if env_args.get("type", 1) != 1:
+            raise UserError(f"env_args type {env_args.get('type')} is not robosuite (1)")
+        for key in _DROPPED_KWARGS:
+            kwargs.pop(key, None)
+        kwargs.update(_HEADLESS_KWARGS)
+        self.env_args = env_args
+        self.env = suite.make(name, **kwargs)
+
+    @property
+    def action_dim(self) -> int:
+        return int(self.env.action_spec[0].shape[0])
+
+    def reset(self, seed: int) -> dict[str, np.ndarray]:
+        """Reset to the initial state that `seed` determines, the same in any process.
+
+        robosuite's placement samplers and robot init noise hold references to `env.rng`, so the generator
+        is re-seeded in place rather than replaced.
+        """
+        self.env.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
+        return self._observation(self.env.reset())
+
+    def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
+        obs, reward, _, _ = self.env.step(np.asarray(action, dtype=np.float64))
+        return self._observation(obs), float(reward)
+
+    def is_success(self) -> bool:
+        return bool(self.env._check_success())
+
+    def get_state(self) -> np.ndarray:
+        """The flattened MuJoCo state (robomimic's `states`): enough to replay or reset."""
+        return np.asarray(self.env.sim.get_state().flatten())
+
+    def model_xml(self) -> str:
+        return self.env.sim.model.get_xml()
+
+    def close(self) -> None:
+        self.env.close()
+
+    @staticmethod
+    def _observation(obs: dict[str, Any]) -> dict[str, np.ndarray]:
+        return {_ROBOMIMIC_OBS_NAMES.get(k, k): np.asarray(v) for k, v in obs.items()}

@@ -1,0 +1,32 @@
+"""Typed optimizer configuration (plain dataclasses, so `dopr_robot.optim` depends on torch alone)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class APConfig:
+    """Activation-wise preconditioning (DOPR_SPEC.md): S_d = S + (damping * scale(S) + eps) I."""
+
+    damping: float = 1.0  # gamma; relative to the mean eigenvalue of S when damping_form == "mean"
+    damping_form: str = "mean"  # "mean": gamma * tr(S) / d_in; "trace": the paper's written gamma * tr(S)
+    eps: float = 1e-8
+    ema_decay: float = 0.0  # 0 = per-batch statistics
+    refresh_every: int = 1  # recompute the damped factorization every N steps
+    conv_mode: str = "channel"  # "channel" (invariant, C_in x C_in) or "full" (unfolded patches, KFC-style)
+    bias_augment: bool = False  # precondition [W | b] with a constant-1 input (Linear, and Conv in full mode)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam | muon | dopr (DoPr over Adam) | dopr-muon
+    lr: float = 1e-3  # the quickstart value (small MLP); diffusion_policy uses 1e-4 for its UNet
+    weight_decay: float = 1e-6
+    betas: tuple[float, float] = (0.95, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.95  # Muon's (Nesterov) momentum
+    nesterov: bool = True
+    ns_steps: int = 5
+    adjust_lr: str = "match_rms_adamw"  # Muon's lr scale: match_rms_adamw | original
+    ap: APConfig = field(default_factory=APConfig)

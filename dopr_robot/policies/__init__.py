@@ -1,0 +1,36 @@
+"""Action-chunking policies: diffusion and flow matching over MLP or ConditionalUnet1D backbones."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from dopr_robot.policies.base import ActionChunkPolicy
+from dopr_robot.policies.diffusion import DiffusionPolicy
+from dopr_robot.policies.flow import FlowPolicy
+from dopr_robot.policies.mlp import MLPDenoiser
+from dopr_robot.policies.normalizer import RangeNormalizer
+from dopr_robot.policies.unet1d import ConditionalUnet1D
+
+__all__ = ["ActionChunkPolicy", "DiffusionPolicy", "FlowPolicy", "RangeNormalizer", "build_policy"]
+
+
+def build_policy(cfg, obs_dim: int, action_dim: int, n_obs_steps: int, horizon: int,
+                 obs_normalizer: RangeNormalizer, action_normalizer: RangeNormalizer) -> ActionChunkPolicy:
+    """`cfg` is a `dopr_robot.config.PolicyConfig` (any object with the same attributes)."""
+    cond_dim = obs_dim * n_obs_steps
+    if cfg.backbone == "mlp":
+        model: nn.Module = MLPDenoiser(action_dim, horizon, cond_dim, cfg.mlp.hidden_dim, cfg.mlp.num_layers,
+                                       cfg.mlp.step_embed_dim)
+    else:
+        model = ConditionalUnet1D(action_dim, cond_dim, list(cfg.unet.down_dims), cfg.unet.kernel_size,
+                                  cfg.unet.n_groups, cfg.unet.step_embed_dim)
+    common = dict(obs_normalizer=obs_normalizer, action_normalizer=action_normalizer, n_obs_steps=n_obs_steps,
+                  horizon=horizon, action_dim=action_dim)
+    if cfg.type == "diffusion":
+        d = cfg.diffusion
+        return DiffusionPolicy(model, num_train_timesteps=d.num_train_timesteps,
+                               num_inference_steps=d.num_inference_steps, beta_schedule=d.beta_schedule,
+                               prediction_type=d.prediction_type, clip_sample=d.clip_sample, **common)
+    f = cfg.flow
+    return FlowPolicy(model, num_inference_steps=f.num_inference_steps, integrator=f.integrator,
+                      time_distribution=f.time_distribution, beta_a=f.beta_a, beta_b=f.beta_b, **common)

@@ -1,0 +1,42 @@
+"""Denoising diffusion over action chunks (Chi et al., Diffusion Policy): trained with diffusers' DDPMScheduler
+(noise a clean chunk to a random step, regress the noise), sampled with DDIMScheduler in fewer steps."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from dopr_robot.policies.base import ActionChunkPolicy
+
+
+class DiffusionPolicy(ActionChunkPolicy):
+    def __init__(self, *args, num_train_timesteps: int = 100, num_inference_steps: int = 10,
+                 beta_schedule: str = "squaredcos_cap_v2", prediction_type: str = "epsilon",
+                 clip_sample: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.train_scheduler = DDPMScheduler(
+            num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, clip_sample=clip_sample,
+            prediction_type=prediction_type,
+        )
+        self.sample_scheduler = DDIMScheduler.from_config(self.train_scheduler.config)
+        self.num_inference_steps = num_inference_steps
+
+    def _loss(self, actions, cond, generator):
+        B = actions.shape[0]
+        noise = torch.randn(actions.shape, generator=generator, device=actions.device)
+        steps = torch.randint(0, self.train_scheduler.config.num_train_timesteps, (B,), generator=generator,
+                              device=actions.device)
+        noisy = self.train_scheduler.add_noise(actions, noise, steps)
+        pred = self.model(noisy, steps, cond)
+        target = noise if self.train_scheduler.config.prediction_type == "epsilon" else actions
+        return F.mse_loss(pred, target)
+
+    def _sample(self, shape, cond, generator):
+        scheduler = self.sample_scheduler
+        scheduler.set_timesteps(self.num_inference_steps)
+        x = torch.randn(shape, generator=generator, device=cond.device)
+        for t in scheduler.timesteps:
+            step = torch.full((shape[0],), int(t), device=cond.device, dtype=torch.long)
+            x = scheduler.step(self.model(x, step, cond), t, x).prev_sample
+        return x

@@ -1,0 +1,26 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def lift_demos(tmp_path_factory) -> Path:
+    """A small real dataset: 6 scripted-expert Lift demos collected in robosuite (session-wide, ~10 s)."""
+    from dopr_robot.collect import collect
+
+    path = tmp_path_factory.mktemp("data") / "lift6.hdf5"
+    collect("lift", 6, seed=0, out=path, progress=False)
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `dopr-robot ARGS` in a fresh interpreter, as a user would."""
+    return subprocess.run([sys.executable, "-m", "dopr_robot.cli", *args], capture_output=True, text=True,
+                          cwd=cwd or REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
