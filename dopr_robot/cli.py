@@ -50,6 +50,7 @@ def train_cmd(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="override any config key: --set optim.lr=3e-4"),
     resume: bool = typer.Option(False, help="continue the run in --out from its trainer_state.pt"),
+    until: Optional[int] = typer.Option(None, help="stop at this step with a resumable state (time-sliced jobs)"),
     overwrite: bool = typer.Option(False, help="replace an existing run directory"),
 ):
     """Train a policy; writes config.yaml, metrics.jsonl and checkpoints/ into the run directory."""
@@ -69,7 +70,7 @@ def train_cmd(
         if not overwrite:
             raise UserError(f"run directory {out} exists; pass --resume to continue it or --overwrite to replace it")
         shutil.rmtree(out)
-    run = train(cfg, out, collect_if_missing=dataset is None, resume=resume)
+    run = train(cfg, out, collect_if_missing=dataset is None, resume=resume, until=until)
     typer.echo(f"trained -> {run}  (next: dopr-robot eval {run})")
 
 

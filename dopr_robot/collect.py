@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from dopr_robot.datasets.robomimic_hdf5 import Episode, write_robomimic
 from dopr_robot.envs import RobosuiteEnv, default_env_args
 from dopr_robot.envs.experts import EXPERTS
 from dopr_robot.errors import UserError
+from dopr_robot.progress import progress_bar
 
 # Per-step observation keys we do not store: concatenations of keys that are stored anyway.
 _REDUNDANT_OBS = ("robot0_proprio-state",)
@@ -57,7 +57,7 @@ def collect(task: str, episodes: int, seed: int, out: str | Path, max_steps: int
     env = RobosuiteEnv(env_args)
     kept: list[Episode] = []
     attempts, start = 0, time.time()
-    bar = tqdm(total=episodes, desc=f"collect {task}", unit="demo", disable=not progress)
+    bar = progress_bar(total=episodes, desc=f"collect {task}", unit="demo", enabled=progress)
     while len(kept) < episodes and attempts < 3 * episodes + 10:
         episode = run_expert_episode(env, task, seed + attempts, max_steps)
         attempts += 1

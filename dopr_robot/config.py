@@ -224,7 +224,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise UserError(f"unknown config key {prefix}{unknown[0]!r} (known: {', '.join(sorted(names))})")
+        raise UserError(f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
     kwargs = {}
     for name, value in raw.items():
         kwargs[name] = _coerce(hints[name], value, prefix + name)

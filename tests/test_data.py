@@ -65,7 +65,7 @@ def test_windows_pad_at_episode_boundaries():
     # a second episode is offset and never mixes with the first
     idx = window_indices([5, 3], horizon=4, pad_before=1, pad_after=1)
     assert idx[4:].min() >= 5 and idx[:4].max() <= 4
-    np.testing.assert_array_equal(idx[-1], [6, 7, 7, 7])
+    np.testing.assert_array_equal(idx[-2:], [[5, 5, 6, 7], [5, 6, 7, 7]])
 
 
 def test_window_dataset_batches_match_the_episode():

@@ -69,8 +69,8 @@ def test_resume_is_bit_exact(tmp_path, lift_demos):
     full = train(tiny_config(lift_demos, "optim.name=dopr", "optim.ap.ema_decay=0.9"), tmp_path / "full",
                  progress=False)
     part = tmp_path / "part"
-    train(tiny_config(lift_demos, "optim.name=dopr", "optim.ap.ema_decay=0.9", "train.steps=10"), part,
-          progress=False)
+    train(tiny_config(lift_demos, "optim.name=dopr", "optim.ap.ema_decay=0.9"), part, progress=False, until=10)
+    assert not (part / "checkpoints" / "final.json").exists()
     train(tiny_config(lift_demos, "optim.name=dopr", "optim.ap.ema_decay=0.9"), part, progress=False, resume=True)
     a = load_file(str(full / "checkpoints" / "final.safetensors"))
     b = load_file(str(part / "checkpoints" / "final.safetensors"))

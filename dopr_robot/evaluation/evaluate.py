@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from dopr_robot.datasets.robomimic_hdf5 import write_robomimic
 from dopr_robot.envs import RobosuiteEnv
 from dopr_robot.evaluation.rollout import run_episode
 from dopr_robot.evaluation.stats import wilson_interval
 from dopr_robot.fileio import write_json
+from dopr_robot.progress import progress_bar
 from dopr_robot.checkpoint import load_policy, resolve_checkpoint
 
 _worker: dict[str, Any] = {}
@@ -49,7 +49,7 @@ def evaluate(checkpoint: str | Path, episodes: int = 50, seed_start: int = 10000
     init_args = (str(ckpt), max_steps, n_action_steps, save_trajectories is not None)
     start = time.time()
     results, trajectories = {}, {}
-    bar = tqdm(total=episodes, desc="eval", unit="ep", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=episodes, desc="eval", unit="ep", enabled=progress)
 
     def consume(item) -> None:
         result, trajectory = item

@@ -233,9 +233,10 @@ class DoPr(torch.optim.Optimizer):
         d = s.shape[0]
         trace = s.diagonal().sum()
         lam = (self.damping * (trace / d if self.damping_form == "mean" else trace) + self.damping_eps).item()
-        for attempt in range(2):
+        # A NaN/inf input makes its own diagonal entry of S, hence the trace, non-finite: one scalar check.
+        for attempt in range(2 if math.isfinite(lam) else 0):
             factor, info = torch.linalg.cholesky_ex(s + lam * torch.eye(d, dtype=s.dtype, device=s.device))
-            if info.item() == 0 and bool(torch.isfinite(factor).all()):
+            if info.item() == 0:
                 state["ap_factor"], state["ap_lambda"] = factor, lam
                 state["ap_retries"] = state.get("ap_retries", 0) + attempt
                 return

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from dopr_robot.collect import collect
 from dopr_robot.config import Config, dump_config
@@ -22,6 +21,7 @@ from dopr_robot.datasets import WindowDataset, flatten_obs, open_demos
 from dopr_robot.errors import UserError
 from dopr_robot.fileio import append_jsonl, atomic_path, write_text
 from dopr_robot.optim import build_optimizer, optimizer_health
+from dopr_robot.progress import progress_bar
 from dopr_robot.policies import RangeNormalizer, build_policy
 from dopr_robot.checkpoint import save_checkpoint
 from dopr_robot.training.ema import EMA
@@ -62,8 +62,11 @@ def prepare_dataset(cfg: Config, collect_if_missing: bool, progress: bool) -> No
 
 
 def train(cfg: Config, run_dir: str | Path, collect_if_missing: bool = False, progress: bool = True,
-          resume: bool = False) -> Path:
+          resume: bool = False, until: int | None = None) -> Path:
+    """Train per `cfg` into `run_dir`. `until` stops early at that step with a resumable state (time-sliced jobs);
+    `resume` continues from the run's trainer_state.pt exactly as if it had never stopped."""
     run_dir = Path(run_dir)
+    until = cfg.train.steps if until is None else min(until, cfg.train.steps)
     device = resolve_device(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -122,8 +125,7 @@ def train(cfg: Config, run_dir: str | Path, collect_if_missing: bool = False, pr
 
     # --- the loop
     t = cfg.train
-    bar = tqdm(range(start_step, t.steps), initial=start_step, total=t.steps, desc="train", disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(range(start_step, until), initial=start_step, total=t.steps, desc="train", enabled=progress)
     window_loss, window_time, window_norm = 0.0, 0.0, 0.0
     for step in bar:
         step_start = time.perf_counter()
@@ -159,7 +161,7 @@ def train(cfg: Config, run_dir: str | Path, collect_if_missing: bool = False, pr
         if t.checkpoint_every and done % t.checkpoint_every == 0 and not is_last:
             save(f"step_{done:07d}", done)
     bar.close()
-    save("final", t.steps)
+    save("final" if until == t.steps else f"step_{until:07d}", until)
     return run_dir
 
 
