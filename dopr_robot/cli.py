@@ -77,10 +77,10 @@ def train_cmd(
 @app.command("eval")
 def eval_cmd(
     run: Path = typer.Argument(..., help="run directory or checkpoint (.json/.safetensors)"),
-    episodes: int = typer.Option(50, help="number of seeded episodes"),
-    workers: int = typer.Option(0, help="parallel worker processes (0 = one per CPU core)"),
-    seed_start: int = typer.Option(100000, help="episode i uses seed SEED_START + i"),
-    max_steps: int = typer.Option(400, help="step limit per episode"),
+    episodes: Optional[int] = typer.Option(None, help="number of seeded episodes [run's eval.episodes: 50]"),
+    workers: Optional[int] = typer.Option(None, help="parallel worker processes, 0 = one per CPU core [eval.workers]"),
+    seed_start: Optional[int] = typer.Option(None, help="episode i uses seed SEED_START + i [eval.seed_start: 100000]"),
+    max_steps: Optional[int] = typer.Option(None, help="step limit per episode [eval.max_steps: 400]"),
     n_action_steps: Optional[int] = typer.Option(None, help="actions executed per chunk (default: training's)"),
     out: Optional[Path] = typer.Option(None, help="report path (default: RUN/eval.json)"),
     save_trajectories: bool = typer.Option(False, help="also store every episode (robomimic layout) beside the report"),
@@ -88,7 +88,8 @@ def eval_cmd(
     """Closed-loop success of a checkpoint over many seeded rollouts; writes a JSON report."""
     from dopr_robot.evaluation import evaluate, format_report, save_report
 
-    if episodes < 1 or max_steps < 1 or workers < 0:
+    if (episodes is not None and episodes < 1) or (max_steps is not None and max_steps < 1) or \
+            (workers is not None and workers < 0):
         raise UserError("need --episodes >= 1, --max-steps >= 1, --workers >= 0")
     if out is None:
         out = (run if run.is_dir() else run.parent) / "eval.json"

@@ -39,11 +39,17 @@ def _run(seed: int):
     return run_episode(w["policy"], w["env"], seed, w["max_steps"], w["n_action_steps"], w["obs_keys"], w["record"])
 
 
-def evaluate(checkpoint: str | Path, episodes: int = 50, seed_start: int = 100000, max_steps: int = 400,
-             workers: int = 0, n_action_steps: int | None = None, save_trajectories: Path | None = None,
-             progress: bool = True) -> dict[str, Any]:
+def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: int | None = None,
+             max_steps: int | None = None, workers: int | None = None, n_action_steps: int | None = None,
+             save_trajectories: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Arguments left as None come from the `eval` section of the checkpoint's training config."""
     ckpt = resolve_checkpoint(checkpoint)
     _, meta = load_policy(ckpt)  # validates the checkpoint before any worker starts
+    defaults = meta["config"]["eval"]
+    episodes = defaults["episodes"] if episodes is None else episodes
+    seed_start = defaults["seed_start"] if seed_start is None else seed_start
+    max_steps = defaults["max_steps"] if max_steps is None else max_steps
+    workers = defaults["workers"] if workers is None else workers
     seeds = [seed_start + i for i in range(episodes)]
     workers = max(1, min(workers or os.cpu_count() or 1, episodes))
     init_args = (str(ckpt), max_steps, n_action_steps, save_trajectories is not None)
