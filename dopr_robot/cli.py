@@ -26,6 +26,7 @@ def collect_cmd(
     seed: int = typer.Option(0, help="attempt i uses environment seed SEED + i"),
     out: Path = typer.Option(..., help="output robomimic-layout .hdf5 file"),
     max_steps: int = typer.Option(400, help="step limit of one expert attempt"),
+    noise: float = typer.Option(0.0, help="imperfect demos: operator noise level (0 = the expert; 1 = hard)"),
     overwrite: bool = typer.Option(False, help="replace OUT if it exists"),
 ):
     """Roll out a scripted expert in robosuite and write its successful demos (robomimic HDF5)."""
@@ -33,8 +34,8 @@ def collect_cmd(
 
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists; pass --overwrite to replace it")
-    s = collect(task, episodes, seed, out, max_steps=max_steps)
-    typer.echo(f"expert success rate {s['expert_success_rate']:.1%} ({s['demos']}/{s['attempts']} attempts), "
+    s = collect(task, episodes, seed, out, max_steps=max_steps, noise=noise)
+    typer.echo(f"{'noisy (level ' + str(noise) + ') ' if noise else ''}expert success rate {s['expert_success_rate']:.1%} ({s['demos']}/{s['attempts']} attempts), "
                f"mean length {s['mean_length']:.1f} steps, {s['seconds']:.0f} s -> {s['out']}")
 
 

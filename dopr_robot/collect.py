@@ -13,7 +13,7 @@ import numpy as np
 
 from dopr_robot.datasets.robomimic_hdf5 import Episode, write_robomimic
 from dopr_robot.envs import RobosuiteEnv, default_env_args
-from dopr_robot.envs.experts import EXPERTS
+from dopr_robot.envs.experts import EXPERTS, NoisyOperator
 from dopr_robot.errors import UserError
 from dopr_robot.progress import progress_bar
 
@@ -21,10 +21,13 @@ from dopr_robot.progress import progress_bar
 _REDUNDANT_OBS = ("robot0_proprio-state",)
 
 
-def run_expert_episode(env: RobosuiteEnv, task: str, seed: int, max_steps: int) -> Episode:
-    """One scripted episode from the initial state of `seed`, stopped at the first success."""
+def run_expert_episode(env: RobosuiteEnv, task: str, seed: int, max_steps: int, noise: float = 0.0) -> Episode:
+    """One scripted episode from the initial state of `seed`, stopped at the first success. With `noise` > 0
+    a NoisyOperator (seeded from `seed`) perturbs the expert."""
     obs = env.reset(seed)
-    expert = EXPERTS[task]()
+    expert = EXPERTS[task](env)
+    if noise > 0:
+        expert = NoisyOperator(expert, noise, np.random.default_rng([seed, 1]), obs["robot0_eef_pos"])
     steps: list[dict[str, np.ndarray]] = []
     actions, rewards, states = [], [], []
     success = False
@@ -43,23 +46,26 @@ def run_expert_episode(env: RobosuiteEnv, task: str, seed: int, max_steps: int) 
     next_obs = {k: np.concatenate([stacked[k][1:], obs[k][None]]) for k in keys}
     return Episode(
         obs=stacked, next_obs=next_obs, actions=np.asarray(actions), rewards=np.asarray(rewards),
-        states=np.asarray(states), attrs={"seed": seed, "success": success, "model_file": env.model_xml()},
+        states=np.asarray(states),
+        attrs={"seed": seed, "success": success, "noise": noise, "model_file": env.model_xml()},
     )
 
 
-def collect(task: str, episodes: int, seed: int, out: str | Path, max_steps: int = 400,
+def collect(task: str, episodes: int, seed: int, out: str | Path, max_steps: int = 400, noise: float = 0.0,
             valid_fraction: float = 0.1, progress: bool = True) -> dict:
     if task not in EXPERTS:
         raise UserError(f"no scripted expert for task {task!r}; choose one of {', '.join(EXPERTS)}")
     if episodes < 1:
         raise UserError(f"--episodes must be >= 1; got {episodes}")
+    if not 0 <= noise <= 3 or not np.isfinite(noise):
+        raise UserError(f"--noise must be in [0, 3]; got {noise}")
     env_args = default_env_args(task)
     env = RobosuiteEnv(env_args)
     kept: list[Episode] = []
     attempts, start = 0, time.time()
     bar = progress_bar(total=episodes, desc=f"collect {task}", unit="demo", enabled=progress)
     while len(kept) < episodes and attempts < 3 * episodes + 10:
-        episode = run_expert_episode(env, task, seed + attempts, max_steps)
+        episode = run_expert_episode(env, task, seed + attempts, max_steps, noise)
         attempts += 1
         if episode.attrs["success"]:
             kept.append(episode)
@@ -74,8 +80,8 @@ def collect(task: str, episodes: int, seed: int, out: str | Path, max_steps: int
     valid = sorted(order[:n_valid].tolist())
     train = sorted(order[n_valid:].tolist())
     write_robomimic(out, kept, env_args, masks={"train": train, "valid": valid},
-                    attrs={"task": task, "expert": task, "collect_seed": seed, "noise": 0.0}, compression="gzip")
+                    attrs={"task": task, "expert": task, "collect_seed": seed, "noise": noise}, compression="gzip")
     return {
-        "task": task, "demos": len(kept), "attempts": attempts, "expert_success_rate": len(kept) / attempts,
+        "task": task, "noise": noise, "demos": len(kept), "attempts": attempts, "expert_success_rate": len(kept) / attempts,
         "mean_length": float(np.mean([len(e) for e in kept])), "seconds": time.time() - start, "out": str(out),
     }
