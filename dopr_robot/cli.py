@@ -102,6 +102,35 @@ def eval_cmd(
     typer.echo(f"report -> {out}" + (f", trajectories -> {trajectories}" if trajectories else ""))
 
 
+@app.command("inspect")
+def inspect_cmd(file: Path = typer.Argument(..., help="robomimic .hdf5 or ReplayBuffer .zarr")):
+    """Summarize a demonstration file: demos, lengths, obs keys and dims, actions, env and controller, masks."""
+    from dopr_robot.datasets.inspect import describe
+
+    rows = describe(file)
+    width = max(len(k) for k, _ in rows)
+    for label, text in rows:
+        typer.echo(f"{label:<{width}}  {text}")
+
+
+@app.command("convert")
+def convert_cmd(
+    src: Path = typer.Argument(..., help="input .hdf5 (robomimic) or .zarr (ReplayBuffer)"),
+    dst: Path = typer.Argument(..., help="output; its suffix (.zarr or .hdf5) picks the format"),
+    overwrite: bool = typer.Option(False, help="replace DST if it exists"),
+):
+    """Convert between robomimic HDF5 and diffusion_policy's ReplayBuffer zarr layout (every obs key kept)."""
+    from dopr_robot.datasets import open_demos
+
+    if dst.exists() and not overwrite:
+        raise UserError(f"{dst} exists; pass --overwrite to replace it")
+    if src.resolve() == dst.resolve():
+        raise UserError("source and destination are the same file")
+    demos = open_demos(src)
+    demos.save(dst)
+    typer.echo(f"{len(demos.names)} demos: {src} -> {dst}")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -70,7 +70,7 @@ def collect(task: str, episodes: int, seed: int, out: str | Path, max_steps: int
         if episode.attrs["success"]:
             kept.append(episode)
             bar.update(1)
-        bar.set_postfix(success=f"{len(kept)}/{attempts}")
+        bar.set_postfix(success=f"{len(kept)}/{attempts}", refresh=False)
     bar.close()
     env.close()
     if len(kept) < episodes:

@@ -138,25 +138,16 @@ class RobomimicFile:
         return {k: sorted((n.decode() if isinstance(n, bytes) else str(n) for n in self._f["mask"][k][()]),
                           key=demo_sort_key) for k in self._f["mask"].keys()}
 
-    def filter(self, key: str | None) -> list[str]:
-        """Demo names under mask/<key> (all demos for None)."""
-        if key is None:
-            return list(self.demos)
-        masks = self.masks()
-        if key not in masks:
-            raise UserError(f"dataset {self.path} has no mask/{key} (has: {', '.join(masks) or 'no masks'})")
-        missing = [n for n in masks[key] if n not in self.data]
-        if missing:
-            raise UserError(f"dataset {self.path}: mask/{key} names {missing[0]}, which is not under data/")
-        return masks[key]
-
     def obs_keys(self, demo: str | None = None) -> list[str]:
         g = self.data[demo or self.demos[0]]
         return sorted(g["obs"].keys()) if "obs" in g else []
 
-    def read(self, demo: str, obs_keys: list[str]) -> Episode:
+    def read(self, demo: str, obs_keys: list[str] | None = None) -> Episode:
+        """One demo, validated; `obs_keys=None` reads every observation key."""
         g = self.data[demo]
         where = f"dataset {self.path}, {demo}"
+        if obs_keys is None:
+            obs_keys = sorted(g["obs"].keys()) if "obs" in g else []
         if "actions" not in g:
             raise UserError(f"{where}: no 'actions'")
         actions = np.asarray(g["actions"][()], dtype=np.float32)

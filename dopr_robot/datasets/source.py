@@ -5,37 +5,57 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dopr_robot.datasets.robomimic_hdf5 import Episode, RobomimicFile
+from dopr_robot.datasets.robomimic_hdf5 import Episode, RobomimicFile, demo_sort_key, write_robomimic
+from dopr_robot.datasets.zarr_store import is_zarr, read_zarr, write_zarr
 from dopr_robot.errors import UserError
 
 
 class Demos:
-    """Episodes of a file by filter key, with the file's env_args and attributes. Reads eagerly, closes the file."""
+    """The episodes of a robomimic HDF5 file or ReplayBuffer zarr store, by filter key, with the file's
+    env_args and attributes. Reads everything at once (low-dim data) and closes the file."""
 
-    def __init__(self, path: str | Path, obs_keys: list[str]):
+    def __init__(self, path: str | Path, obs_keys: list[str] | None = None):
         self.path = Path(path)
         if not self.path.exists():
             raise UserError(f"dataset not found: {self.path}")
+        if is_zarr(self.path):
+            self._episodes, self.masks, self.env_args, self.attrs = read_zarr(self.path, obs_keys)
+            return
         with RobomimicFile(self.path) as f:
             self.env_args: dict[str, Any] = f.env_args
             self.attrs: dict[str, Any] = f.attrs
-            self._masks = f.masks()
-            self._episodes = {name: f.read(name, obs_keys) for name in f.demos}
+            self.masks: dict[str, list[str]] = f.masks()
+            self._episodes: dict[str, Episode] = {name: f.read(name, obs_keys) for name in f.demos}
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._episodes, key=demo_sort_key)
 
     def episodes(self, filter_key: str | None, missing_ok: bool = False) -> list[Episode]:
         if filter_key is None:
-            return list(self._episodes.values())
-        if filter_key not in self._masks:
+            return [self._episodes[n] for n in self.names]
+        if filter_key not in self.masks:
             if missing_ok:
                 return []
-            if not self._masks:  # files without masks: every demo trains
-                return list(self._episodes.values())
-            raise UserError(f"dataset {self.path} has no mask/{filter_key} (has: {', '.join(self._masks)})")
-        missing = [n for n in self._masks[filter_key] if n not in self._episodes]
+            if not self.masks:  # files without masks: every demo trains
+                return [self._episodes[n] for n in self.names]
+            raise UserError(f"dataset {self.path} has no mask/{filter_key} (has: {', '.join(self.masks)})")
+        missing = [n for n in self.masks[filter_key] if n not in self._episodes]
         if missing:
-            raise UserError(f"dataset {self.path}: mask/{filter_key} names {missing[0]}, which is not under data/")
-        return [self._episodes[n] for n in self._masks[filter_key]]
+            raise UserError(f"dataset {self.path}: mask/{filter_key} names {missing[0]}, which is not a demo")
+        return [self._episodes[n] for n in self.masks[filter_key]]
+
+    def save(self, out: str | Path) -> None:
+        """Write all episodes, masks and attributes to `out` (.zarr: ReplayBuffer; otherwise robomimic HDF5)."""
+        names = self.names
+        index = {n: i for i, n in enumerate(names)}
+        masks = {k: [index[n] for n in v if n in index] for k, v in self.masks.items()}
+        episodes = [self._episodes[n] for n in names]
+        if is_zarr(out):
+            write_zarr(out, episodes, self.env_args, masks, self.attrs)
+        else:
+            write_robomimic(out, episodes, self.env_args, masks, self.attrs, compression="gzip")
 
 
-def open_demos(path: str | Path, obs_keys: list[str]) -> Demos:
+def open_demos(path: str | Path, obs_keys: list[str] | None = None) -> Demos:
     return Demos(path, obs_keys)

@@ -75,6 +75,9 @@ class RobosuiteEnv:
             raise UserError(f"env_args has no {e} entry: not a robomimic/robosuite dataset") from None
         if env_args.get("type", 1) != 1:
             raise UserError(f"env_args type {env_args.get('type')} is not robosuite (1)")
+        from dopr_robot.envs.compat import upgrade_env_args
+
+        kwargs = upgrade_env_args({"env_kwargs": kwargs})["env_kwargs"]
         for key in _DROPPED_KWARGS:
             kwargs.pop(key, None)
         kwargs.update(_HEADLESS_KWARGS)

@@ -63,7 +63,7 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
         if trajectory is not None:
             trajectories[result["seed"]] = trajectory
         bar.update(1)
-        bar.set_postfix(success=f"{sum(r['success'] for r in results.values())}/{len(results)}")
+        bar.set_postfix(success=f"{sum(r['success'] for r in results.values())}/{len(results)}", refresh=False)
 
     if workers == 1:
         _init_worker(*init_args)

@@ -18,6 +18,7 @@ import torch
 from dopr_robot.collect import collect
 from dopr_robot.config import Config, dump_config
 from dopr_robot.datasets import WindowDataset, flatten_obs, open_demos
+from dopr_robot.envs.compat import action_mode, version_warning
 from dopr_robot.errors import UserError
 from dopr_robot.fileio import append_jsonl, atomic_path, write_text
 from dopr_robot.optim import build_optimizer, optimizer_health
@@ -78,6 +79,10 @@ def train(cfg: Config, run_dir: str | Path, collect_if_missing: bool = False, pr
     train_eps = demos.episodes(d.train_filter)
     valid_eps = demos.episodes(d.valid_filter, missing_ok=True)
     env_args = demos.env_args
+    action_mode(env_args, train_eps[0].actions.shape[1])  # rejects action layouts the evaluator cannot execute
+    warning = version_warning(env_args)
+    if warning:
+        print(f"warning: {warning}")
     train_set = WindowDataset(train_eps, d.obs_keys, d.n_obs_steps, d.horizon, d.n_action_steps).to(device)
     valid_set = WindowDataset(valid_eps, d.obs_keys, d.n_obs_steps, d.horizon, d.n_action_steps).to(device) \
         if valid_eps else None
@@ -155,8 +160,10 @@ def train(cfg: Config, run_dir: str | Path, collect_if_missing: bool = False, pr
                 record["val_loss"] = validation_loss(ema.model, valid_set, device)
             record.update(optimizer_health(optimizer, spectrum="val_loss" in record))
             append_jsonl(run_dir / "metrics.jsonl", record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", **({"val": f"{record['val_loss']:.4f}"}
-                                                               if "val_loss" in record else {}))
+            postfix = {"loss": f"{record['loss']:.4f}"}
+            if "val_loss" in record:
+                postfix["val"] = f"{record['val_loss']:.4f}"
+            bar.set_postfix(postfix, refresh=False)
             window_loss, window_time, window_norm = 0.0, 0.0, 0.0
         if t.checkpoint_every and done % t.checkpoint_every == 0 and not is_last:
             save(f"step_{done:07d}", done)

@@ -1,0 +1,44 @@
+"""A human-readable summary of a demonstration file (`dopr-robot inspect`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dopr_robot.datasets.source import open_demos
+from dopr_robot.datasets.zarr_store import is_zarr
+
+
+def describe(path: str | Path) -> list[tuple[str, str]]:
+    """(label, text) rows; raises UserError (one line) on anything malformed."""
+    from dopr_robot.envs.compat import action_mode, version_warning
+
+    demos = open_demos(path)  # validates every demo
+    episodes = demos.episodes(None)
+    lengths = np.array([len(e) for e in episodes])
+    actions = np.concatenate([e.actions for e in episodes])
+    env_kwargs = demos.env_args.get("env_kwargs", {})
+    controller = env_kwargs.get("controller_configs") or {}
+    arm = controller.get("body_parts", {}).get("right", {}) if "body_parts" in controller else controller
+    controller_text = "/".join(t for t in (controller.get("type") if "body_parts" in controller else None,
+                                            arm.get("type")) if t) or "unknown"
+    first = episodes[0]
+    rows = [
+        ("file", f"{path} ({'ReplayBuffer zarr' if is_zarr(path) else 'robomimic HDF5'})"),
+        ("env", f"{demos.env_args.get('env_name')} (recorded with robosuite {demos.env_args.get('env_version', '?')}), "
+                f"robots {env_kwargs.get('robots')}, controller {controller_text}, "
+                f"{action_mode(demos.env_args, actions.shape[1])} actions, {env_kwargs.get('control_freq', '?')} Hz"),
+        ("demos", f"{len(episodes)}, lengths min/mean/max {lengths.min()}/{lengths.mean():.1f}/{lengths.max()}, "
+                  f"{lengths.sum()} steps"),
+        ("masks", ", ".join(f"{k} ({len(v)})" for k, v in demos.masks.items()) or "none (every demo trains)"),
+        ("obs", ", ".join(f"{k} ({v.shape[1]})" for k, v in first.obs.items())),
+        ("actions", f"{actions.shape[1]}-D, min {np.round(actions.min(0), 3).tolist()}, "
+                    f"max {np.round(actions.max(0), 3).tolist()}"),
+        ("states", f"{first.states.shape[1]}-D MuJoCo states" if first.states is not None else "none"),
+        ("noise", str(demos.attrs.get("noise", "not recorded"))),
+    ]
+    warning = version_warning(demos.env_args)
+    if warning:
+        rows.append(("warning", warning))
+    return rows

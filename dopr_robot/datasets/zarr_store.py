@@ -1,0 +1,111 @@
+"""diffusion_policy's ReplayBuffer layout in zarr: every episode concatenated along time.
+
+    data/action (N, A)   data/<obs key> (N, ...)   data/states (N, S)   data/reward (N,)
+    meta/episode_ends (E,) int64: cumulative end index of each episode
+    root attrs: env_args (JSON string), masks ({name: [episode indices]}), episode_attrs ([{...}]), file attrs
+
+Written in zarr format 2 (what diffusion_policy's zarr 2.x reads); a directory store, written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dopr_robot.datasets.robomimic_hdf5 import Episode
+from dopr_robot.errors import UserError
+
+
+def is_zarr(path: str | Path) -> bool:
+    path = Path(path)
+    return path.suffix == ".zarr" or (path.is_dir() and ((path / ".zgroup").exists() or (path / "zarr.json").exists()))
+
+
+def write_zarr(path: str | Path, episodes: list[Episode], env_args: dict[str, Any],
+               masks: dict[str, list[int]] | None = None, attrs: dict[str, Any] | None = None) -> None:
+    import zarr
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
+        columns: dict[str, list[np.ndarray]] = {"action": [e.actions for e in episodes]}
+        for key in episodes[0].obs:
+            columns[key] = [e.obs[key] for e in episodes]
+        if all(e.states is not None for e in episodes):
+            columns["states"] = [e.states for e in episodes]
+        if all(e.rewards is not None for e in episodes):
+            columns["reward"] = [e.rewards for e in episodes]
+        for key, parts in columns.items():
+            data = np.concatenate(parts)
+            array = root.create_array(f"data/{key}", shape=data.shape, dtype=data.dtype,
+                                      chunks=(min(len(data), 4096), *data.shape[1:]))
+            array[:] = data
+        ends = np.cumsum([len(e) for e in episodes]).astype(np.int64)
+        root.create_array("meta/episode_ends", shape=ends.shape, dtype=ends.dtype)[:] = ends
+        root.attrs.update({
+            "env_args": json.dumps(env_args),
+            "masks": {k: [int(i) for i in v] for k, v in (masks or {}).items()},
+            "episode_attrs": [{k: v for k, v in e.attrs.items() if k != "model_file"} for e in episodes],
+            **(attrs or {}),
+        })
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_zarr(path: str | Path, obs_keys: list[str] | None = None):
+    """(episodes, masks {name: [indices]}, env_args, attrs); `obs_keys=None` reads every observation key."""
+    import zarr
+
+    path = Path(path)
+    try:
+        root = zarr.open_group(str(path), mode="r")
+        data, ends = root["data"], np.asarray(root["meta/episode_ends"][:])
+    except (KeyError, FileNotFoundError, ValueError, TypeError) as e:
+        raise UserError(f"{path} is not a ReplayBuffer zarr store (data/, meta/episode_ends): {e}") from None
+    attrs = dict(root.attrs)
+    try:
+        env_args = json.loads(attrs.pop("env_args"))
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path} has no valid 'env_args' attribute: cannot rebuild its environment") from None
+    if "action" not in data:
+        raise UserError(f"{path} has no data/action")
+    available = sorted(k for k in data.keys() if k not in ("action", "states", "reward"))
+    keys = available if obs_keys is None else obs_keys
+    for key in keys:
+        if key not in data:
+            raise UserError(f"{path}: no observation key {key!r} (has: {', '.join(available)})")
+    if len(ends) == 0 or np.any(np.diff(np.concatenate([[0], ends])) <= 0) or ends[-1] != data["action"].shape[0]:
+        raise UserError(f"{path}: meta/episode_ends is not increasing or does not end at the data length")
+    columns = {k: np.asarray(data[k][:]) for k in [*keys, "action"] + [k for k in ("states", "reward") if k in data]}
+    for key in [*keys, "action"]:
+        if not np.all(np.isfinite(columns[key])):
+            raise UserError(f"{path}: data/{key} contains NaN or inf")
+    episode_attrs = attrs.pop("episode_attrs", [{}] * len(ends))
+    masks = {k: [f"demo_{i}" for i in v] for k, v in attrs.pop("masks", {}).items()}
+    episodes = {}
+    starts = np.concatenate([[0], ends[:-1]])
+    for i, (s, e) in enumerate(zip(starts, ends)):
+        episodes[f"demo_{i}"] = Episode(
+            obs={k: columns[k][s:e].astype(np.float32).reshape(e - s, -1) for k in keys},
+            actions=columns["action"][s:e].astype(np.float32),
+            states=columns["states"][s:e] if "states" in columns else None,
+            rewards=columns["reward"][s:e] if "reward" in columns else None,
+            attrs=dict(episode_attrs[i]) if i < len(episode_attrs) else {},
+        )
+    return episodes, masks, env_args, attrs
