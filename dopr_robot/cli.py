@@ -87,7 +87,8 @@ def eval_cmd(
     save_trajectories: bool = typer.Option(False, help="also store every episode (robomimic layout) beside the report"),
 ):
     """Closed-loop success of a checkpoint over many seeded rollouts; writes a JSON report."""
-    from dopr_robot.evaluation import evaluate, format_report, save_report
+    from dopr_robot.evaluation import evaluate, format_report
+    from dopr_robot.fileio import write_json
 
     if (episodes is not None and episodes < 1) or (max_steps is not None and max_steps < 1) or \
             (workers is not None and workers < 0):
@@ -97,7 +98,7 @@ def eval_cmd(
     trajectories = out.with_name(out.stem + "_rollouts.hdf5") if save_trajectories else None
     report = evaluate(run, episodes=episodes, seed_start=seed_start, max_steps=max_steps, workers=workers,
                       n_action_steps=n_action_steps, save_trajectories=trajectories)
-    save_report(report, out)
+    write_json(out, report)
     typer.echo(format_report(report))
     typer.echo(f"report -> {out}" + (f", trajectories -> {trajectories}" if trajectories else ""))
 

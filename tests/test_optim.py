@@ -284,3 +284,55 @@ def test_build_optimizer_names():
     # matrix weights get the base GP, everything else (biases, LayerNorm) AdamW
     assert len(dopr_muon.param_groups[0]["params"]) == 3
     assert dopr_muon.param_groups[1]["update"] == "adam"
+
+
+def test_non_finite_activations_fall_back_instead_of_poisoning_the_step():
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 2)
+    opt = DoPr(layer, lr=1e-2, base="sgd")
+    x = torch.randn(8, 3)
+    layer(x).sum().backward()  # statistics from a clean batch ...
+    opt._pending[opt.layers[0]][0][0, 0] = float("inf")  # ... corrupted as an overflowing activation would
+    opt.step()
+    assert opt.health()["ap_fallbacks"] == 1
+    assert torch.isfinite(layer.weight).all()
+
+
+def _ddp_worker(rank, world, init_file, x, y, state, out):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = small_model()
+    model.load_state_dict(state)
+    ddp = DistributedDataParallel(model)
+    opt = DoPr(ddp, lr=1e-2, base="adam", damping=0.1)
+    half = x.shape[0] // world
+    for _ in range(3):
+        opt.zero_grad()
+        ((ddp(x[rank * half:(rank + 1) * half]) - y[rank * half:(rank + 1) * half]) ** 2).mean().backward()
+        opt.step()
+    if rank == 0:
+        torch.save(model.state_dict(), out)
+    dist.destroy_process_group()
+
+
+def test_ddp_all_reduces_statistics_to_the_full_batch_step(tmp_path):
+    """Two gloo ranks with half a batch each take the step one process takes with the whole batch."""
+    import torch.multiprocessing as tmp
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(64, 5, generator=g), torch.randn(64, 3, generator=g)
+    state = small_model().state_dict()
+    out = tmp_path / "rank0.pt"
+    tmp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), x, y, state, str(out)), nprocs=2, join=True)
+    single = small_model()
+    single.load_state_dict(state)
+    opt = DoPr(single, lr=1e-2, base="adam", damping=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        ((single(x) - y) ** 2).mean().backward()
+        opt.step()
+    distributed = torch.load(out)
+    for name, p in single.state_dict().items():
+        assert torch.allclose(p, distributed[name], atol=1e-5), name

@@ -138,10 +138,6 @@ class RobomimicFile:
         return {k: sorted((n.decode() if isinstance(n, bytes) else str(n) for n in self._f["mask"][k][()]),
                           key=demo_sort_key) for k in self._f["mask"].keys()}
 
-    def obs_keys(self, demo: str | None = None) -> list[str]:
-        g = self.data[demo or self.demos[0]]
-        return sorted(g["obs"].keys()) if "obs" in g else []
-
     def read(self, demo: str, obs_keys: list[str] | None = None) -> Episode:
         """One demo, validated; `obs_keys=None` reads every observation key."""
         g = self.data[demo]

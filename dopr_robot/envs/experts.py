@@ -72,7 +72,7 @@ class CanExpert:
     """PickPlaceCan: grasp the can from above, lift to a safe height, carry it over its bin, lower, release."""
 
     HOVER, SAFE_Z, RELEASE_Z = 0.08, 1.05, 0.93
-    GRASP_STEPS, RELEASE_STEPS, LOWER_TIMEOUT = 12, 10, 40
+    GRASP_STEPS, LOWER_TIMEOUT, DESCEND_TIMEOUT = 12, 40, 20
 
     def __init__(self, env=None) -> None:
         self.phase, self.count = "reach", 0
@@ -88,7 +88,9 @@ class CanExpert:
                 self.phase = "descend"
         if self.phase == "descend":
             target, gripper = can.copy(), OPEN
-            if np.linalg.norm(target - eef) < 0.01:
+            self.count += 1
+            # a can by the bin wall can stop the fingers short of its centre: grasp where they stop
+            if np.linalg.norm(target - eef) < 0.01 or (self.count >= self.DESCEND_TIMEOUT and eef[2] - can[2] < 0.02):
                 self.phase, self.count = "grasp", 0
         if self.phase == "grasp":
             target = eef.copy()

@@ -18,7 +18,6 @@ from dopr_robot.datasets.robomimic_hdf5 import write_robomimic
 from dopr_robot.envs import RobosuiteEnv
 from dopr_robot.evaluation.rollout import run_episode
 from dopr_robot.evaluation.stats import wilson_interval
-from dopr_robot.fileio import write_json
 from dopr_robot.progress import progress_bar
 from dopr_robot.checkpoint import load_policy, resolve_checkpoint
 
@@ -104,10 +103,6 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
                         attrs={"source": "dopr-robot eval", "checkpoint": str(ckpt)}, compression="gzip")
         report["trajectories"] = str(save_trajectories)
     return report
-
-
-def save_report(report: dict[str, Any], out: Path) -> None:
-    write_json(out, report)
 
 
 def format_report(report: dict[str, Any]) -> str:
