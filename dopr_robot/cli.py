@@ -58,6 +58,11 @@ def train_cmd(
     from dopr_robot.config import load_config
     from dopr_robot.training import train
 
+    if resume:
+        if out is None:
+            raise UserError("--resume needs --out RUN_DIR")
+        if config is None:
+            config = out / "config.yaml"  # continue the run with the config it was started with
     overrides = list(set_ or [])
     for key, value in (("data.path", dataset), ("optim.name", optim), ("policy.type", policy),
                        ("train.steps", steps), ("train.seed", seed), ("train.device", device)):

@@ -29,6 +29,7 @@ class DataConfig:
     task: str = "lift"
     collect_episodes: int = 100
     collect_seed: int = 0
+    collect_noise: float = 0.0  # NoisyOperator level of those demos (0 = the scripted expert)
     obs_keys: list[str] = field(default_factory=lambda: list(DEFAULT_OBS_KEYS))
     n_obs_steps: int = 2
     horizon: int = 16
@@ -138,7 +139,7 @@ POSITIVE = (
     "eval.max_steps", "data.norm_range_floor", "policy.flow.beta_a", "policy.flow.beta_b",
 )
 NON_NEGATIVE = (
-    "optim.weight_decay", "optim.eps", "optim.ap.damping", "optim.ap.eps", "train.warmup_steps", "train.grad_clip",
+    "data.collect_noise", "optim.weight_decay", "optim.eps", "optim.ap.damping", "optim.ap.eps", "train.warmup_steps", "train.grad_clip",
     "train.checkpoint_every", "eval.workers", "eval.seed_start", "train.threads", "optim.momentum",
 )
 UNIT_INTERVAL = ("optim.ap.ema_decay", "train.ema_max_decay")

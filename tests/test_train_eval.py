@@ -108,3 +108,18 @@ def test_eval_cli_prints_a_table_and_writes_the_report(tmp_path, lift_demos):
     report = json.loads((run / "eval.json").read_text())
     assert report["episodes"] == 2 and len(report["per_episode"]) == 2
     assert {"seed", "success", "steps", "return", "wall_s"} <= set(report["per_episode"][0])
+
+
+def test_cli_until_then_resume_finishes_the_run_with_its_own_config(tmp_path, lift_demos):
+    run = tmp_path / "run"
+    args = ["train", "--dataset", str(lift_demos), "--out", str(run)]
+    for item in TINY:
+        args += ["--set", item]
+    first = run_cli(*args, "--until", "10")
+    assert first.returncode == 0, first.stderr
+    assert (run / "checkpoints" / "step_0000010.json").exists() and not (run / "checkpoints" / "final.json").exists()
+    second = run_cli("train", "--out", str(run), "--resume")  # no flags: the run's config.yaml is used
+    assert second.returncode == 0, second.stderr
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 10, 15, 20]
+    assert json.loads((run / "checkpoints" / "final.json").read_text())["step"] == 20

@@ -56,8 +56,10 @@ def prepare_dataset(cfg: Config, collect_if_missing: bool, progress: bool) -> No
         return
     if not collect_if_missing:
         raise UserError(f"dataset not found: {path}")
-    print(f"{path} not found: collecting {cfg.data.collect_episodes} scripted {cfg.data.task} demos first")
-    summary = collect(cfg.data.task, cfg.data.collect_episodes, cfg.data.collect_seed, path, progress=progress)
+    d = cfg.data
+    noise = f" (operator noise {d.collect_noise})" if d.collect_noise else ""
+    print(f"{path} not found: collecting {d.collect_episodes} scripted {d.task} demos{noise} first")
+    summary = collect(d.task, d.collect_episodes, d.collect_seed, path, noise=d.collect_noise, progress=progress)
     print(f"expert success {summary['expert_success_rate']:.0%} ({summary['demos']}/{summary['attempts']}), "
           f"{summary['seconds']:.0f} s -> {path}")
 
@@ -107,13 +109,17 @@ def train(cfg: Config, run_dir: str | Path, collect_if_missing: bool = False, pr
     if resume:
         if not state_path.is_file():
             raise UserError(f"--resume: {state_path} not found")
-        state = torch.load(state_path, map_location=device, weights_only=False)
-        policy.load_state_dict(state["policy"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        generator.set_state(state["generator"].cpu() if device.type == "cpu" else state["generator"])
-        start_step = int(state["step"])
+        try:
+            state = torch.load(state_path, map_location=device, weights_only=False)
+            policy.load_state_dict(state["policy"])
+            ema.load_state_dict(state["ema"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            generator.set_state(state["generator"].cpu() if device.type == "cpu" else state["generator"])
+            start_step = int(state["step"])
+        except (RuntimeError, KeyError, ValueError, EOFError, OSError) as e:
+            raise UserError(f"--resume: {state_path} does not match this run's config or is corrupt "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
