@@ -2,8 +2,9 @@
 
 Actions follow robosuite 1.5's default composite controller for Panda: 7-D, [dx, dy, dz] in units of 5 cm,
 [drx, dry, drz] in units of 0.5 rad, gripper -1 open / +1 close.
-The experts are deterministic functions of the observation history, so their demonstrations are learnable
-by a policy that sees the same observations.
+The experts are deterministic functions of the observation history (plus the goal location the task fixes,
+read from the environment `env` they are built with), so their demonstrations are learnable by a policy that
+sees the same observations.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class LiftExpert:
     GRASP_STEPS = 12  # steps to hold still while the fingers close
     LIFT_TO = 0.15  # metres above the cube's resting height
 
-    def __init__(self, env=None) -> None:
+    def __init__(self, env) -> None:
         self.phase = "reach"
         self.grasp_count = 0
         self.cube_rest_z: float | None = None
@@ -74,10 +75,10 @@ class CanExpert:
     HOVER, SAFE_Z, RELEASE_Z = 0.08, 1.05, 0.93
     GRASP_STEPS, LOWER_TIMEOUT, DESCEND_TIMEOUT = 12, 40, 20
 
-    def __init__(self, env=None) -> None:
+    def __init__(self, env) -> None:
         self.phase, self.count = "reach", 0
         # the can's bin cell; robosuite places it at target_bin_placements[object_id]
-        self.goal = np.asarray(env.env.target_bin_placements[env.env.object_id])[:2] if env is not None else None
+        self.goal = np.asarray(env.env.target_bin_placements[env.env.object_id])[:2]
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         eef, can = obs["robot0_eef_pos"], obs["Can_pos"]
