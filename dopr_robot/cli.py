@@ -35,7 +35,8 @@ def collect_cmd(
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists; pass --overwrite to replace it")
     s = collect(task, episodes, seed, out, max_steps=max_steps, noise=noise)
-    typer.echo(f"{'noisy (level ' + str(noise) + ') ' if noise else ''}expert success rate {s['expert_success_rate']:.1%} ({s['demos']}/{s['attempts']} attempts), "
+    who = f"noisy (level {noise}) expert" if noise else "expert"
+    typer.echo(f"{who} success rate {s['expert_success_rate']:.1%} ({s['demos']}/{s['attempts']} attempts), "
                f"mean length {s['mean_length']:.1f} steps, {s['seconds']:.0f} s -> {s['out']}")
 
 

@@ -82,6 +82,7 @@ def collect(task: str, episodes: int, seed: int, out: str | Path, max_steps: int
     write_robomimic(out, kept, env_args, masks={"train": train, "valid": valid},
                     attrs={"task": task, "expert": task, "collect_seed": seed, "noise": noise}, compression="gzip")
     return {
-        "task": task, "noise": noise, "demos": len(kept), "attempts": attempts, "expert_success_rate": len(kept) / attempts,
+        "task": task, "noise": noise, "demos": len(kept), "attempts": attempts,
+        "expert_success_rate": len(kept) / attempts,
         "mean_length": float(np.mean([len(e) for e in kept])), "seconds": time.time() - start, "out": str(out),
     }

@@ -139,8 +139,8 @@ POSITIVE = (
     "eval.max_steps", "data.norm_range_floor", "policy.flow.beta_a", "policy.flow.beta_b",
 )
 NON_NEGATIVE = (
-    "data.collect_noise", "optim.weight_decay", "optim.eps", "optim.ap.damping", "optim.ap.eps", "train.warmup_steps", "train.grad_clip",
-    "train.checkpoint_every", "eval.workers", "eval.seed_start", "train.threads", "optim.momentum",
+    "data.collect_noise", "optim.weight_decay", "optim.eps", "optim.ap.damping", "optim.ap.eps", "train.warmup_steps",
+    "train.grad_clip", "train.checkpoint_every", "eval.workers", "eval.seed_start", "train.threads", "optim.momentum",
 )
 UNIT_INTERVAL = ("optim.ap.ema_decay", "train.ema_max_decay")
 

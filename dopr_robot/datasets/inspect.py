@@ -12,7 +12,7 @@ from dopr_robot.datasets.zarr_store import is_zarr
 
 def describe(path: str | Path) -> list[tuple[str, str]]:
     """(label, text) rows; raises UserError (one line) on anything malformed."""
-    from dopr_robot.envs.compat import action_mode, version_warning
+    from dopr_robot.envs.compat import action_mode, arm_controller_config, version_warning
 
     demos = open_demos(path)  # validates every demo
     episodes = demos.episodes(None)
@@ -20,9 +20,9 @@ def describe(path: str | Path) -> list[tuple[str, str]]:
     actions = np.concatenate([e.actions for e in episodes])
     env_kwargs = demos.env_args.get("env_kwargs", {})
     controller = env_kwargs.get("controller_configs") or {}
-    arm = controller.get("body_parts", {}).get("right", {}) if "body_parts" in controller else controller
-    controller_text = "/".join(t for t in (controller.get("type") if "body_parts" in controller else None,
-                                            arm.get("type")) if t) or "unknown"
+    composite = controller.get("type") if "body_parts" in controller else None
+    controller_text = "/".join(t for t in (composite, arm_controller_config(demos.env_args).get("type")) if t) \
+        or "unknown"
     first = episodes[0]
     rows = [
         ("file", f"{path} ({'ReplayBuffer zarr' if is_zarr(path) else 'robomimic HDF5'})"),

@@ -17,11 +17,6 @@ from dopr_robot.errors import UserError
 _OLD_KEY_NAMES = {"damping": "damping_ratio", "damping_limits": "damping_ratio_limits"}
 
 
-def _is_part_config(cfg: dict[str, Any]) -> bool:
-    return isinstance(cfg, dict) and "body_parts" not in cfg and cfg.get("type") not in (None, "BASIC", "WHOLE_BODY_IK",
-                                                                                           "HYBRID_MOBILE_BASE")
-
-
 def _upgrade_part(cfg: dict[str, Any]) -> dict[str, Any]:
     cfg = {(_OLD_KEY_NAMES.get(k, k)): v for k, v in cfg.items()}
     if "control_delta" in cfg:
@@ -34,7 +29,10 @@ def upgrade_env_args(env_args: dict[str, Any]) -> dict[str, Any]:
     from dopr_robot.envs.robosuite_env import import_robosuite
 
     import_robosuite()
-    from robosuite.controllers.composite.composite_controller_factory import refactor_composite_controller_config
+    from robosuite.controllers.composite.composite_controller_factory import (
+        is_part_controller_config,
+        refactor_composite_controller_config,
+    )
 
     args = copy.deepcopy(env_args)
     kwargs = args.get("env_kwargs", {})
@@ -42,23 +40,25 @@ def upgrade_env_args(env_args: dict[str, Any]) -> dict[str, Any]:
     robots = [robots] if isinstance(robots, str) else list(robots)
     kwargs["robots"] = robots
     cfg = kwargs.get("controller_configs")
-    if isinstance(cfg, dict) and _is_part_config(cfg):
+    if isinstance(cfg, dict) and is_part_controller_config(cfg):
         kwargs["controller_configs"] = refactor_composite_controller_config(_upgrade_part(cfg), robots[0], ["right"])
     return args
 
 
+def arm_controller_config(env_args: dict[str, Any]) -> dict[str, Any]:
+    """The arm's part controller config, from an old (part) or a new (composite) controller config."""
+    cfg = env_args.get("env_kwargs", {}).get("controller_configs") or {}
+    if not isinstance(cfg, dict):
+        return {}
+    return cfg["body_parts"].get("right", {}) if "body_parts" in cfg else cfg
+
+
 def action_mode(env_args: dict[str, Any], action_dim: int | None = None) -> str:
     """"delta" or "absolute", from the arm controller's config (and the action width, when known)."""
-    cfg = env_args.get("env_kwargs", {}).get("controller_configs") or {}
-    part = cfg.get("body_parts", {}).get("right", cfg) if isinstance(cfg, dict) else {}
-    if "control_delta" in part:
-        mode = "delta" if part["control_delta"] else "absolute"
-    else:
-        mode = part.get("input_type", "delta")
     if action_dim == 10:
         raise UserError("10-D actions (absolute position + 6-D rotation, diffusion_policy's abs conversion) are not "
                         "supported yet: use the original 7-D robomimic file")
-    return mode
+    return _upgrade_part(arm_controller_config(env_args)).get("input_type", "delta")
 
 
 def version_warning(env_args: dict[str, Any]) -> str | None:

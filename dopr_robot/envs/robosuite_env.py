@@ -7,7 +7,6 @@ observations need no renderer), which keeps evaluation headless.
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any
 
@@ -68,16 +67,16 @@ class RobosuiteEnv:
 
     def __init__(self, env_args: dict[str, Any]):
         suite = import_robosuite()
+        from dopr_robot.envs.compat import upgrade_env_args
+
         try:
             name = env_args["env_name"]
-            kwargs = copy.deepcopy(env_args["env_kwargs"])
+            env_args["env_kwargs"]
         except (KeyError, TypeError) as e:
             raise UserError(f"env_args has no {e} entry: not a robomimic/robosuite dataset") from None
         if env_args.get("type", 1) != 1:
             raise UserError(f"env_args type {env_args.get('type')} is not robosuite (1)")
-        from dopr_robot.envs.compat import upgrade_env_args
-
-        kwargs = upgrade_env_args({"env_kwargs": kwargs})["env_kwargs"]
+        kwargs = upgrade_env_args(env_args)["env_kwargs"]  # a translated deep copy
         for key in _DROPPED_KWARGS:
             kwargs.pop(key, None)
         kwargs.update(_HEADLESS_KWARGS)
