@@ -149,16 +149,15 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:
+        # Usage errors come from click, or from the copy of click newer typer versions vendor: match by name.
+        kinds = {cls.__name__ for cls in type(e).__mro__}
+        if "ClickException" in kinds:
             typer.echo(f"error: {e.format_message()}", err=True)
             sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
+        if "Abort" in kinds:
             sys.exit(1)
         raise
-
 
 if __name__ == "__main__":
     main()

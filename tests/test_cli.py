@@ -64,3 +64,9 @@ def test_collect_never_overwrites_silently(tmp_path):
     out.write_bytes(b"precious")
     assert_user_error(run_cli("collect", "--episodes", "1", "--out", str(out)), "exists")
     assert out.read_bytes() == b"precious"
+
+
+def test_usage_errors(tmp_path):
+    assert_user_error(run_cli("train", "--set", "train.steps=1", "train.seed=2"), "unexpected extra argument")
+    assert_user_error(run_cli("eval", "--episodes", "x", str(tmp_path)), "Invalid value for '--episodes'")
+    assert_user_error(run_cli("trian"), "No such command")
