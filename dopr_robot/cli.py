@@ -159,5 +159,6 @@ def main() -> None:
             sys.exit(1)
         raise
 
+
 if __name__ == "__main__":
     main()

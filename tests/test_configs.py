@@ -6,7 +6,8 @@ import pytest
 
 from dopr_robot.config import Config, load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -16,9 +17,9 @@ def test_shipped_config_loads(path):
 
 
 def test_lift_yaml_spells_out_the_defaults():
-    assert load_config(Path(CONFIGS[0]).parent / "lift.yaml").to_dict() == Config().to_dict()
+    assert load_config(CONFIG_DIR / "lift.yaml").to_dict() == Config().to_dict()
 
 
 def test_hard_configs_collect_imperfect_demos():
-    hard = load_config(Path(CONFIGS[0]).parent / "lift_hard.yaml")
+    hard = load_config(CONFIG_DIR / "lift_hard.yaml")
     assert hard.data.collect_noise == 1.0 and hard.data.collect_episodes == 50

@@ -69,11 +69,11 @@ class RobosuiteEnv:
         suite = import_robosuite()
         from dopr_robot.envs.compat import upgrade_env_args
 
-        try:
-            name = env_args["env_name"]
-            env_args["env_kwargs"]
-        except (KeyError, TypeError) as e:
-            raise UserError(f"env_args has no {e} entry: not a robomimic/robosuite dataset") from None
+        if not isinstance(env_args, dict):
+            raise UserError("env_args is not a JSON object: not a robomimic/robosuite dataset")
+        for key in ("env_name", "env_kwargs"):
+            if key not in env_args:
+                raise UserError(f"env_args has no '{key}' entry: not a robomimic/robosuite dataset")
         if env_args.get("type", 1) != 1:
             raise UserError(f"env_args type {env_args.get('type')} is not robosuite (1)")
         kwargs = upgrade_env_args(env_args)["env_kwargs"]  # a translated deep copy
@@ -81,7 +81,7 @@ class RobosuiteEnv:
             kwargs.pop(key, None)
         kwargs.update(_HEADLESS_KWARGS)
         self.env_args = env_args
-        self.env = suite.make(name, **kwargs)
+        self.env = suite.make(env_args["env_name"], **kwargs)
 
     @property
     def action_dim(self) -> int:
