@@ -109,6 +109,33 @@ def eval_cmd(
     typer.echo(f"report -> {out}" + (f", trajectories -> {trajectories}" if trajectories else ""))
 
 
+@app.command("diagnose")
+def diagnose_cmd(
+    run: Path = typer.Argument(..., help="run directory"),
+    rollouts: Optional[Path] = typer.Option(None, help="saved rollouts [RUN/eval_rollouts.hdf5]"),
+    out: Optional[Path] = typer.Option(None, help="report path; the plot goes beside it as .png [RUN/drift.json]"),
+    checkpoint: Optional[Path] = typer.Option(None, help="checkpoint [the one the rollouts record, else final]"),
+    dataset: Optional[Path] = typer.Option(None, help="training dataset [the one the checkpoint records]"),
+    seed: int = typer.Option(0, help="seed of the policy's sampling noise in the open-loop chunk error"),
+):
+    """Drift of rollouts from the demos per time step, demo/rollout shift, open-loop vs closed-loop error."""
+    from dopr_robot.diagnostics import diagnose
+
+    r = diagnose(run, rollouts=rollouts, out=out, checkpoint=checkpoint, dataset=dataset, seed=seed)
+    band = r["demo_band"]
+    mse = r["open_loop_chunk_mse"]
+    typer.echo(f"episodes          {r['n_success']} successful, {r['n_failure']} failed "
+               f"(closed-loop success {r['closed_loop_success']:.1%})")
+    typer.echo(f"demo band         " + (f"[{band[0]:.4g}, {band[1]:.4g}]" if band else "n/a (fewer than 2 demos)"))
+    typer.echo(f"departure step    {r['departure_step'] if r['departure_step'] is not None else 'never'}")
+    typer.echo(f"shift             KL(rollouts||demos) {r['kl_gaussian']:.4g}, cov shift {r['cov_shift']:.4g}, "
+               f"log-det ratio {r['cov_logdet_ratio']:.4g}")
+    typer.echo(f"open-loop chunk   " + (f"MSE {mse:.4g} over {r['open_loop_windows']} valid windows"
+                                        if mse is not None else "n/a (no valid demos)"))
+    json_path = out or run / "drift.json"
+    typer.echo(f"report -> {json_path}, plot -> {json_path.with_suffix('.png')}")
+
+
 @app.command("inspect")
 def inspect_cmd(file: Path = typer.Argument(..., help="robomimic .hdf5 or ReplayBuffer .zarr")):
     """Summarize a demonstration file: demos, lengths, obs keys and dims, actions, env and controller, masks."""
