@@ -19,7 +19,7 @@ def plot_drift(report: dict[str, Any], path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     band = report.get("demo_band")
     if band:
-        ax.axhspan(band[0], band[1], color="0.85", label=f"demos' own nn distance ({band[0]:.3g}-{band[1]:.3g}, "
+        ax.axhspan(band[0], band[1], color="0.5", alpha=0.2, linewidth=0, label=f"demos' own nn distance ({band[0]:.3g}-{band[1]:.3g}, "
                                                              f"p{report['demo_band_percentiles'][0]:g}-"
                                                              f"p{report['demo_band_percentiles'][1]:g})")
     curves = [("drift_mean", f"all episodes ({report['n_success'] + report['n_failure']})", "black", "-"),
@@ -32,6 +32,16 @@ def plot_drift(report: dict[str, Any], path: str | Path) -> None:
     if report.get("departure_step") is not None:
         ax.axvline(report["departure_step"], color="tab:blue", linestyle=":",
                    label=f"departure step {report['departure_step']}")
+    running = report.get("episodes_running")
+    if running:  # late steps average few episodes: show how many
+        count_ax = ax.twinx()
+        count_ax.step(steps, running, where="post", color="0.55", linewidth=0.8)
+        ax.set_zorder(count_ax.get_zorder() + 1)  # curves and legend above the count line
+        ax.patch.set_visible(False)
+        ax.plot([], [], color="0.55", linewidth=0.8, label="episodes still running (right axis)")
+        count_ax.set_ylabel("episodes still running", color="0.45", fontsize=8)
+        count_ax.set_ylim(0, max(running) * 1.05)
+        count_ax.tick_params(axis="y", colors="0.45", labelsize=8)
     ax.set_xlabel("time step of the episode")
     ax.set_ylabel("distance to nearest training-demo observation\n(normalized policy input)")
     mse = report.get("open_loop_chunk_mse")

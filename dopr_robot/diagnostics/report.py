@@ -63,6 +63,8 @@ def diagnose(run: str | Path, rollouts: str | Path | None = None, out: str | Pat
         raise UserError(f"rollouts {rollouts} come from env {rollout_env.get('env_name')!r} but checkpoint {ckpt} "
                         f"was trained on {meta['env_args'].get('env_name')!r}")
     episodes = _read_rollouts(rollouts, names, obs_keys, obs_dim)
+    if sum(len(e) for e in episodes) < 2:
+        raise UserError(f"rollouts {rollouts} hold fewer than 2 observations: nothing to fit a distribution to")
     data_cfg = meta["config"]["data"]
     dataset = Path(dataset) if dataset is not None else Path(meta["dataset"])
     if not dataset.exists():
@@ -70,6 +72,8 @@ def diagnose(run: str | Path, rollouts: str | Path | None = None, out: str | Pat
     demos = open_demos(dataset, obs_keys)
     train_eps = demos.episodes(data_cfg["train_filter"])
     valid_eps = demos.episodes(data_cfg["valid_filter"], missing_ok=True)
+    if not train_eps:
+        raise UserError(f"dataset {dataset}: mask/{data_cfg['train_filter']} names no demos to compare with")
     demo_flat = [flatten_obs(e.obs, obs_keys) for e in train_eps]
     if demo_flat[0].shape[1] != obs_dim:
         raise UserError(f"dataset {dataset} observations have {demo_flat[0].shape[1]} dims, checkpoint expects "
@@ -79,7 +83,10 @@ def diagnose(run: str | Path, rollouts: str | Path | None = None, out: str | Pat
     # --- the policy's input space
     center = policy.obs_normalizer.center.cpu().numpy().astype(np.float64)
     scale = policy.obs_normalizer.scale.cpu().numpy().astype(np.float64)
-    to_policy_space = lambda x: (x.astype(np.float64) - center) * scale
+
+    def to_policy_space(x: np.ndarray) -> np.ndarray:
+        return (x.astype(np.float64) - center) * scale
+
     demo_points = [to_policy_space(x) for x in demo_flat]
     rollout_points = [to_policy_space(flatten_obs(e.obs, obs_keys)) for e in episodes]
     success = [bool(e.attrs["success"]) for e in episodes]

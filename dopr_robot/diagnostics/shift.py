@@ -33,7 +33,10 @@ def gaussian_kl(mean_p: np.ndarray, cov_p: np.ndarray, mean_q: np.ndarray, cov_q
     """KL(N(mean_p, cov_p) || N(mean_q, cov_q)) in nats; both covariances symmetric positive definite."""
     k = mean_p.shape[0]
     chol_q = np.linalg.cholesky(cov_q)
-    solve = lambda b: np.linalg.solve(chol_q.T, np.linalg.solve(chol_q, b))  # cov_q^-1 b, stably
+
+    def solve(b: np.ndarray) -> np.ndarray:  # cov_q^-1 b through the Cholesky factor (stable, no inverse)
+        return np.linalg.solve(chol_q.T, np.linalg.solve(chol_q, b))
+
     diff = mean_q - mean_p
     trace = float(np.trace(solve(cov_p)))
     mahalanobis = float(diff @ solve(diff))
