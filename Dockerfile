@@ -29,13 +29,16 @@ RUN apt-get update \
         > /usr/share/glvnd/egl_vendor.d/10_nvidia.json
 
 # The project, installed (not editable) with pyproject's own requirements; the constraint holds torch at the
-# base image's build so pip can never swap it for a CPU wheel or another CUDA version.
+# base image's build (its version as pip sees it, local label included) so pip can never swap it for a CPU wheel
+# or another CUDA version. The import check runs as root: anything it caches under /tmp is removed so the run
+# user can create its own.
 WORKDIR /opt/dopr-robot
 COPY pyproject.toml README.md ./
 COPY dopr_robot ./dopr_robot
-RUN python -c "import torch; print('torch==' + torch.__version__)" > /tmp/torch-constraint.txt \
+RUN python -c "from importlib.metadata import version; print('torch==' + version('torch'))" > /tmp/torch-constraint.txt \
     && pip install --no-cache-dir --constraint /tmp/torch-constraint.txt . \
-    && python -c "import torch, mujoco, robosuite, dopr_robot; print(torch.__version__, mujoco.__version__, robosuite.__version__)"
+    && python -c "import torch, mujoco, robosuite, dopr_robot; print(torch.__version__, mujoco.__version__, robosuite.__version__)" \
+    && rm -rf /tmp/torch-constraint.txt /tmp/numba-cache
 
 # Runs as the unprivileged user dopr (uid 1000; USER is numeric so the host can resolve it). WORKDIR /work mirrors
 # a checkout: configs/ ships in the image, and the configs' relative data/ and runs/ paths land in the two volumes
