@@ -102,8 +102,8 @@ def test_same_config_numbers_and_tests(tmp_path):
     lo, hi = dopr["diff_ci"]
     assert 0.3 < lo < 0.6 < hi < 0.9
     assert dopr["p_permutation"] == pytest.approx(2 / 252)  # perfectly separated, 5 vs 5 seeds
-    # every run played seeds 100000..100009; dopr succeeds on all 8 seeds adam fails ... paired on episode seeds:
-    # d_e = 1 on episodes 2..7 (dopr only), 0 elsewhere -> exact McNemar-like p = 2 / 2^6
+    # every run played episode seeds 100000..100009: both succeed on the first 2, only dopr on the next 6, neither
+    # on the last 2 -> d_e = 1 on 6 episode seeds, 0 elsewhere -> p = P(all 6 signs agree) = 2 / 2^6
     assert dopr["p_paired"] == pytest.approx(2 / 64) and dopr["paired"]["n_discordant"] == 6
     saved = json.loads((sweep / "compare" / "compare.json").read_text())
     assert saved["groups"][1]["p_permutation"] == dopr["p_permutation"]
@@ -129,6 +129,21 @@ def test_incomplete_runs_are_listed_not_fatal(tmp_path):
     assert [g["n_seeds"] for g in report["groups"]] == [2, 1]
     assert any("dopr_s1" in w and "incomplete" in w for w in warnings)
     assert any("metrics.jsonl" in w and "unreadable" in w for w in warnings)  # a cut-off last line
+
+
+def test_suspicious_reports_are_warned_about(tmp_path):
+    root = tmp_path / "runs"
+    run = write_run(root, "adam_s0", "adam", 0, [1, 0, 0])
+    report = json.loads((run / "eval.json").read_text())
+    report["perturbation"]["obs_noise"] = 0.1
+    report["per_episode"][2]["error"] = "MujocoException: unstable simulation"
+    (run / "eval.json").write_text(json.dumps(report))
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "best.json").write_text("{}")
+    _, warnings = compare([root], n_boot=50)
+    assert any("perturbed report" in w for w in warnings)
+    assert any("1 episode(s) failed to run" in w for w in warnings)
+    assert any("--checkpoint best" in w for w in warnings)
 
 
 def test_grid_groups_from_config_diffs_and_best_config(tmp_path):

@@ -176,6 +176,16 @@ def load_run(path: Path, warnings: list[str], name: str | None = None) -> Run:
             run.eval = None
     else:
         run.problems.append("no eval.json (not evaluated yet)")
+    if run.eval is not None:
+        if _is_perturbed(run.eval):
+            warnings.append(f"{path / 'eval.json'}: a perturbed report ({_perturbation(run.eval)}); its success is "
+                            f"not the unperturbed held-out success")
+        failed = sum("error" in e for e in run.eval.get("per_episode") or [])
+        if failed:
+            warnings.append(f"{path / 'eval.json'}: {failed} episode(s) failed to run (counted as failures)")
+        if run.eval_best is None and (path / "checkpoints" / "best.json").is_file():
+            warnings.append(f"{path}: has a best checkpoint but no eval_best.json "
+                            f"(dopr-robot eval {path} --checkpoint best)")
     if run.optim is None:
         run.problems.append("optimizer unknown (no config.yaml)")
     return run
@@ -508,6 +518,8 @@ def build_report(runs: list[Run], baseline: str | None = None, select: str = "sa
                    for g in chosen.values()}
         chosen_list = sorted(chosen.values(), key=lambda g: g.name)
         base = chosen.get(baseline) or next((g for g in chosen_list if g.name == baseline), None)
+        if base is None:
+            notes.append(f"best-config: no selected {baseline!r} group, no differences computed")
         add_diffs(entries, chosen_list, {g.name: base for g in chosen_list} if base else {})
         report["best_config"] = {
             "criterion": f"highest mean over training seeds of the last {last_n} in-training success evaluations "
