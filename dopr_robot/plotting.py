@@ -163,7 +163,7 @@ def training_curves(records: list[dict[str, Any]], path: str | Path, title: str 
     if cond_keys or fallbacks:
         ax.set_title("DoPr: condition number of damped S per layer")
     else:
-        _note(ax, "no DoPr health keys\n(optimizer without activation preconditioning)")
+        _note(ax, "no DoPr health keys in metrics.jsonl\n(AdamW and Muon report none)")
 
     ax = axes[1, 2]
     if series(ax, "success", "in-training success (selection seeds)", color="C5"):

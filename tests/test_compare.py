@@ -122,11 +122,15 @@ def test_incomplete_runs_are_listed_not_fatal(tmp_path):
     data = json.loads((sweep / "sweep.json").read_text())
     data["cells"].append({"name": "dopr_s2", "optim": "dopr", "seed": 2, "settings": {}, "state": "pending"})
     (sweep / "sweep.json").write_text(json.dumps(data))
+    cut = json.loads((sweep / "adam_s1" / "eval.json").read_text())
+    cut["per_episode"] = cut["per_episode"][:3]  # a report whose episodes do not add up
+    (sweep / "adam_s1" / "eval.json").write_text(json.dumps(cut))
     report, warnings = compare([sweep], n_boot=200)
     incomplete = {i["run"].rsplit("/", 1)[-1]: i["reason"] for i in report["incomplete"]}
-    assert set(incomplete) == {"dopr_s1", "dopr_s2"}
+    assert set(incomplete) == {"dopr_s1", "dopr_s2", "adam_s1"}
+    assert "per_episode" in incomplete["adam_s1"]
     assert "no eval.json" in incomplete["dopr_s1"] and "pending" in incomplete["dopr_s2"]
-    assert [g["n_seeds"] for g in report["groups"]] == [2, 1]
+    assert [g["n_seeds"] for g in report["groups"]] == [1, 1]
     assert any("dopr_s1" in w and "incomplete" in w for w in warnings)
     assert any("metrics.jsonl" in w and "unreadable" in w for w in warnings)  # a cut-off last line
 
@@ -276,6 +280,8 @@ def test_compare_and_plot_on_real_runs(tmp_path, lift_demos):
     assert dopr["p_paired"] is not None  # both played seeds 100000, 100001
     assert "| dopr" in result.stdout and "compare.json" in result.stdout
     assert _png_size(root / "compare" / "success_vs_val_loss.png")[0] > 500
+    bad = run_cli("compare", str(root), "--select", "best-of-all")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --select") and len(bad.stderr.splitlines()) == 1
     result = run_cli("plot", str(root / "adam_s0"), "--out", str(tmp_path / "adam.png"))
     assert result.returncode == 0, result.stderr
     assert _png_size(tmp_path / "adam.png")[0] > 800

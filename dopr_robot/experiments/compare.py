@@ -139,6 +139,14 @@ def _is_perturbed(report: dict) -> bool:
     return any(p.get(k, 0.0) != 0.0 for k in PERTURBATION_KINDS)
 
 
+def _valid_per_episode(report: dict) -> bool:
+    per_episode = report.get("per_episode")
+    if per_episode is None:
+        return True  # older reports: counts only (no paired test for them)
+    return isinstance(per_episode, list) and len(per_episode) == report["episodes"] and all(
+        isinstance(e, dict) and isinstance(e.get("seed"), int) and "success" in e for e in per_episode)
+
+
 def load_run(path: Path, warnings: list[str], name: str | None = None) -> Run:
     """Read everything compare uses from one run directory (missing pieces become `problems`, not errors)."""
     run = Run(dir=path, name=name or path.name)
@@ -173,6 +181,9 @@ def load_run(path: Path, warnings: list[str], name: str | None = None) -> Run:
         if not _finite(run.eval.get("success_rate")) or not isinstance(run.eval.get("episodes"), int) \
                 or run.eval["episodes"] < 1:
             run.problems.append("eval.json lacks success_rate/episodes")
+            run.eval = None
+        elif not _valid_per_episode(run.eval):
+            run.problems.append("eval.json per_episode is not one {seed, success} record per episode")
             run.eval = None
     else:
         run.problems.append("no eval.json (not evaluated yet)")
