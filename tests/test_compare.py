@@ -8,7 +8,6 @@ import json
 import math
 import struct
 
-import numpy as np
 import pytest
 import yaml
 

@@ -36,7 +36,7 @@ from dopr_robot.fileio import write_json, write_text
 
 # Config keys that do not define a group: the seed is the replicate, the rest is bookkeeping or evaluation.
 IGNORED_KEYS = {"optim.name", "train.seed", "train.device", "train.threads", "train.logger",
-                "train.checkpoint_every", "train.log_every", "data.path_sha256"}
+                "train.checkpoint_every", "train.log_every", "train.val_every"}
 IGNORED_PREFIXES = ("eval.",)
 PERTURBATION_KINDS = ("action_noise", "obs_noise", "push")
 ARCHIVED_REPORT = re.compile(r"-\d{8}-\d{6}$")  # eval*.json renamed aside by a later eval (kept, not current)
@@ -449,27 +449,31 @@ def select_best_config(groups: list[Group], summaries: dict[str, dict]) -> dict[
 # ---------------------------------------------------------------- the report
 
 def provenance(command: Sequence[str] | None) -> dict[str, Any]:
+    """The compare command itself: argv, directory, time, code version (git), library versions."""
+    import matplotlib
+
     import dopr_robot
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(dopr_robot.__file__).parent,
-                                capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    versions = {"dopr_robot": dopr_robot.__version__, "numpy": np.__version__, "python": platform.python_version()}
-    try:
-        import matplotlib
-        versions["matplotlib"] = matplotlib.__version__
-    except ImportError:
-        pass
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=Path(dopr_robot.__file__).parent, capture_output=True,
+                                  text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD") or None
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    versions = {"dopr_robot": dopr_robot.__version__, "numpy": np.__version__, "matplotlib": matplotlib.__version__,
+                "python": platform.python_version()}
     return {"command": list(command) if command is not None else None, "cwd": os.getcwd(),
             "time_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "git_commit": commit, "versions": versions}
+            "git_commit": commit, "git_dirty": None if status is None else bool(status), "versions": versions}
 
 
 def build_report(runs: list[Run], baseline: str | None = None, select: str = "same-config", last_n: int = 5,
                  n_boot: int = 10_000, seed: int = 0) -> dict[str, Any]:
-    """compare.json's content from loaded runs (pure: reads nothing, writes nothing)."""
+    """compare.json's content from loaded runs (no file is read or written; fills each run's settings/group)."""
     if select not in SELECTIONS:
         raise UserError(f"--select must be one of {', '.join(SELECTIONS)}, not {select!r}")
     if last_n < 1 or n_boot < 1:
