@@ -57,6 +57,7 @@ def train_cmd(
     """Train a policy; writes config.yaml, metrics.jsonl and checkpoints/ into the run directory."""
     from dopr_robot.config import load_config
     from dopr_robot.training import train
+    from dopr_robot.training.distributed import is_writer
 
     if resume:
         if out is None:
@@ -73,7 +74,8 @@ def train_cmd(
         name = config.stem if config else "lift"
         out = Path("runs") / f"{name}_{cfg.policy.type}_{cfg.optim.name}_s{cfg.train.seed}"
     run = train(cfg, out, collect_if_missing=dataset is None, resume=resume, until=until, overwrite=overwrite)
-    typer.echo(f"trained -> {run}  (next: dopr-robot eval {run})")
+    if is_writer():  # under torchrun only rank 0 speaks
+        typer.echo(f"trained -> {run}  (next: dopr-robot eval {run})")
 
 
 @app.command("eval")

@@ -69,6 +69,11 @@ class Distributed:
             dist.destroy_process_group()
 
 
+def is_writer() -> bool:
+    """True in a single process and in torchrun's rank 0: the process that writes and prints."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT): gloo on CPU,
     nccl on CUDA, where each rank takes the GPU of its LOCAL_RANK. Without torchrun: one process, unchanged."""
