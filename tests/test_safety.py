@@ -13,8 +13,6 @@ import torch
 from conftest import REPO
 from dopr_robot.config import load_config
 from dopr_robot.errors import UserError
-from dopr_robot.provenance import provenance
-from dopr_robot.rundir import run_lock
 from dopr_robot.training import train
 from tiny_data import TINY_TRAIN, assert_user_error, run_cli, train_args, write_tiny_hdf5
 
@@ -90,6 +88,8 @@ def test_a_second_process_on_a_locked_run_fails_with_one_line(tiny_h5, tmp_path)
 
 
 def test_run_lock_is_exclusive_within_a_process_too(tmp_path):
+    from dopr_robot.rundir import run_lock
+
     with run_lock(tmp_path / "run") as path:
         assert path.read_text().strip() == str(os.getpid())
         with pytest.raises(UserError, match=f"in use by process {os.getpid()}"):
@@ -137,6 +137,8 @@ def test_warmup_longer_than_training_warns(tiny_h5, tmp_path):
 
 
 def test_provenance_is_written_at_train_start(finished_run, tiny_h5):
+    from dopr_robot.provenance import provenance
+
     record = json.loads((finished_run / "provenance.json").read_text())
     assert record["dataset"]["sha256"] == hashlib.sha256(tiny_h5.read_bytes()).hexdigest()
     assert record["packages"]["torch"] == torch.__version__
