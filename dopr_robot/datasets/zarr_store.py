@@ -77,7 +77,8 @@ def read_zarr(path: str | Path, obs_keys: list[str] | None = None):
     path = Path(path)
     try:
         root = zarr.open_group(str(path), mode="r")
-        data, ends = root["data"], np.asarray(root["meta/episode_ends"][:])
+        data = root["data"]
+        ends = _read_column(path, root["meta/episode_ends"], "meta/episode_ends", strict=True)
     except (KeyError, FileNotFoundError, ValueError, TypeError) as e:
         raise UserError(f"{path} is not a ReplayBuffer zarr store (data/, meta/episode_ends): {e}") from None
     attrs = dict(root.attrs)
@@ -94,7 +95,7 @@ def read_zarr(path: str | Path, obs_keys: list[str] | None = None):
             raise UserError(f"{path}: no observation key {key!r} (has: {', '.join(available)})")
     if len(ends) == 0 or np.any(np.diff(np.concatenate([[0], ends])) <= 0) or ends[-1] != data["action"].shape[0]:
         raise UserError(f"{path}: meta/episode_ends is not increasing or does not end at the data length")
-    columns = {k: _read_column(path, data[k], k, strict=k != "reward")
+    columns = {k: _read_column(path, data[k], f"data/{k}", strict=k != "reward")
                for k in [*keys, "action"] + [k for k in ("states", "reward") if k in data]}
     for key in [*keys, "action"]:
         if not np.all(np.isfinite(columns[key])):
@@ -114,15 +115,16 @@ def read_zarr(path: str | Path, obs_keys: list[str] | None = None):
     return episodes, masks, env_args, attrs
 
 
-def _read_column(path: Path, array, key: str, strict: bool) -> np.ndarray:
-    """All of data/<key>. zarr reads a missing chunk file as fill values (zeros) without a word, so with `strict`
-    every chunk must exist; a damaged chunk (truncated, garbage) is a one-line error. Rewards are exempt: zarr 3
-    writers skip all-zero chunks by default, and sparse rewards are mostly zero."""
+def _read_column(path: Path, array, name: str, strict: bool) -> np.ndarray:
+    """All of the array `name` (data/<key>, meta/episode_ends). zarr reads a missing chunk file as fill values
+    (zeros) without a word, so with `strict` every chunk must exist; a damaged chunk (truncated, garbage) is a
+    one-line error. Rewards are exempt: zarr 3 writers skip all-zero chunks by default, and sparse rewards are
+    mostly zero."""
     if strict and array.nchunks_initialized != array.nchunks:
-        raise UserError(f"{path}: data/{key} is missing {array.nchunks - array.nchunks_initialized} of "
+        raise UserError(f"{path}: {name} is missing {array.nchunks - array.nchunks_initialized} of "
                         f"{array.nchunks} chunk files (they would read as zeros)")
     try:
         return np.asarray(array[:])
     except Exception as e:  # codec errors have no common type (zlib/blosc/zstd, ValueError, RuntimeError...)
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path}: data/{key} is corrupt or unreadable ({reason})") from None
+        raise UserError(f"{path}: {name} is corrupt or unreadable ({reason})") from None
