@@ -52,4 +52,4 @@ def test_two_processes_match_one_process_on_the_full_batch(tmp_path, optim):
     # the weights moved between steps 2 and 4: the match is not that of two untouched copies
     ema_b2 = load_file(str(run / "checkpoints" / "step_0000002.safetensors"))
     assert any(not torch.allclose(ema_b2[k], ema_b[k], rtol=1e-4, atol=1e-5) for k in ema_b)
-    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in single.iterdir())
+    assert {p.name for p in single.iterdir()} <= {p.name for p in run.iterdir()}  # rank 0 wrote a whole run
