@@ -5,7 +5,6 @@ Bad input (missing or corrupt files, unknown keys, invalid values) ends with one
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -31,9 +30,9 @@ def collect_cmd(
 ):
     """Roll out a scripted expert in robosuite and write its successful demos (robomimic HDF5)."""
     from dopr_robot.collect import collect
+    from dopr_robot.rundir import check_output_file
 
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} exists; pass --overwrite to replace it")
+    check_output_file(out, overwrite, suffixes=(".hdf5", ".h5"), what="--out")  # before the rollouts, not after
     s = collect(task, episodes, seed, out, max_steps=max_steps, noise=noise)
     who = f"noisy (level {noise}) expert" if noise else "expert"
     typer.echo(f"{who} success rate {s['expert_success_rate']:.1%} ({s['demos']}/{s['attempts']} attempts), "
@@ -53,11 +52,12 @@ def train_cmd(
     set_: Optional[List[str]] = typer.Option(None, "--set", help="override any config key: --set optim.lr=3e-4"),
     resume: bool = typer.Option(False, help="continue the run in --out from its trainer_state.pt"),
     until: Optional[int] = typer.Option(None, help="stop at this step with a resumable state (time-sliced jobs)"),
-    overwrite: bool = typer.Option(False, help="replace an existing run directory"),
+    overwrite: bool = typer.Option(False, help="replace an earlier run in --out (a directory holding config.yaml)"),
 ):
     """Train a policy; writes config.yaml, metrics.jsonl and checkpoints/ into the run directory."""
     from dopr_robot.config import load_config
     from dopr_robot.training import train
+    from dopr_robot.training.distributed import is_writer
 
     if resume:
         if out is None:
@@ -73,14 +73,11 @@ def train_cmd(
     if out is None:
         name = config.stem if config else "lift"
         out = Path("runs") / f"{name}_{cfg.policy.type}_{cfg.optim.name}_s{cfg.train.seed}"
-    if out.exists() and any(out.iterdir()) and not resume:
-        if not overwrite:
-            raise UserError(f"run directory {out} exists; pass --resume to continue it or --overwrite to replace it")
-        shutil.rmtree(out)
-    run = train(cfg, out, collect_if_missing=dataset is None, resume=resume, until=until)
-    from dopr_robot.plotting import plot_run
-    curves = plot_run(run, missing_ok=True)  # RUN/training_curves.png; None when no metrics record exists yet
-    typer.echo(f"trained -> {run}  (next: dopr-robot eval {run})" + (f", curves -> {curves}" if curves else ""))
+    run = train(cfg, out, collect_if_missing=dataset is None, resume=resume, until=until, overwrite=overwrite)
+    if is_writer():  # under torchrun only rank 0 writes and speaks
+        from dopr_robot.plotting import plot_run
+        curves = plot_run(run, missing_ok=True)  # RUN/training_curves.png; None when no metrics record exists yet
+        typer.echo(f"trained -> {run}  (next: dopr-robot eval {run})" + (f", curves -> {curves}" if curves else ""))
 
 
 @app.command("eval")
@@ -195,12 +192,12 @@ def convert_cmd(
 ):
     """Convert between robomimic HDF5 and diffusion_policy's ReplayBuffer zarr layout (every obs key kept)."""
     from dopr_robot.datasets import open_demos
+    from dopr_robot.rundir import check_output_file
 
-    if dst.exists() and not overwrite:
-        raise UserError(f"{dst} exists; pass --overwrite to replace it")
     if src.resolve() == dst.resolve():
         raise UserError("source and destination are the same file")
-    demos = open_demos(src)
+    check_output_file(dst, overwrite, suffixes=(".zarr", ".hdf5", ".h5", ".hdf"), what="DST")
+    demos = open_demos(src)  # reads and checks every demo before anything is written
     demos.save(dst)
     typer.echo(f"{len(demos.names)} demos: {src} -> {dst}")
 
