@@ -26,6 +26,7 @@ from dopr_robot.progress import progress_bar
 from dopr_robot.policies import RangeNormalizer, build_policy
 from dopr_robot.checkpoint import save_checkpoint
 from dopr_robot.training.ema import EMA
+from dopr_robot.training.selection import RolloutSelector
 
 VALID_NOISE_SEED = 1234567  # validation noise is the same at every evaluation, so the curve is comparable
 
@@ -138,6 +139,7 @@ def train(cfg: Config, run_dir: str | Path, collect_if_missing: bool = False, pr
     t = cfg.train
     bar = progress_bar(range(start_step, until), initial=start_step, total=t.steps, desc="train", enabled=progress)
     window_loss, window_time, window_norm = 0.0, 0.0, 0.0
+    selector = RolloutSelector(run_dir, cfg) if t.eval_every else None  # in-training rollouts: last / best
     for step in bar:
         step_start = time.perf_counter()
         policy.train()
@@ -164,6 +166,9 @@ def train(cfg: Config, run_dir: str | Path, collect_if_missing: bool = False, pr
                                       "lr": schedule.get_last_lr()[0], "step_time_s": window_time / n}
             if valid_set is not None and (done % t.val_every == 0 or is_last):
                 record["val_loss"] = validation_loss(ema.model, valid_set, device)
+            if selector is not None and done % t.eval_every == 0:  # eval_every is a multiple of log_every
+                record.update(selector.evaluate(done, lambda: save_checkpoint(
+                    run_dir / "checkpoints", "last", ema.model, {**meta, "step": done})))
             record.update(optimizer_health(optimizer, spectrum="val_loss" in record))
             append_jsonl(run_dir / "metrics.jsonl", record)
             postfix = {"loss": f"{record['loss']:.4f}"}
@@ -174,6 +179,8 @@ def train(cfg: Config, run_dir: str | Path, collect_if_missing: bool = False, pr
         if t.checkpoint_every and done % t.checkpoint_every == 0 and not is_last:
             save(f"step_{done:07d}", done)
     bar.close()
+    if selector is not None:
+        selector.close()
     save("final" if until == t.steps else f"step_{until:07d}", until)
     return run_dir
 
