@@ -83,29 +83,43 @@ def train_cmd(
 @app.command("eval")
 def eval_cmd(
     run: Path = typer.Argument(..., help="run directory or checkpoint (.json/.safetensors)"),
+    checkpoint: Optional[str] = typer.Option(None, help="final | best | last | NAME in RUN/checkpoints [final]"),
     episodes: Optional[int] = typer.Option(None, help="number of seeded episodes [run's eval.episodes: 50]"),
     workers: Optional[int] = typer.Option(None, help="parallel worker processes, 0 = one per CPU core [eval.workers]"),
     seed_start: Optional[int] = typer.Option(None, help="episode i uses seed SEED_START + i [eval.seed_start: 100000]"),
     max_steps: Optional[int] = typer.Option(None, help="step limit per episode [eval.max_steps: 400]"),
-    n_action_steps: Optional[int] = typer.Option(None, help="actions executed per chunk (default: training's)"),
-    out: Optional[Path] = typer.Option(None, help="report path (default: RUN/eval.json)"),
+    n_action_steps: Optional[int] = typer.Option(None, help="actions executed per chunk, 1..horizon-n_obs_steps+1 "
+                                                            "(default: training's)"),
+    out: Optional[Path] = typer.Option(None, help="report path (default: RUN/eval.json, RUN/eval_<checkpoint>.json "
+                                                  "or RUN/eval_<tag>.json)"),
+    tag: Optional[str] = typer.Option(None, help="name this report RUN/eval_<TAG>.json"),
+    resume: bool = typer.Option(False, help="run only the episodes missing from the report's journal"),
+    action_noise: Optional[float] = typer.Option(None, help="Gaussian noise std on executed actions (raw env "
+                                                            "units) [eval.action_noise: 0]"),
+    obs_noise: Optional[float] = typer.Option(None, help="Gaussian noise std on the policy's observations "
+                                                         "(normalized units) [eval.obs_noise: 0]"),
+    push: Optional[float] = typer.Option(None, help="probability per episode of one push on the object [eval.push: 0]"),
+    push_magnitude: Optional[float] = typer.Option(None, help="push: velocity kick in m/s [eval.push_magnitude: 0.5]"),
+    episode_timeout: float = typer.Option(600.0, help="seconds before a running episode is stopped and recorded "
+                                                      "as failed"),
     save_trajectories: bool = typer.Option(False, help="also store every episode (robomimic layout) beside the report"),
 ):
     """Closed-loop success of a checkpoint over many seeded rollouts; writes a JSON report."""
-    from dopr_robot.evaluation import evaluate, format_report
-    from dopr_robot.fileio import write_json
+    from dopr_robot.evaluation import format_report, run_eval
 
     if (episodes is not None and episodes < 1) or (max_steps is not None and max_steps < 1) or \
-            (workers is not None and workers < 0):
-        raise UserError("need --episodes >= 1, --max-steps >= 1, --workers >= 0")
-    if out is None:
-        out = (run if run.is_dir() else run.parent) / "eval.json"
-    trajectories = out.with_name(out.stem + "_rollouts.hdf5") if save_trajectories else None
-    report = evaluate(run, episodes=episodes, seed_start=seed_start, max_steps=max_steps, workers=workers,
-                      n_action_steps=n_action_steps, save_trajectories=trajectories)
-    write_json(out, report)
+            (workers is not None and workers < 0) or (seed_start is not None and seed_start < 0) or \
+            not episode_timeout > 0:
+        raise UserError("need --episodes >= 1, --max-steps >= 1, --workers >= 0, --seed-start >= 0, "
+                        "--episode-timeout > 0")
+    levels = {"action_noise": action_noise, "obs_noise": obs_noise, "push": push, "push_magnitude": push_magnitude}
+    perturbation = {k: v for k, v in levels.items() if v is not None}  # the rest from the run's eval config
+    report, path = run_eval(run, checkpoint_name=checkpoint, out=out, tag=tag, resume=resume,
+                            save_trajectories=save_trajectories, episodes=episodes, seed_start=seed_start,
+                            max_steps=max_steps, workers=workers, n_action_steps=n_action_steps,
+                            perturbation=perturbation, episode_timeout_s=episode_timeout)
     typer.echo(format_report(report))
-    typer.echo(f"report -> {out}" + (f", trajectories -> {trajectories}" if trajectories else ""))
+    typer.echo(f"report -> {path}" + (f", trajectories -> {report['trajectories']}" if save_trajectories else ""))
 
 
 @app.command("diagnose")

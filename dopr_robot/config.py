@@ -97,6 +97,12 @@ class TrainConfig:
     checkpoint_every: int = 1000  # trainer state + step checkpoint every N steps (0: only at the end)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    # In-training rollouts of the EMA policy every eval_every steps (0 = off), on SELECTION seeds
+    # eval_seed_start.., disjoint from the REPORT seeds eval.seed_start.. (a "best" checkpoint's reported success
+    # is then not the number it was chosen on). eval.max_steps and eval.workers apply.
+    eval_every: int = 0
+    eval_episodes: int = 20
+    eval_seed_start: int = 200000
 
 
 @dataclass
@@ -105,6 +111,11 @@ class EvalConfig:
     seed_start: int = 100000
     max_steps: int = 400
     workers: int = 0  # 0 = one per CPU core
+    # Perturbation stress (dopr_robot.evaluation.perturb): 0 = off.
+    action_noise: float = 0.0  # Gaussian std on executed actions, raw env action units
+    obs_noise: float = 0.0  # Gaussian std on the policy's observations, normalized units
+    push: float = 0.0  # probability per episode of one velocity kick on the task object
+    push_magnitude: float = 0.5  # m/s
 
 
 @dataclass
@@ -216,6 +227,28 @@ def validate(config: Config) -> None:
             raise UserError("data.horizon must be divisible by 2^(len(policy.unet.down_dims) - 1) for the UNet")
     if not all(0 <= b < 1 for b in config.optim.betas):
         raise UserError(f"optim.betas must lie in [0, 1); got {config.optim.betas}")
+    _validate_rollouts(config)
+
+
+def _validate_rollouts(config: Config) -> None:
+    """In-training rollout and perturbation keys (see TrainConfig / EvalConfig)."""
+    t, e = config.train, config.eval
+    for key, value in (("train.eval_every", t.eval_every), ("train.eval_seed_start", t.eval_seed_start),
+                       ("eval.action_noise", e.action_noise), ("eval.obs_noise", e.obs_noise),
+                       ("eval.push", e.push), ("eval.push_magnitude", e.push_magnitude)):
+        if not value >= 0:
+            raise UserError(f"{key} must be >= 0; got {value!r}")
+    if not t.eval_episodes > 0:
+        raise UserError(f"train.eval_episodes must be > 0; got {t.eval_episodes!r}")
+    if e.push > 1:
+        raise UserError(f"eval.push is a probability in [0, 1]; got {e.push!r}")
+    if t.eval_every and t.eval_every % t.log_every:
+        raise UserError(f"train.eval_every ({t.eval_every}) must be a multiple of train.log_every ({t.log_every}): "
+                        "its success is logged in that step's metrics record")
+    if t.eval_every and t.eval_seed_start < e.seed_start + e.episodes and e.seed_start < t.eval_seed_start + \
+            t.eval_episodes:
+        raise UserError(f"selection seeds train.eval_seed_start.. ({t.eval_seed_start}+{t.eval_episodes}) overlap the "
+                        f"report seeds eval.seed_start.. ({e.seed_start}+{e.episodes}); they must be disjoint")
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:

@@ -107,6 +107,24 @@ class RobosuiteEnv:
         """The flattened MuJoCo state (robomimic's `states`): enough to replay or reset."""
         return np.asarray(self.env.sim.get_state().flatten())
 
+    def push_object(self, velocity: np.ndarray) -> None:
+        """Add `velocity` (m/s, world frame) to the task object's linear velocity: a kick (perturbation tests).
+
+        The task object is the one the success check is about: Lift's cube, PickPlace's active object, Square's
+        active nut. The object is a free body, so its joint's first three velocity entries are linear.
+        """
+        env = self.env
+        if hasattr(env, "cube"):
+            obj = env.cube
+        elif hasattr(env, "objects") and getattr(env, "object_id", None) is not None:
+            obj = env.objects[env.object_id]
+        elif hasattr(env, "nuts") and getattr(env, "nut_id", None) is not None:
+            obj = env.nuts[env.nut_id]
+        else:
+            raise UserError(f"pushes are not supported for {self.env_args['env_name']} (no single task object)")
+        start = self.env.sim.model.get_joint_qvel_addr(obj.joints[0])[0]
+        self.env.sim.data.qvel[start:start + 3] += np.asarray(velocity, dtype=np.float64)
+
     def model_xml(self) -> str:
         return self.env.sim.model.get_xml()
 

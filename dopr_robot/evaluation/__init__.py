@@ -1,6 +1,12 @@
-"""Closed-loop evaluation: seeded rollouts of a checkpoint, in parallel, with a JSON report."""
+"""Closed-loop evaluation: seeded rollouts of a checkpoint in a reusable worker pool, journaled, with a report.
 
-from dopr_robot.evaluation.evaluate import evaluate, format_report
+Importing this package is cheap (no torch, no robosuite): the workers import those.
+"""
+
+from dopr_robot.evaluation.evaluate import evaluate, format_report, run_eval
+from dopr_robot.evaluation.perturb import Perturbation
+from dopr_robot.evaluation.pool import EpisodeSettings, EvalPool
 from dopr_robot.evaluation.stats import wilson_interval
 
-__all__ = ["evaluate", "format_report", "wilson_interval"]
+__all__ = ["EpisodeSettings", "EvalPool", "Perturbation", "evaluate", "format_report", "run_eval",
+           "wilson_interval"]

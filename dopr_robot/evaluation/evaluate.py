@@ -1,122 +1,328 @@
 """`dopr-robot eval`: many seeded closed-loop episodes of a checkpoint, in parallel `spawn` worker processes.
 
 Episode i gets seed `seed_start + i` (every start distinct and recorded). Results are ordered by seed, so the
-same seeds give the same per-episode success vector whatever the number of workers.
+same seeds give the same per-episode records whatever the number of workers, and whether or not the run was
+interrupted and resumed.
+
+The main process stays light: it reads the checkpoint's JSON (and checks that its weights file is there),
+starts the worker pool at once, and lets the workers load the policy and build the environment (see `pool`).
+It imports neither torch nor robosuite. Every finished episode is journaled (see `journal`), and the report
+is written atomically at the end; an earlier report of the same name is first renamed
+`<stem>-<YYYYmmdd-HHMMSS>.json` (its modification time, UTC), and its journal with it.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import hashlib
+import json
 import os
+import re
+import subprocess
+import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from dopr_robot.datasets.robomimic_hdf5 import write_robomimic
-from dopr_robot.envs import RobosuiteEnv
-from dopr_robot.evaluation.rollout import run_episode
+from dopr_robot.errors import UserError
+from dopr_robot.evaluation.journal import Journal, check_resumable, journal_path, read_journal
+from dopr_robot.evaluation.perturb import Perturbation
+from dopr_robot.evaluation.pool import EpisodeSettings, EvalPool, Outcome
 from dopr_robot.evaluation.stats import wilson_interval
 from dopr_robot.progress import progress_bar
-from dopr_robot.checkpoint import load_policy, resolve_checkpoint
 
-_worker: dict[str, Any] = {}
-
-
-def _init_worker(checkpoint: str, max_steps: int, n_action_steps: int | None, record: bool) -> None:
-    """Load the policy and build the environment once per worker process."""
-    torch.set_num_threads(1)  # one core per worker; also keeps CPU float results independent of the pool size
-    policy, meta = load_policy(checkpoint)
-    _worker.update(policy=policy, env=RobosuiteEnv(meta["env_args"]), obs_keys=meta["obs_keys"],
-                   max_steps=max_steps, record=record,
-                   n_action_steps=n_action_steps or meta["config"]["data"]["n_action_steps"])
+DEFAULT_EPISODE_TIMEOUT_S = 600.0
+_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def _run(seed: int):
-    w = _worker
-    return run_episode(w["policy"], w["env"], seed, w["max_steps"], w["n_action_steps"], w["obs_keys"], w["record"])
+# ------------------------------------------------------------------------------------- checkpoints, cheaply
+def resolve_checkpoint(run: str | Path, name: str | None = None) -> Path:
+    """RUN (a run directory) + `name` (final|best|last|step_NNNNNNN|...) -> RUN/checkpoints/<name>.json.
+
+    Without a name: `final`, else the newest checkpoint. A checkpoint file (.json/.safetensors) names itself.
+    """
+    run = Path(run)
+    if run.is_dir():
+        ckpt_dir = run / "checkpoints"
+        if name is not None:
+            path = ckpt_dir / f"{name}.json"
+            if not path.is_file():
+                have = sorted(p.stem for p in ckpt_dir.glob("*.json")) if ckpt_dir.is_dir() else []
+                raise UserError(f"{run} has no checkpoint {name!r} (it has: {', '.join(have) or 'none'})")
+            return path
+        if (ckpt_dir / "final.json").is_file():
+            return ckpt_dir / "final.json"
+        candidates = sorted(ckpt_dir.glob("*.json"), key=lambda p: p.stat().st_mtime) if ckpt_dir.is_dir() else []
+        if not candidates:
+            raise UserError(f"{run} holds no checkpoints (expected {ckpt_dir}/final.json)")
+        return candidates[-1]
+    if name is not None:
+        raise UserError("--checkpoint names a checkpoint of a run directory; give the run directory")
+    if run.suffix == ".safetensors":
+        run = run.with_suffix(".json")
+    if not run.is_file():
+        raise UserError(f"checkpoint not found: {run}")
+    return run
 
 
+def read_checkpoint_meta(path: Path) -> dict[str, Any]:
+    """The checkpoint's JSON, checked for what evaluation needs (no torch: workers build the policy)."""
+    try:
+        meta = json.loads(path.read_text())
+        data = meta["config"]["data"]
+        for key in ("horizon", "n_obs_steps", "n_action_steps"):
+            if not isinstance(data[key], int):
+                raise TypeError(f"config.data.{key} is not an integer")
+        int(meta["obs_dim"]), int(meta["action_dim"])
+        if not isinstance(meta["obs_keys"], list) or not isinstance(meta["config"].get("eval", {}), dict):
+            raise TypeError("obs_keys is not a list")
+        env_args = meta["env_args"]
+        if not isinstance(env_args, dict) or "env_name" not in env_args or "env_kwargs" not in env_args:
+            raise TypeError("env_args is not a robosuite env_args object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"checkpoint metadata {path} is malformed ({type(e).__name__}: {e})") from None
+    if not path.with_suffix(".safetensors").is_file():
+        raise UserError(f"checkpoint weights not found: {path.with_suffix('.safetensors')}")
+    return meta
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- report locations
+def _run_dir_of(checkpoint: Path) -> Path:
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def default_report_path(checkpoint: Path, tag: str | None = None) -> Path:
+    """RUN/eval.json for `final`, RUN/eval_<name>.json for another checkpoint, RUN/eval_<tag>.json with a tag."""
+    name = tag or (None if checkpoint.stem == "final" else checkpoint.stem)
+    return _run_dir_of(checkpoint) / (f"eval_{name}.json" if name else "eval.json")
+
+
+def check_report_path(out: Path) -> None:
+    """Fail now, before any episode runs, if the report (and its journal) cannot be written there."""
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give a .json file path")
+    if out.suffix != ".json":
+        raise UserError(f"--out {out}: the report is JSON; give a path ending in .json")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
+def _archive(path: Path, stamp: str, insert_before: str) -> Path | None:
+    """Rename `path` to its stem + `-stamp` (+ `-N` if taken): nothing is ever overwritten."""
+    if not path.exists():
+        return None
+    stem = path.name[: len(path.name) - len(insert_before)]
+    for n in range(1000):
+        target = path.with_name(f"{stem}-{stamp}{'-' + str(n) if n else ''}{insert_before}")
+        if not target.exists():
+            os.replace(path, target)
+            return target
+    raise UserError(f"cannot archive {path}: too many archived copies")
+
+
+def _stamp(path: Path) -> str:
+    return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+# -------------------------------------------------------------------------------------------- evaluation
 def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: int | None = None,
              max_steps: int | None = None, workers: int | None = None, n_action_steps: int | None = None,
-             save_trajectories: Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Arguments left as None come from the `eval` section of the checkpoint's training config."""
-    ckpt = resolve_checkpoint(checkpoint)
-    _, meta = load_policy(ckpt)  # validates the checkpoint before any worker starts
-    defaults = meta["config"]["eval"]
-    episodes = defaults["episodes"] if episodes is None else episodes
-    seed_start = defaults["seed_start"] if seed_start is None else seed_start
-    max_steps = defaults["max_steps"] if max_steps is None else max_steps
-    workers = defaults["workers"] if workers is None else workers
+             save_trajectories: Path | None = None, progress: bool = True, *, checkpoint_name: str | None = None,
+             perturbation: Perturbation | dict[str, float] | None = None, journal: Path | None = None,
+             resume: bool = False, pool: EvalPool | None = None,
+             episode_timeout_s: float = DEFAULT_EPISODE_TIMEOUT_S, tag: str | None = None) -> dict[str, Any]:
+    """Evaluate one checkpoint; returns the report (a dict, not yet written).
+
+    Arguments left as None come from the `eval` section of the checkpoint's training config. `journal`: append
+    each finished episode there; with `resume`, episodes already in it (same checkpoint and settings) are not
+    run again. `pool`: an `EvalPool` to use (and leave open); without one, a pool is started here.
+    """
+    ckpt = resolve_checkpoint(checkpoint, checkpoint_name)
+    meta = read_checkpoint_meta(ckpt)
+    config = meta["config"]
+    defaults = config.get("eval", {})
+    episodes = defaults.get("episodes", 50) if episodes is None else episodes
+    seed_start = defaults.get("seed_start", 100000) if seed_start is None else seed_start
+    max_steps = defaults.get("max_steps", 400) if max_steps is None else max_steps
+    workers = defaults.get("workers", 0) if workers is None else workers
+    if episodes < 1 or max_steps < 1 or workers < 0 or seed_start < 0:
+        raise UserError("need episodes >= 1, max steps >= 1, workers >= 0, seed start >= 0")
+    d = config["data"]
+    most = d["horizon"] - d["n_obs_steps"] + 1
+    n_action_steps = d["n_action_steps"] if n_action_steps is None else n_action_steps
+    if not 1 <= n_action_steps <= most:
+        raise UserError(f"--n-action-steps must be in 1..{most} (horizon {d['horizon']} - n_obs_steps "
+                        f"{d['n_obs_steps']} + 1) for this checkpoint; got {n_action_steps}")
+    if not isinstance(perturbation, Perturbation):  # None or {level: value} overrides of the eval config
+        levels = {k: defaults[k] for k in ("action_noise", "obs_noise", "push", "push_magnitude") if k in defaults}
+        perturbation = Perturbation(**{**levels, **(perturbation or {})})
+    if resume and save_trajectories is not None:
+        raise UserError("--resume cannot be combined with --save-trajectories (trajectories are not journaled); "
+                        "rerun without --resume")
+    settings = EpisodeSettings(max_steps=max_steps, n_action_steps=n_action_steps,
+                               record=save_trajectories is not None, perturbation=perturbation)
     seeds = [seed_start + i for i in range(episodes)]
-    workers = max(1, min(workers or os.cpu_count() or 1, episodes))
-    init_args = (str(ckpt), max_steps, n_action_steps, save_trajectories is not None)
-    start = time.time()
-    results, trajectories = {}, {}
-    bar = progress_bar(total=episodes, desc="eval", unit="ep", enabled=progress)
 
-    def consume(item) -> None:
-        result, trajectory = item
-        results[result["seed"]] = result
-        if trajectory is not None:
-            trajectories[result["seed"]] = trajectory
-        bar.update(1)
-        bar.set_postfix(success=f"{sum(r['success'] for r in results.values())}/{len(results)}", refresh=False)
+    header = None
+    done: dict[int, dict[str, Any]] = {}
+    if journal is not None and resume:
+        header, done = read_journal(journal)
+    missing = [s for s in seeds if s not in done]
+    workers = max(1, min(workers or os.cpu_count() or 1, max(1, len(missing))))
+    own_pool = pool is None and bool(missing)
+    if own_pool:
+        pool = EvalPool(workers, episode_timeout_s, preload=ckpt)  # workers start loading now
+    try:
+        expected = None
+        if journal is not None:
+            expected = json.loads(json.dumps({
+                "checkpoint": str(ckpt.resolve()), "weights_sha256": _sha256(ckpt.with_suffix(".safetensors")),
+                "step": meta.get("step"), "max_steps": max_steps, "n_action_steps": n_action_steps,
+                "perturbation": perturbation.report()}))
+            if header is not None:
+                check_resumable(journal, header, expected)
+            elif not resume:
+                report_file = journal.with_name(journal.name[: -len("_episodes.jsonl")] + ".json")
+                stamp_from = report_file if report_file.exists() else journal
+                if journal.exists():
+                    _archive(journal, _stamp(stamp_from), "_episodes.jsonl")
+        start = time.time()
+        outcomes: dict[int, Outcome] = {s: Outcome(r) for s, r in done.items() if s in seeds}
+        bar = progress_bar(total=episodes, initial=len(outcomes), desc="eval", unit="ep", enabled=progress)
+        log = Journal(journal, expected, done) if journal is not None else None
 
-    if workers == 1:
-        _init_worker(*init_args)
-        for seed in seeds:
-            consume(_run(seed))
-    else:
-        with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
-            for item in pool.imap_unordered(_run, seeds):
-                consume(item)
-    bar.close()
-    wall = time.time() - start
+        def on_outcome(seed: int, outcome: Outcome) -> None:
+            outcomes[seed] = outcome
+            if log is not None:
+                log.append(outcome.record)
+            bar.update(1)
+            wins = sum(o.record["success"] for o in outcomes.values())
+            bar.set_postfix(success=f"{wins}/{len(outcomes)}", refresh=False)
 
-    per_episode = [results[s] for s in seeds]
+        try:
+            if missing:
+                pool.evaluate(ckpt, missing, settings, on_outcome)
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+        wall = time.time() - start
+    finally:
+        if own_pool:
+            pool.close()
+
+    per_episode = [outcomes[s].record for s in seeds]
     successes = sum(r["success"] for r in per_episode)
     lo, hi = wilson_interval(successes, episodes)
-    config = meta["config"]
+    optim = config["optim"]
     report = {
-        "checkpoint": str(ckpt),
-        "step": meta.get("step"),
+        "checkpoint": str(ckpt), "checkpoint_name": ckpt.stem, "step": meta.get("step"),
         "policy": config["policy"]["type"], "backbone": config["policy"]["backbone"],
-        "optim": config["optim"]["name"],
-        "ap": config["optim"]["ap"] if config["optim"]["name"].startswith("dopr") else None,
+        "optim": optim["name"], "ap": optim["ap"] if optim["name"].startswith("dopr") else None,
         "train_seed": config["train"]["seed"],
         "env_name": meta["env_args"].get("env_name"),
-        "episodes": episodes, "seed_start": seed_start, "max_steps": max_steps, "workers": workers,
-        "n_action_steps": n_action_steps or config["data"]["n_action_steps"],
-        "successes": successes,
-        "success_rate": successes / episodes,
-        "success_ci95": [lo, hi],
+        "episodes": episodes, "seed_start": seed_start, "max_steps": max_steps,
+        "workers": pool.workers if missing else 0, "n_action_steps": n_action_steps,
+        "successes": successes, "success_rate": successes / episodes, "success_ci95": [lo, hi],
         "mean_return": sum(r["return"] for r in per_episode) / episodes,
         "mean_steps": sum(r["steps"] for r in per_episode) / episodes,
-        "wall_s": wall,
-        "episodes_per_s": episodes / wall,
+        "errors": sum("error" in r for r in per_episode),
+        "resumed_episodes": len(seeds) - len(missing),
+        "wall_s": wall, "episodes_per_s": len(missing) / wall if wall > 0 else 0.0,
+        "perturbation": perturbation.report(), "tag": tag,
+        "provenance": provenance(_run_dir_of(ckpt)),
         "per_episode": per_episode,
     }
     if save_trajectories is not None:
-        write_robomimic(save_trajectories, [trajectories[s] for s in seeds], meta["env_args"],
+        from dopr_robot.datasets.robomimic_hdf5 import write_robomimic
+
+        trajectories = [outcomes[s].trajectory for s in seeds if outcomes[s].trajectory is not None]
+        write_robomimic(save_trajectories, trajectories, meta["env_args"],
                         attrs={"source": "dopr-robot eval", "checkpoint": str(ckpt)}, compression="gzip")
         report["trajectories"] = str(save_trajectories)
     return report
+
+
+def run_eval(run: str | Path, checkpoint_name: str | None = None, out: Path | None = None,
+             tag: str | None = None, resume: bool = False, save_trajectories: bool = False,
+             **kwargs: Any) -> tuple[dict[str, Any], Path]:
+    """The `eval` command: pick the report path, check it is writable, evaluate with a journal beside it,
+    keep any earlier report (renamed), write the new one atomically. Returns (report, its path)."""
+    from dopr_robot.fileio import write_json
+
+    if tag is not None and not _TAG.match(tag):
+        raise UserError(f"--tag {tag!r}: use letters, digits, '.', '_' or '-'")
+    ckpt = resolve_checkpoint(run, checkpoint_name)
+    out = Path(out) if out is not None else default_report_path(ckpt, tag)
+    check_report_path(out)
+    trajectories = out.with_name(out.stem + "_rollouts.hdf5") if save_trajectories else None
+    report = evaluate(ckpt, save_trajectories=trajectories, journal=journal_path(out), resume=resume, tag=tag,
+                      **kwargs)
+    if out.exists():
+        _archive(out, _stamp(out), ".json")
+    write_json(out, report)
+    return report, out
+
+
+def provenance(run_dir: Path) -> dict[str, Any]:
+    """Where this report came from: package versions, the git commit of this code, the run's own provenance."""
+    from importlib import metadata
+
+    versions = {}
+    for package in ("torch", "mujoco", "robosuite", "diffusers", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    run_provenance = None
+    try:
+        run_provenance = json.loads((run_dir / "provenance.json").read_text())
+    except (OSError, ValueError):
+        pass
+    return {"git_commit": commit, "versions": versions, "run": run_provenance}
 
 
 def format_report(report: dict[str, Any]) -> str:
     lo, hi = report["success_ci95"]
     ap = report["ap"]
     ap_text = f" (AP damping {ap['damping']} {ap['damping_form']})" if ap else ""
+    last = report["seed_start"] + report["episodes"] - 1
     rows = [
         ("checkpoint", f"{report['checkpoint']} (step {report['step']})"),
         ("policy", f"{report['policy']} / {report['backbone']}, optimizer {report['optim']}{ap_text}"),
-        ("episodes", f"{report['episodes']} (seeds {report['seed_start']}..{report['seed_start'] + report['episodes'] - 1}, "
-                     f"max {report['max_steps']} steps)"),
-        ("success", f"{report['success_rate']:.1%}  [{lo:.1%}, {hi:.1%}] Wilson 95%  ({report['successes']}/{report['episodes']})"),
+        ("episodes", f"{report['episodes']} (seeds {report['seed_start']}..{last}, max {report['max_steps']} steps, "
+                     f"{report['n_action_steps']} actions per chunk)"),
+        ("success", f"{report['success_rate']:.1%}  [{lo:.1%}, {hi:.1%}] Wilson 95%  "
+                    f"({report['successes']}/{report['episodes']})"),
         ("mean steps", f"{report['mean_steps']:.1f}"),
-        ("speed", f"{report['episodes_per_s']:.2f} episodes/s with {report['workers']} workers ({report['wall_s']:.0f} s)"),
     ]
+    p = report.get("perturbation") or {}
+    if any(p.values()):
+        rows.append(("perturbation", f"action noise {p['action_noise']:g}, obs noise {p['obs_noise']:g}, "
+                                     f"push p={p['push']:g} ({p['push_magnitude']:g} m/s)"))
+    if report.get("errors"):
+        rows.append(("errors", f"{report['errors']} episodes failed to run (counted as failures; see "
+                               f"per_episode[].error)"))
+    resumed = f", {report['resumed_episodes']} from the journal" if report.get("resumed_episodes") else ""
+    rows.append(("speed", f"{report['episodes_per_s']:.2f} episodes/s with {report['workers']} workers "
+                          f"({report['wall_s']:.0f} s{resumed})"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

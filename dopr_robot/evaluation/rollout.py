@@ -1,60 +1,82 @@
 """One closed-loop episode: observe, predict a chunk of `horizon` actions, execute `n_action_steps`, re-plan.
 
-The episode's seed fixes both the environment's initial state and the policy's sampling noise, so an episode
-is reproducible on its own, whichever worker runs it. With `record`, every step's observation, MuJoCo state
-and executed action are kept (robomimic layout), which is what drift-from-demonstration analyses need.
+The episode's seed fixes the environment's initial state, the policy's sampling noise and (through separate
+generators, see `perturb`) any perturbation, so an episode is reproducible on its own, whichever worker runs
+it. With `record`, every step's observation, MuJoCo state and executed action are kept (robomimic layout),
+which is what drift-from-demonstration analyses need. A `recorder` (e.g. a video frame grabber) gets
+`recorder.capture(env)` after the reset and after every environment step.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from dopr_robot.datasets.robomimic_hdf5 import Episode
-from dopr_robot.envs import RobosuiteEnv
-from dopr_robot.policies import ActionChunkPolicy
+from dopr_robot.datasets.windows import flatten_obs
+from dopr_robot.evaluation.perturb import EpisodePerturber, Perturbation
 
 
-def _flat(obs: dict[str, np.ndarray], keys: list[str]) -> np.ndarray:
-    return np.concatenate([np.asarray(obs[k], dtype=np.float32).ravel() for k in keys])
+class FrameRecorder(Protocol):
+    def capture(self, env: Any) -> None: ...
 
 
-def run_episode(policy: ActionChunkPolicy, env: RobosuiteEnv, seed: int, max_steps: int, n_action_steps: int,
-                obs_keys: list[str], record: bool = False) -> tuple[dict[str, Any], Episode | None]:
+def flatten_observation(obs: dict[str, np.ndarray], obs_keys: list[str]) -> np.ndarray:
+    """One observation -> the policy's flat float32 vector, by the same code that flattens training data."""
+    return flatten_obs({k: np.asarray(obs[k])[None] for k in obs_keys}, obs_keys)[0]
+
+
+def run_episode(policy, env, seed: int, max_steps: int, n_action_steps: int, obs_keys: list[str],
+                record: bool = False, perturbation: Perturbation | None = None,
+                recorder: FrameRecorder | None = None) -> tuple[dict[str, Any], Any]:
+    """Returns ({seed, success, steps, return, wall_s[, push_step]}, robomimic Episode or None)."""
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     device = next(policy.parameters()).device
     n_obs = policy.n_obs_steps
+    perturb = EpisodePerturber(perturbation or Perturbation(), seed, max_steps, policy.action_dim,
+                               policy.obs_normalizer.scale.cpu().numpy())
+
     obs = env.reset(seed)
-    history = deque([_flat(obs, obs_keys)] * n_obs, maxlen=n_obs)  # the first observation stands in for the past
-    seen: list[dict[str, np.ndarray]] = []
-    states, actions = [], []
+    if recorder is not None:
+        recorder.capture(env)
+    seen_obs = perturb.observation(flatten_observation(obs, obs_keys))
+    history = deque([seen_obs] * n_obs, maxlen=n_obs)  # the first observation stands in for the past
+    trajectory: dict[str, list] = {"obs": [], "states": [], "actions": []}
     steps, total_reward, success = 0, 0.0, False
     while steps < max_steps and not success:
         window = torch.from_numpy(np.stack(history))[None].to(device)
         chunk = policy.predict_action(window, generator)[0].cpu().numpy()
         for action in chunk[n_obs - 1 : n_obs - 1 + n_action_steps]:
+            action = perturb.action(action)
             if record:
-                seen.append({k: obs[k] for k in obs_keys})
-                states.append(env.get_state())
-                actions.append(action)
+                trajectory["obs"].append({k: obs[k] for k in obs_keys})
+                trajectory["states"].append(env.get_state())
+                trajectory["actions"].append(action)
+            if perturb.push_step == steps + 1:
+                env.push_object(perturb.push_velocity)
             obs, reward = env.step(action)
+            if recorder is not None:
+                recorder.capture(env)
             steps += 1
             total_reward += reward
-            history.append(_flat(obs, obs_keys))
+            history.append(perturb.observation(flatten_observation(obs, obs_keys)))
             success = env.is_success()
             if success or steps >= max_steps:
                 break
-    result = {"seed": seed, "success": bool(success), "steps": steps, "return": total_reward,
-              "wall_s": time.perf_counter() - start}
-    trajectory = None
-    if record:
-        trajectory = Episode(
-            obs={k: np.stack([s[k] for s in seen]) for k in obs_keys}, actions=np.asarray(actions, dtype=np.float32),
-            states=np.asarray(states), attrs={"seed": seed, "success": bool(success)},
-        )
-    return result, trajectory
+    result: dict[str, Any] = {"seed": seed, "success": bool(success), "steps": steps, "return": total_reward,
+                              "wall_s": time.perf_counter() - start}
+    if perturb.push_step is not None:
+        result["push_step"] = perturb.push_step if perturb.push_step <= steps else None  # None: ended before
+    return result, (_episode(trajectory, obs_keys, seed, success) if record else None)
+
+
+def _episode(trajectory: dict[str, list], obs_keys: list[str], seed: int, success: bool):
+    from dopr_robot.datasets.robomimic_hdf5 import Episode
+
+    return Episode(obs={k: np.stack([o[k] for o in trajectory["obs"]]) for k in obs_keys},
+                   actions=np.asarray(trajectory["actions"], dtype=np.float32),
+                   states=np.asarray(trajectory["states"]), attrs={"seed": seed, "success": bool(success)})

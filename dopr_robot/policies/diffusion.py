@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler
-
 from dopr_robot.policies.base import ActionChunkPolicy
 
 
@@ -15,6 +13,8 @@ class DiffusionPolicy(ActionChunkPolicy):
                  beta_schedule: str = "squaredcos_cap_v2", prediction_type: str = "epsilon",
                  clip_sample: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
+        from diffusers import DDIMScheduler, DDPMScheduler  # here, so flow policies never pay diffusers' import
+
         self.train_scheduler = DDPMScheduler(
             num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, clip_sample=clip_sample,
             prediction_type=prediction_type,

@@ -31,6 +31,7 @@ from dopr_robot.provenance import provenance
 from dopr_robot.rundir import check_run_dir, clear_run_dir, run_lock
 from dopr_robot.training.distributed import init_distributed
 from dopr_robot.training.ema import EMA
+from dopr_robot.training.selection import RolloutSelector
 
 VALID_NOISE_SEED = 1234567  # validation noise is the same at every evaluation, so the curve is comparable
 
@@ -166,6 +167,10 @@ def _train(cfg: Config, run_dir: Path, collect_if_missing: bool, progress: bool,
                        enabled=progress and ddp.is_writer)
     window_loss, window_time, window_norm, window_steps = 0.0, 0.0, 0.0, 0
     rows = ddp.shard(t.batch_size)  # this rank's rows of each global batch (None: one process, all rows)
+    selector = None  # in-training rollouts on the selection seeds: checkpoints last / best
+    if t.eval_every and ddp.is_writer:
+        selector = RolloutSelector(run_dir, cfg)
+        cleanup.callback(selector.close)  # its worker pool goes however training ends
     for step in bar:
         step_start = time.perf_counter()
         policy.train()
@@ -194,6 +199,9 @@ def _train(cfg: Config, run_dir: Path, collect_if_missing: bool, progress: bool,
                                       "lr": schedule.get_last_lr()[0], "step_time_s": window_time / n}
             if valid_set is not None and (done % t.val_every == 0 or is_last):
                 record["val_loss"] = validation_loss(ema.model, valid_set, device)
+            if selector is not None and done % t.eval_every == 0:  # eval_every is a multiple of log_every
+                record.update(selector.evaluate(done, lambda: save_checkpoint(
+                    run_dir / "checkpoints", "last", ema.model, {**meta, "step": done})))
             record.update(optimizer_health(optimizer, spectrum="val_loss" in record))
             append_jsonl(run_dir / "metrics.jsonl", record)
             postfix = {"loss": f"{record['loss']:.4f}"}

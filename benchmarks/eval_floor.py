@@ -1,0 +1,111 @@
+"""Evaluation wall time against the simulator's floor.
+
+    python benchmarks/eval_floor.py RUN [--episodes 40 200] [--workers 2] [--repeats 3] [--max-steps 400]
+
+For each episode count N, `repeats` interleaved pairs of
+- eval:  `dopr-robot eval RUN --episodes N --workers W` in a fresh interpreter (what a user waits for:
+         interpreter start, pool start-up, policy loading, episodes, report), and
+- floor: a fresh interpreter that starts W `spawn` processes which import only robosuite, build the same
+         environment from the checkpoint's env_args, and run the same episodes (same seeds, so the same initial
+         states, and exactly the same number of env steps per episode as the eval's report) with seeded random
+         actions and no policy;
+then prints the median wall of each, the ratio of medians and the per-pair ratios, and the machine's load.
+The floor is what evaluation would cost if the policy were free and start-up were only the simulator's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _floor_worker(args: tuple[dict, list[tuple[int, int]]]) -> int:
+    env_args, episodes = args
+    import numpy as np
+
+    from dopr_robot.envs.robosuite_env import RobosuiteEnv
+
+    env = RobosuiteEnv(env_args)
+    low, high = env.env.action_spec
+    for seed, steps in episodes:
+        rng = np.random.default_rng(seed)
+        env.reset(seed)
+        for _ in range(steps):
+            env.step(rng.uniform(low, high))
+            env.is_success()  # the eval checks success after every step too
+    return sum(steps for _, steps in episodes)
+
+
+def floor(env_args: dict, lengths: dict[int, int], workers: int) -> None:
+    """Round-robin the episodes over `workers` spawn processes (the eval balances dynamically; with equal work
+    per worker this is the same)."""
+    seeds = sorted(lengths)
+    shares = [[(s, lengths[s]) for s in seeds[i::workers]] for i in range(workers)]
+    with mp.get_context("spawn").Pool(workers) as pool:
+        pool.map(_floor_worker, [(env_args, share) for share in shares], chunksize=1)
+
+
+def _timed(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if result.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{result.stderr}")
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--episodes", type=int, nargs="+", default=[40, 200])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--floor-only", type=Path, default=None, help=argparse.SUPPRESS)  # internal: a spec file
+    args = parser.parse_args()
+    if args.floor_only is not None:
+        spec = json.loads(args.floor_only.read_text())
+        floor(spec["env_args"], {int(k): v for k, v in spec["lengths"].items()}, spec["workers"])
+        return
+
+    from dopr_robot.evaluation.evaluate import read_checkpoint_meta, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.run)
+    env_args = read_checkpoint_meta(ckpt)["env_args"]
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start; checkpoint {ckpt}; "
+          f"{args.workers} workers, 1 thread each")
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.episodes:
+            report = Path(tmp) / f"eval_{n}.json"
+            eval_cmd = [sys.executable, "-m", "dopr_robot.cli", "eval", str(ckpt), "--episodes", str(n),
+                        "--workers", str(args.workers), "--out", str(report)]
+            if args.max_steps:
+                eval_cmd += ["--max-steps", str(args.max_steps)]
+            spec = Path(tmp) / f"floor_{n}.json"
+            floor_cmd = [sys.executable, __file__, str(args.run), "--floor-only", str(spec)]
+            evals, floors = [], []
+            for r in range(args.repeats):
+                evals.append(_timed(eval_cmd))
+                data = json.loads(report.read_text())
+                if r == 0:
+                    lengths = {e["seed"]: e["steps"] for e in data["per_episode"]}
+                    spec.write_text(json.dumps({"env_args": env_args, "lengths": lengths, "workers": args.workers}))
+                floors.append(_timed(floor_cmd))
+                for old in Path(tmp).glob(f"eval_{n}-*"):
+                    old.unlink()  # archived reports of the earlier repeats
+            ratio = statistics.median(evals) / statistics.median(floors)
+            pairs = ", ".join(f"{e / f:.2f}" for e, f in zip(evals, floors))
+            print(f"{n} episodes ({sum(lengths.values())} env steps, success {data['success_rate']:.0%}): "
+                  f"eval {statistics.median(evals):.1f} s, floor {statistics.median(floors):.1f} s (medians of "
+                  f"{args.repeats}), ratio {ratio:.2f} (pairs: {pairs}); load average {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

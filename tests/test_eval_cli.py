@@ -1,0 +1,77 @@
+"""`dopr-robot eval` as a user runs it: journal, --resume, kept reports, --tag / --checkpoint, bad input."""
+
+import json
+
+import pytest
+
+from conftest import run_cli
+from dopr_robot.config import load_config
+from dopr_robot.training import train
+
+TINY = ["policy.mlp.hidden_dim=64", "policy.mlp.num_layers=2", "train.batch_size=32", "train.log_every=5",
+        "train.val_every=10", "train.warmup_steps=5", "train.steps=10"]
+FIELDS = ("seed", "success", "steps", "return")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, lift_demos):
+    cfg = load_config(None, [f"data.path={lift_demos}", *TINY])
+    return train(cfg, tmp_path_factory.mktemp("evalcli") / "run", progress=False)
+
+
+def _records(report):
+    return [tuple(e[k] for k in FIELDS) for e in report["per_episode"]]
+
+
+def test_interrupted_eval_resumes_to_the_same_records_and_keeps_old_reports(run):
+    args = ["eval", str(run), "--episodes", "3", "--workers", "1", "--max-steps", "12"]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    report = json.loads((run / "eval.json").read_text())
+    assert report["checkpoint_name"] == "final" and report["errors"] == 0
+    assert report["perturbation"] == {"action_noise": 0.0, "obs_noise": 0.0, "push": 0.0, "push_magnitude": 0.0}
+    journal = run / "eval_episodes.jsonl"
+    lines = journal.read_text().splitlines()
+    header = json.loads(lines[0])
+    assert header["max_steps"] == 12 and header["step"] == 10 and len(lines) == 4
+    # as if killed during the second episode's append: one record and a torn line survive
+    journal.write_text("\n".join(lines[:2]) + "\n" + lines[2][:17])
+    resumed = run_cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    again = json.loads((run / "eval.json").read_text())
+    assert _records(again) == _records(report) and again["resumed_episodes"] == 1
+    assert len(journal.read_text().splitlines()) == 4
+    kept = sorted(p.name for p in run.glob("eval-*.json"))
+    assert len(kept) == 1 and json.loads((run / kept[0]).read_text())["per_episode"] == report["per_episode"]
+    # a resume with other settings is refused in one line, and nothing is touched
+    before = journal.read_text()
+    refused = run_cli("eval", str(run), "--episodes", "3", "--workers", "1", "--max-steps", "13", "--resume")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "max_steps" in refused.stderr
+    assert journal.read_text() == before
+
+
+def test_tag_and_checkpoint_name_the_report_and_n_action_steps_is_recorded(run):
+    result = run_cli("eval", str(run), "--checkpoint", "final", "--tag", "short", "--episodes", "1",
+                     "--workers", "1", "--max-steps", "6", "--n-action-steps", "3", "--action-noise", "0.1")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((run / "eval_short.json").read_text())
+    assert report["n_action_steps"] == 3 and report["tag"] == "short"
+    assert report["perturbation"]["action_noise"] == 0.1 and (run / "eval_short_episodes.jsonl").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--n-action-steps", "-3"], "--n-action-steps must be in 1..15"),
+    (["--n-action-steps", "99"], "--n-action-steps must be in 1..15"),
+    (["--checkpoint", "best"], "no checkpoint 'best'"),
+    (["--tag", "a/b"], "--tag"),
+    (["--out", "/proc/no/such/report.json"], "cannot write there"),
+    (["--out", "REPORT_DIR"], "is a directory"),
+    (["--out", "report.txt"], "ending in .json"),
+    (["--push", "2"], "probability"),
+    (["--obs-noise", "-1"], "obs_noise"),
+])
+def test_bad_eval_input_is_one_line_before_any_episode(run, tmp_path, extra, message):
+    extra = [str(tmp_path) if a == "REPORT_DIR" else str(tmp_path / a) if a == "report.txt" else a for a in extra]
+    result = run_cli("eval", str(run), "--episodes", "1", "--workers", "1", "--max-steps", "4", *extra)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert not list(tmp_path.iterdir()) and not (run / "eval_a").exists()
