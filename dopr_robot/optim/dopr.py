@@ -19,8 +19,9 @@ Three exact ways to compute the same M (chosen per layer and step by flop count 
     primal    M = G S_d^{-1}: Cholesky of S_d, cholesky_inverse, one GEMM.
     dual      Woodbury, with c = n lambda and K = Z Z^T + c I (n x n):  S_d^{-1} = n (I - Z^T K^{-1} Z) / c, so
               M = (n / c) (G - (G Z^T) K^{-1} Z). Cheaper when a layer sees fewer rows than it has inputs.
-    backward  M = D^T Zw with the whitened input Zw = Z S_d^{-1} = n K^{-1} Z (push-through identity), computed
-              inside backward (Linear layers): the layer's weight gradient *is* M and G is never formed.
+    backward  M = D^T Zw with the whitened input Zw = Z S_d^{-1} = n K^{-1} Z (push-through identity), or
+              M = n (K^{-1} D)^T Z when d_out < d_in, computed inside backward (Linear layers): the layer's
+              weight gradient *is* M and G is never formed.
 
 dual and backward need S from this very batch, so with ema_decay > 0, refresh_every > 1, stats_from =
 "previous_batch" or under torch.distributed (S is all-reduced, Z is not) only primal is exact and is used.
@@ -80,14 +81,15 @@ def dual_precondition(g: torch.Tensor, z: torch.Tensor, k_inverse: torch.Tensor,
 
 
 def ap_costs(n: int, d_in: int, r: int, backward_ok: bool) -> dict[str, float]:
-    """Flops each exact path adds to a plain backward for one layer: n rows, d_in inputs, M of r x d_in.
-    Factor + inverse of an m x m matrix counts m^3; the backward path's M GEMM replaces G's, so it is free."""
+    """Flops each exact path adds to a plain backward for one layer: n rows, d_in inputs, M of r x d_in (a GEMM
+    of m x k by k x p counts 2 m k p; factor + inverse of an m x m matrix m^3). The backward path's M GEMM
+    replaces G's, so it is free; instead it pays for ||G|| (clipping)."""
     costs = {
-        "primal": n * d_in**2 + d_in**3 + 2 * r * d_in**2,
-        "dual": n**2 * d_in + n**3 + 4 * r * n * d_in + 2 * r * n**2,
+        "primal": 2 * n * d_in**2 + d_in**3 + 2 * r * d_in**2,
+        "dual": 2 * n**2 * d_in + n**3 + 4 * r * n * d_in + 2 * r * n**2,
     }
-    if backward_ok:
-        costs["backward"] = min(n**2 * d_in + n**3 + 2 * n**2 * d_in, 3 * n * d_in**2 + d_in**3)
+    if backward_ok:  # Z Z^T, K^-1, K^-1 D or K^-1 Z, and <D D^T, Z Z^T> for the true gradient norm
+        costs["backward"] = 2 * n**2 * d_in + n**3 + 2 * n**2 * min(d_in, r) + 2 * n**2 * r
     return costs
 
 
@@ -182,7 +184,7 @@ class _Pending:
     rows: int = 0
     moment: torch.Tensor | None = None
     inputs: list = field(default_factory=list)
-    applied: tuple | None = None  # backward path, after its backward: (Z, D, Zw)
+    applied: tuple | None = None  # backward path, after its backward: (Z, D, L, R) with M = L^T R
     gram: torch.Tensor | None = None  # Z Z^T of the backward path (for ||G||)
 
 
@@ -374,12 +376,12 @@ class DoPr(torch.optim.Optimizer):
 
     def _leave_backward_path(self, layer: _Layer, pending: _Pending) -> None:
         """Turn a backward-path layer into a step-time one; if its backward already wrote M_1 into .grad,
-        replace it by G_1: .grad += D_1^T (Z_1 - Zw_1)."""
+        replace it by G_1: .grad += D_1^T Z_1 - M_1."""
         if pending.applied is not None:
-            z, d, zw = pending.applied
+            z, d, left, right = pending.applied
             grad = layer.weight.grad
             if grad is not None:
-                grad.add_((d.T @ (z - zw)).to(grad.dtype))
+                grad.add_((d.T @ z - left.T @ right).to(grad.dtype))
             pending.applied = None
         pending.path = self.choose_path(layer, pending.rows, allow_backward=False)
         if pending.path == "primal":
@@ -387,41 +389,36 @@ class DoPr(torch.optim.Optimizer):
             pending.inputs = []
 
     def _backward_ap(self, layer: _Layer, z: torch.Tensor, d: torch.Tensor):
-        """Weight (and bias) gradient of a backward-path Linear layer: M = D^T Zw, or G when the layer has
-        left the backward path (a second call before step)."""
+        """Weight (and bias) gradient of a backward-path Linear layer: M = n (K^{-1} D)^T Z or D^T (n K^{-1} Z),
+        whichever solves against fewer columns; G when the layer has left the backward path."""
         pending = self._pending.get(layer)
-        rows, d_rows = layer.rows(z), d.reshape(-1, d.shape[-1]).to(torch.float64 if z.dtype == torch.float64
-                                                                    else torch.float32)
+        rows = layer.rows(z)
+        d_rows = d.reshape(-1, d.shape[-1]).to(rows.dtype)
         grad_b = d_rows.sum(0).to(d.dtype)
         weight = layer.weight
         if pending is None or pending.path != "backward" or pending.applied is not None:
             return (d_rows.T @ rows).to(weight.dtype), grad_b
         state = self.state[weight]
-        zw, gram = self._whiten(rows, state)
+        n, d_in = rows.shape
+        gram = rows @ rows.T
         pending.gram = gram
-        if zw is None:  # non-finite statistic or failed factorization: M = G, counted by _whiten
-            zw = rows
-        pending.applied = (rows, d_rows, zw)
-        return (d_rows.T @ zw).to(weight.dtype), grad_b
-
-    def _whiten(self, z: torch.Tensor, state: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Zw = Z S_d^{-1} (= n K^{-1} Z) by the cheaper of the two forms; (None, gram) when it cannot be done."""
-        n, d_in = z.shape
-        use_dual = n**2 * d_in + n**3 + 2 * n**2 * d_in <= 3 * n * d_in**2 + d_in**3
-        gram = z @ z.T if use_dual else z.T @ z
         lam = damping(gram.diagonal().sum() / n, d_in, self.damping, self.damping_form, self.damping_eps)
+        k_inverse = None
         if not math.isfinite(lam):
             state["ap_skipped_stats"] = state.get("ap_skipped_stats", 0) + 1
-            return None, None
-        if use_dual:
-            inverse, lam_used, retries = damped_inverse(gram, n * lam)
         else:
-            inverse, lam_used, retries = damped_inverse(gram / n, lam)
-        state["ap_retries"] = state.get("ap_retries", 0) + retries
-        if inverse is None:
-            state["ap_fallbacks"] = state.get("ap_fallbacks", 0) + 1
-            return None, gram if use_dual else None
-        return (inverse @ z).mul_(n) if use_dual else z @ inverse, gram if use_dual else None
+            k_inverse, _, retries = damped_inverse(gram, n * lam)
+            state["ap_retries"] = state.get("ap_retries", 0) + retries
+            if k_inverse is None:
+                state["ap_fallbacks"] = state.get("ap_fallbacks", 0) + 1
+        if k_inverse is None:  # M = G
+            left, right = d_rows, rows
+        elif d_rows.shape[1] <= d_in:
+            left, right = (k_inverse @ d_rows).mul_(n), rows
+        else:
+            left, right = d_rows, (k_inverse @ rows).mul_(n)
+        pending.applied = (rows, d_rows, left, right)
+        return (left.T @ right).to(weight.dtype), grad_b
 
     # ---- primal statistics and refresh -----------------------------------------------------------------
     def _reduced_moment(self, pending: _Pending | None, state: dict) -> torch.Tensor | None:
@@ -510,7 +507,7 @@ class DoPr(torch.optim.Optimizer):
         out = {}
         for layer, pending in self._pending.items():
             if pending.path == "backward" and pending.applied is not None:
-                z, d, _ = pending.applied
+                z, d, _, _ = pending.applied
                 gram = pending.gram if pending.gram is not None else z @ z.T
                 out[layer.weight] = ((d @ d.T) * gram).sum()
         return out
