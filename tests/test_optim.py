@@ -431,20 +431,22 @@ def test_every_ap_path_gives_the_naive_solve(kind, path, calls, pattern):
     for got, ref in zip(x_grads, x_grads_ref):
         assert torch.allclose(got, ref, rtol=1e-9, atol=1e-10)  # the layer still backpropagates D W
     used = opt.last_paths[""]
-    if path == "backward" and (kind != "linear" or calls > 1):
-        assert used in ("primal", "dual")  # backward only for a Linear layer called once before the step
+    if path == "backward" and calls > 1:
+        assert used in ("primal", "dual")  # backward only for a layer called once before the step
     else:
         assert used == path
 
 
 def test_auto_path_follows_the_flop_count():
     from dopr_robot.optim.dopr import ap_costs
-    mlp_hidden = ap_costs(256, 512, 512, backward_ok=True)  # the default MLP's hidden layer at batch 256
+    mlp_hidden = ap_costs(256, 512, 512, "linear")  # the default MLP's hidden layer at batch 256
     assert min(mlp_hidden, key=mlp_hidden.get) == "backward"
-    wide_batch = ap_costs(4096, 64, 64, backward_ok=True)  # many rows, few inputs: primal
+    wide_batch = ap_costs(4096, 64, 64, "linear")  # many rows, few inputs: primal
     assert min(wide_batch, key=wide_batch.get) == "primal"
-    coarse_conv = ap_costs(256, 2048, 512 * 5, backward_ok=False)  # UNet coarse level: Woodbury
+    coarse_conv = ap_costs(256, 2048, 512 * 5)  # UNet coarse level, second call (no backward path): Woodbury
     assert min(coarse_conv, key=coarse_conv.get) == "dual"
+    coarse_conv = ap_costs(256, 2048, 512 * 5, "conv", 256, 512)  # first call: whitened input in backward
+    assert min(coarse_conv, key=coarse_conv.get) == "backward"
     layer = nn.Linear(512, 512)
     opt = DoPr(layer, base="sgd")
     layer(torch.randn(64, 512)).sum().backward()
@@ -508,20 +510,31 @@ def test_previous_batch_statistics_precondition_the_next_gradient():
     assert torch.allclose(before - layer.weight.detach(), ref.weight.grad @ torch.linalg.inv(s_d), atol=1e-10)
 
 
-def test_clipping_sees_the_true_gradient_norm_on_the_backward_path():
+def clip_model(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Sequential(nn.Linear(40, 64), nn.Tanh(), nn.Linear(64, 3)).double()
+    return nn.Sequential(nn.Conv1d(40, 16, 3, padding=1, stride=2), nn.Tanh(),
+                         nn.ConvTranspose1d(16, 8, 4, stride=2, padding=1), nn.Tanh(), nn.Conv1d(8, 3, 5, padding=2)
+                         ).double()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_clipping_sees_the_true_gradient_norm_on_the_backward_path(kind):
     from dopr_robot.optim import clip_grad_norm_
 
     def run(path, clip):
-        model = nn.Sequential(nn.Linear(40, 64), nn.Tanh(), nn.Linear(64, 3)).double()
+        model = clip_model(kind)
         model.load_state_dict(start)
         opt = DoPr(model, lr=1.0, base="sgd", damping=GAMMA, path=path)
-        x, y = torch.randn(8, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64), 3.0
+        shape = (8, 40) if kind == "linear" else (2, 40, 6)
+        x, y = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64), 3.0
         ((model(x) - y) ** 2).sum().backward()
         norm = clip(opt, model)
         opt.step()
         return norm, [p.detach() for p in model.parameters()], opt
 
-    start = nn.Sequential(nn.Linear(40, 64), nn.Tanh(), nn.Linear(64, 3)).double().state_dict()
+    start = clip_model(kind).state_dict()
     torch_clip = lambda opt, model: torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
     ours = lambda opt, model: clip_grad_norm_(opt, model.parameters(), 0.5)
     norm_ref, params_ref, _ = run("primal", torch_clip)  # .grad is G: torch's clip is the reference

@@ -20,13 +20,15 @@ Three exact ways to compute the same M (chosen per layer and step by flop count 
     dual      Woodbury, with c = n lambda and K = Z Z^T + c I (n x n):  S_d^{-1} = n (I - Z^T K^{-1} Z) / c, so
               M = (n / c) (G - (G Z^T) K^{-1} Z). Cheaper when a layer sees fewer rows than it has inputs.
     backward  M = D^T Zw with the whitened input Zw = Z S_d^{-1} = n K^{-1} Z (push-through identity), or
-              M = n (K^{-1} D)^T Z when d_out < d_in, computed inside backward (Linear layers): the layer's
-              weight gradient *is* M and G is never formed.
+              M = n (K^{-1} D)^T Z for a Linear with d_out < d_in, computed inside backward: the layer's weight
+              gradient *is* M and G is never formed. For a conv in channel mode every tap reads shifted rows
+              of the same Z, so M_j = G_j S_d^{-1} = D^T (Zw)_j: the conv's weight gradient for input Zw.
 
 dual and backward need S from this very batch, so with ema_decay > 0, refresh_every > 1, stats_from =
 "previous_batch" or under torch.distributed (S is all-reduced, Z is not) only primal is exact and is used.
 Gradient clipping must see ||G||, not ||M||: `clip_grad_norm_` measures a backward-path layer by
-||D^T Z||_F^2 = <D D^T, Z Z^T> and scales its M by the clip coefficient, which is exact because M is linear in D.
+||D^T Z||_F^2 = <D D^T, Z Z^T> (for a conv summed over taps on the rows each tap pairs) and scales its M by the
+clip coefficient, which is exact because M is linear in D.
 
 Layers: Linear; Conv1d and ConvTranspose1d in "channel" mode (S over input channels, averaged over batch and
 positions, one S^{-1} for every kernel tap: M_j = G_j S_d^{-1}, the invariant form under channel-mixing maps)
@@ -80,16 +82,20 @@ def dual_precondition(g: torch.Tensor, z: torch.Tensor, k_inverse: torch.Tensor,
     return (g - ((g @ z.T) @ k_inverse) @ z).mul_(n / c)
 
 
-def ap_costs(n: int, d_in: int, r: int, backward_ok: bool) -> dict[str, float]:
-    """Flops each exact path adds to a plain backward for one layer: n rows, d_in inputs, M of r x d_in (a GEMM
-    of m x k by k x p counts 2 m k p; factor + inverse of an m x m matrix m^3). The backward path's M GEMM
-    replaces G's, so it is free; instead it pays for ||G|| (clipping)."""
+def ap_costs(n: int, d_in: int, r: int, backward: str | None = None, n_out: int | None = None,
+             d_out: int | None = None) -> dict[str, float]:
+    """Flops each exact path adds to a plain backward for one layer: n input rows, d_in inputs, M of r x d_in
+    (a GEMM of m x k by k x p counts 2 m k p; factor + inverse of an m x m matrix m^3). `backward`: "linear" or
+    "conv" where the backward path is possible (n_out rows of D, d_out outputs); its M GEMM replaces G's, so it
+    is free, and it pays for ||G|| (clipping) with D D^T instead."""
     costs = {
         "primal": 2 * n * d_in**2 + d_in**3 + 2 * r * d_in**2,
         "dual": 2 * n**2 * d_in + n**3 + 4 * r * n * d_in + 2 * r * n**2,
     }
-    if backward_ok:  # Z Z^T, K^-1, K^-1 D or K^-1 Z, and <D D^T, Z Z^T> for the true gradient norm
-        costs["backward"] = 2 * n**2 * d_in + n**3 + 2 * n**2 * min(d_in, r) + 2 * n**2 * r
+    if backward:  # Z Z^T, K^-1, K^-1 D (Linear only) or K^-1 Z, and <D D^T, Z Z^T> for the true gradient norm
+        n_out, d_out = n_out or n, d_out or r
+        solve = min(d_in, d_out) if backward == "linear" else d_in
+        costs["backward"] = 2 * n**2 * d_in + n**3 + 2 * n**2 * solve + 2 * n_out**2 * d_out
     return costs
 
 
@@ -163,6 +169,34 @@ class _Layer:
             m_w = m.reshape(shape)
         return m_w.to(g_weight.dtype).contiguous(), g_bias
 
+    def conv_weight_grad(self, z: torch.Tensor, d: torch.Tensor, input_grad: bool = False):
+        """(input gradient or None, weight gradient) of this conv for input z and output gradient d."""
+        m = self.module
+        grad_z, grad_w, _ = torch.ops.aten.convolution_backward(
+            d, z, m.weight.to(d.dtype), None, m.stride, m.padding, m.dilation, self.mode == "convT_channel",
+            m.output_padding, 1, [input_grad, True, False])
+        return grad_z, grad_w
+
+    def tap_pairs(self, batch: int, l_in: int, l_out: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per kernel tap j, the (input row, output row) pairs it connects (rows b * L + t), so that
+        G_j = sum over pairs of d_out z_in^T."""
+        m = self.module
+        (stride,), (padding,), (dilation,) = m.stride, m.padding, m.dilation
+        pairs = []
+        for j in range(m.kernel_size[0]):
+            if self.mode == "convT_channel":  # input t feeds output t * stride + j * dilation - padding
+                t_in = torch.arange(l_in, device=device)
+                t_out = t_in * stride + j * dilation - padding
+                ok = (t_out >= 0) & (t_out < l_out)
+            else:  # output t reads input t * stride + j * dilation - padding
+                t_out = torch.arange(l_out, device=device)
+                t_in = t_out * stride + j * dilation - padding
+                ok = (t_in >= 0) & (t_in < l_in)
+            t_in, t_out = t_in[ok], t_out[ok]
+            b = torch.arange(batch, device=device)[:, None]
+            pairs.append(((b * l_in + t_in).reshape(-1), (b * l_out + t_out).reshape(-1)))
+        return pairs
+
     def as_matrix(self, t: torch.Tensor) -> torch.Tensor:
         """The weight as the (d_out, d_in) matrix Muon orthogonalizes."""
         if self.mode == "convT_channel":
@@ -184,13 +218,13 @@ class _Pending:
     rows: int = 0
     moment: torch.Tensor | None = None
     inputs: list = field(default_factory=list)
-    applied: tuple | None = None  # backward path, after its backward: (Z, D, L, R) with M = L^T R
+    applied: tuple | None = None  # backward path, after its backward: what M was made of (see _backward_ap)
     gram: torch.Tensor | None = None  # Z Z^T of the backward path (for ||G||)
 
 
 class _BackwardAP(torch.autograd.Function):
-    """Identity on the Linear layer's (already computed) output; its backward returns the input gradient
-    D W as usual and, as the weight gradient, the optimizer's AP gradient M = D^T Zw."""
+    """Identity on the layer's (already computed) output; its backward returns the input gradient as usual
+    and, as the weight gradient, the optimizer's AP gradient M (the weight gradient for the whitened input)."""
 
     @staticmethod
     def forward(ctx, z, weight, bias, out, optimizer, layer):
@@ -201,8 +235,7 @@ class _BackwardAP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d):
         z, weight = ctx.saved_tensors
-        grad_z = (d @ weight.to(d.dtype)) if ctx.needs_input_grad[0] else None
-        grad_w, grad_b = ctx.optimizer._backward_ap(ctx.layer, z, d)
+        grad_z, grad_w, grad_b = ctx.optimizer._backward_ap(ctx.layer, z, d, ctx.needs_input_grad[0])
         return grad_z, grad_w, (grad_b if ctx.has_bias else None), None, None, None
 
 
@@ -336,13 +369,17 @@ class DoPr(torch.optim.Optimizer):
         """dual and backward are exact only when S is this batch's own moment, whole, on this process."""
         return self.ema_decay == 0 and self.refresh_every == 1 and self.stats_from == "batch" and not _distributed()
 
-    def choose_path(self, layer: _Layer, n: int, allow_backward: bool = True) -> str:
+    def choose_path(self, layer: _Layer, n: int, n_out: int | None = None, d_out: int | None = None) -> str:
+        """The cheapest exact path for this layer and step (or the forced one where it is exact); `n_out`
+        (rows of D) is given only when the backward path is possible (first call of a step)."""
         if not self._batch_exact() or self.damping == 0 and self.damping_eps == 0:
             return "primal"  # (Woodbury divides by lambda: undamped, only the primal solve is defined)
-        backward_ok = allow_backward and layer.mode == "linear" and not layer.augment
+        backward = None
+        if n_out is not None and not layer.augment and layer.mode != "conv_full":
+            backward = "linear" if layer.mode == "linear" else "conv"
         if self.path != "auto":
-            return self.path if (self.path != "backward" or backward_ok) else "primal"
-        costs = ap_costs(n, layer.d_in, layer.r, backward_ok)
+            return self.path if (self.path != "backward" or backward) else "primal"
+        costs = ap_costs(n, layer.d_in, layer.r, backward, n_out, d_out)
         return min(costs, key=costs.get)
 
     # ---- statistics (forward hook) ---------------------------------------------------------------------
@@ -357,13 +394,16 @@ class DoPr(torch.optim.Optimizer):
         rows = layer.rows(z)
         pending = self._pending.get(layer)
         if pending is None:
-            pending = self._pending[layer] = _Pending(self.choose_path(layer, rows.shape[0]))
-            if pending.path == "backward" and layer.weight.requires_grad:
+            n_out = d_out = None
+            if layer.mode == "linear":
+                n_out, d_out = rows.shape[0], output.shape[-1]
+            elif z.dim() == 3:  # batched conv input
+                n_out, d_out = output.shape[0] * output.shape[2], output.shape[1]
+            pending = self._pending[layer] = _Pending(self.choose_path(layer, rows.shape[0], n_out, d_out))
+            if pending.path == "backward":
                 pending.inputs.append(rows)
                 pending.rows = rows.shape[0]
                 return _BackwardAP.apply(z, layer.weight, layer.module.bias, output.detach(), self, layer)
-            if pending.path == "backward":
-                pending.path = "primal"
         elif pending.path == "backward":  # a second call before step(): its S spans both calls
             self._leave_backward_path(layer, pending)
         if pending.path == "primal":
@@ -377,48 +417,77 @@ class DoPr(torch.optim.Optimizer):
     def _leave_backward_path(self, layer: _Layer, pending: _Pending) -> None:
         """Turn a backward-path layer into a step-time one; if its backward already wrote M_1 into .grad,
         replace it by G_1: .grad += D_1^T Z_1 - M_1."""
-        if pending.applied is not None:
-            z, d, left, right = pending.applied
-            grad = layer.weight.grad
-            if grad is not None:
+        grad = layer.weight.grad
+        if pending.applied is not None and grad is not None:
+            if layer.mode == "linear":
+                z, d, left, right = pending.applied  # M_1 = L^T R
                 grad.add_((d.T @ z - left.T @ right).to(grad.dtype))
-            pending.applied = None
-        pending.path = self.choose_path(layer, pending.rows, allow_backward=False)
+            else:
+                z, d, zw = pending.applied  # M_1 = conv weight gradient for input Zw; linear in the input
+                grad.add_(layer.conv_weight_grad((z - zw).to(d.dtype), d)[1].to(grad.dtype))
+        pending.applied = None
+        pending.path = self.choose_path(layer, pending.rows)
         if pending.path == "primal":
             pending.moment = sum(r.T @ r for r in pending.inputs)
             pending.inputs = []
 
-    def _backward_ap(self, layer: _Layer, z: torch.Tensor, d: torch.Tensor):
-        """Weight (and bias) gradient of a backward-path Linear layer: M = n (K^{-1} D)^T Z or D^T (n K^{-1} Z),
-        whichever solves against fewer columns; G when the layer has left the backward path."""
+    def _backward_ap(self, layer: _Layer, z: torch.Tensor, d: torch.Tensor, input_grad: bool):
+        """(input gradient, weight gradient, bias gradient) of a backward-path layer. The weight gradient is
+        M: for a Linear n (K^{-1} D)^T Z or D^T (n K^{-1} Z), whichever solves against fewer columns; for a
+        conv the weight gradient for the whitened input Zw = n K^{-1} Z (every tap's G_j = D^T Z_j becomes
+        D^T Zw_j = G_j S_d^{-1}). G when the layer has left the backward path (a second call before step)."""
         pending = self._pending.get(layer)
         rows = layer.rows(z)
-        d_rows = d.reshape(-1, d.shape[-1]).to(rows.dtype)
-        grad_b = d_rows.sum(0).to(d.dtype)
         weight = layer.weight
-        if pending is None or pending.path != "backward" or pending.applied is not None:
-            return (d_rows.T @ rows).to(weight.dtype), grad_b
-        state = self.state[weight]
+        linear = layer.mode == "linear"
+        if linear:
+            d_rows = d.reshape(-1, d.shape[-1]).to(rows.dtype)
+            grad_b = d_rows.sum(0).to(d.dtype)
+            grad_z = (d @ weight.to(d.dtype)) if input_grad else None
+        else:
+            d_rows = d.transpose(1, 2).reshape(-1, d.shape[1]).to(rows.dtype)
+            grad_b = d.sum((0, 2))
+        active = pending is not None and pending.path == "backward" and pending.applied is None
+        zw_rows = None
+        if active:
+            zw_rows, gram = self._whitened_rows(rows, self.state[weight], linear and d_rows.shape[1] <= rows.shape[1])
+            pending.gram = gram
+        if linear:
+            if not active:
+                return grad_z, (d_rows.T @ rows).to(weight.dtype), grad_b
+            if zw_rows is None:  # M = G (non-finite statistic or failed factorization, counted)
+                left, right = d_rows, rows
+            elif isinstance(zw_rows, tuple):  # (K^{-1}, n): solve against D's fewer columns
+                k_inverse, n = zw_rows
+                left, right = (k_inverse @ d_rows).mul_(n), rows
+            else:
+                left, right = d_rows, zw_rows
+            pending.applied = (rows, d_rows, left, right)
+            return grad_z, (left.T @ right).to(weight.dtype), grad_b
+        zw = z
+        if zw_rows is not None:
+            batch, channels, length = z.shape
+            zw = zw_rows.reshape(batch, length, channels).transpose(1, 2).to(z.dtype).contiguous()
+        grad_z, grad_w = layer.conv_weight_grad(zw, d, input_grad)
+        if active:
+            pending.applied = (z.detach(), d.detach(), zw)
+        return grad_z, grad_w.to(weight.dtype), grad_b.to(d.dtype)
+
+    def _whitened_rows(self, rows: torch.Tensor, state: dict, want_inverse: bool):
+        """n K^{-1} Z with K = Z Z^T + n lambda I (or (K^{-1}, n) when `want_inverse`), and Z Z^T; None for the
+        first when the statistic is non-finite or K cannot be factored (counted)."""
         n, d_in = rows.shape
         gram = rows @ rows.T
-        pending.gram = gram
         lam = damping(gram.diagonal().sum() / n, d_in, self.damping, self.damping_form, self.damping_eps)
-        k_inverse = None
         if not math.isfinite(lam):
             state["ap_skipped_stats"] = state.get("ap_skipped_stats", 0) + 1
-        else:
-            k_inverse, _, retries = damped_inverse(gram, n * lam)
-            state["ap_retries"] = state.get("ap_retries", 0) + retries
-            if k_inverse is None:
-                state["ap_fallbacks"] = state.get("ap_fallbacks", 0) + 1
-        if k_inverse is None:  # M = G
-            left, right = d_rows, rows
-        elif d_rows.shape[1] <= d_in:
-            left, right = (k_inverse @ d_rows).mul_(n), rows
-        else:
-            left, right = d_rows, (k_inverse @ rows).mul_(n)
-        pending.applied = (rows, d_rows, left, right)
-        return (left.T @ right).to(weight.dtype), grad_b
+            return None, gram
+        k_inverse, _, retries = damped_inverse(gram, n * lam)
+        state["ap_retries"] = state.get("ap_retries", 0) + retries
+        if k_inverse is None:
+            state["ap_fallbacks"] = state.get("ap_fallbacks", 0) + 1
+            return None, gram
+        return ((k_inverse, n) if want_inverse else (k_inverse @ rows).mul_(n)), gram
 
     # ---- primal statistics and refresh -----------------------------------------------------------------
     def _reduced_moment(self, pending: _Pending | None, state: dict) -> torch.Tensor | None:
@@ -476,7 +545,7 @@ class DoPr(torch.optim.Optimizer):
         if bias is not None:
             g_bias = bias.grad if bias.grad is not None else torch.zeros_like(bias)
         path = pending.path if pending is not None else "primal"
-        if path == "dual" and self.choose_path(layer, pending.rows, allow_backward=False) == "primal":
+        if path == "dual" and self.choose_path(layer, pending.rows) == "primal":
             pending.moment, pending.inputs, pending.path = sum(z.T @ z for z in pending.inputs), [], "primal"
             path = "primal"  # several calls made primal the cheaper path
         if path == "dual":
@@ -503,13 +572,24 @@ class DoPr(torch.optim.Optimizer):
 
     # ---- clipping on the true gradient -----------------------------------------------------------------
     def true_grad_norms_sq(self) -> dict[torch.Tensor, torch.Tensor]:
-        """||G||_F^2 for each weight whose .grad holds M (backward path): <D D^T, Z Z^T>."""
+        """||G||_F^2 for each weight whose .grad holds M (backward path): <D D^T, Z Z^T> for a Linear; for a
+        conv the sum over taps of the same with each tap's (input row, output row) pairs."""
         out = {}
         for layer, pending in self._pending.items():
-            if pending.path == "backward" and pending.applied is not None:
-                z, d, _, _ = pending.applied
-                gram = pending.gram if pending.gram is not None else z @ z.T
+            if pending.path != "backward" or pending.applied is None:
+                continue
+            gram = pending.gram
+            if layer.mode == "linear":
+                d = pending.applied[1]
                 out[layer.weight] = ((d @ d.T) * gram).sum()
+                continue
+            z, d, _ = pending.applied
+            d_rows = d.transpose(1, 2).reshape(-1, d.shape[1]).to(gram.dtype)
+            dd = d_rows @ d_rows.T
+            total = gram.new_zeros(())
+            for rows_in, rows_out in layer.tap_pairs(z.shape[0], z.shape[2], d.shape[2], gram.device):
+                total += (gram[rows_in][:, rows_in] * dd[rows_out][:, rows_out]).sum()
+            out[layer.weight] = total
         return out
 
     @torch.no_grad()
