@@ -1,9 +1,12 @@
-"""Time per training step (forward + backward + optimizer step) for AdamW, Muon, DoPr-Adam and DoPr-Muon.
+"""Time per training step (forward + backward + clip + optimizer step) of each optimizer as a ratio to AdamW.
 
-Run:  .venv/bin/python benchmarks/optim_step.py [--device cpu|cuda] [--steps 20] [--unet-batch 64]
-Each optimizer is timed in the same process on the same policy and batch, and reported as a ratio to AdamW
-(median step time over --steps timed steps after 3 warm-up steps). Policies: the default Lift policy (diffusion,
-MLP denoiser) and the full-size ConditionalUnet1D (down_dims 256/512/1024, kernel 5).
+Run:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/optim_step.py [--threads 1] [--repeats 3] [--steps 7]
+                                                                 [--device cpu|cuda] [--only mlp|unet] [--full]
+                                                                 [--profile VARIANT]
+Interleaved A/B: in every repeat each optimizer's steps alternate with AdamW's (same policy, same batch), its ratio
+to AdamW is taken within that repeat, and the table shows the median ratio over repeats (and median ms/step). Policies: the default Lift policy (diffusion, MLP denoiser, batch 256) and the full-size
+ConditionalUnet1D (down_dims 256/512/1024, kernel 5, batch 64). The step is the trainer's: gradients clipped by
+`dopr_robot.optim.clip_grad_norm_` (which measures DoPr's in-backward layers by their true gradient).
 """
 
 from __future__ import annotations
@@ -15,22 +18,26 @@ import time
 import torch
 
 from dopr_robot.config import PolicyConfig, UNetConfig
-from dopr_robot.optim import OptimConfig, build_optimizer
+from dopr_robot.optim import DoPr, OptimConfig, build_optimizer, clip_grad_norm_
 from dopr_robot.optim.config import APConfig
 from dopr_robot.policies import RangeNormalizer, build_policy
 
 OBS_DIM, ACTION_DIM, N_OBS, HORIZON = 19, 7, 2, 16
+REFRESH10 = dict(refresh_every=10, ema_decay=0.9)
 
+# (name, optimizer config, extra DoPr keyword arguments); the first row is the baseline
 VARIANTS = [
-    ("adamw", OptimConfig(name="adam")),
-    ("muon", OptimConfig(name="muon")),
-    ("dopr-adam channel", OptimConfig(name="dopr")),
-    ("dopr-adam channel refresh10", OptimConfig(name="dopr", ap=APConfig(refresh_every=10, ema_decay=0.9))),
-    ("dopr-adam full", OptimConfig(name="dopr", ap=APConfig(conv_mode="full"))),
-    ("dopr-adam full refresh10", OptimConfig(name="dopr", ap=APConfig(conv_mode="full", refresh_every=10,
-                                                                      ema_decay=0.9))),
-    ("dopr-muon channel", OptimConfig(name="dopr-muon")),
-    ("dopr-muon channel refresh10", OptimConfig(name="dopr-muon", ap=APConfig(refresh_every=10, ema_decay=0.9))),
+    ("adamw", OptimConfig(name="adam"), {}),
+    ("adamw (not fused)", OptimConfig(name="adam"), {"fused": False}),
+    ("muon", OptimConfig(name="muon"), {}),
+    ("dopr-adam", OptimConfig(name="dopr"), {}),
+    ("dopr-adam primal only", OptimConfig(name="dopr"), {"path": "primal"}),
+    ("dopr-adam refresh10", OptimConfig(name="dopr", ap=APConfig(**REFRESH10)), {}),
+    ("dopr-muon", OptimConfig(name="dopr-muon"), {}),
+]
+FULL_VARIANTS = [
+    ("dopr-adam full", OptimConfig(name="dopr", ap=APConfig(conv_mode="full")), {}),
+    ("dopr-adam full refresh10", OptimConfig(name="dopr", ap=APConfig(conv_mode="full", **REFRESH10)), {}),
 ]
 
 
@@ -40,51 +47,121 @@ def make_policy(backbone: str, device: torch.device):
     return build_policy(cfg, OBS_DIM, ACTION_DIM, N_OBS, HORIZON, ident(OBS_DIM), ident(ACTION_DIM)).to(device)
 
 
-def time_steps(backbone: str, optim_cfg: OptimConfig, batch: int, steps: int, device: torch.device) -> float:
-    torch.manual_seed(0)
-    policy = make_policy(backbone, device)
-    optimizer = build_optimizer(policy, optim_cfg)
-    g = torch.Generator(device=device).manual_seed(0)
-    obs = torch.randn(batch, N_OBS, OBS_DIM, device=device, generator=g)
-    actions = torch.randn(batch, HORIZON, ACTION_DIM, device=device, generator=g).clamp(-1, 1)
-    times = []
-    for i in range(steps + 3):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        loss = policy.compute_loss(obs, actions, g)
-        optimizer.zero_grad(set_to_none=True)
+def make_optimizer(policy, cfg: OptimConfig, extra: dict):
+    if cfg.name == "adam" and extra.get("fused") is False:
+        return torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay, foreach=True)
+    optimizer = build_optimizer(policy, cfg, io_layers=policy.io_layers())
+    if isinstance(optimizer, DoPr) and "path" in extra:
+        optimizer.path = extra["path"]
+    return optimizer
+
+
+class Bench:
+    """One policy + optimizer + fixed batch; `run(k)` times k training steps."""
+
+    def __init__(self, backbone: str, cfg: OptimConfig, extra: dict, batch: int, device: torch.device):
+        torch.manual_seed(0)
+        self.device = device
+        self.policy = make_policy(backbone, device)
+        self.optimizer = make_optimizer(self.policy, cfg, extra)
+        self.generator = torch.Generator(device=device).manual_seed(0)
+        self.obs = torch.randn(batch, N_OBS, OBS_DIM, device=device, generator=self.generator)
+        self.actions = torch.randn(batch, HORIZON, ACTION_DIM, device=device, generator=self.generator).clamp(-1, 1)
+
+    def step(self) -> None:
+        loss = self.policy.compute_loss(self.obs, self.actions, self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 3:
+        clip_grad_norm_(self.optimizer, self.policy.parameters(), 10.0)
+        self.optimizer.step()
+
+    def run(self, steps: int) -> list[float]:
+        times = []
+        for _ in range(steps):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            self.step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return times
+
+
+def benchmark(backbone: str, batch: int, variants, args, device) -> None:
+    """A/B interleaved: per repeat, one AdamW run and, in turn, each other optimizer; their steps alternate
+    (AdamW, X, AdamW, X, ...) so both see the same machine load, and the repeat's ratio is median(X) /
+    median(AdamW) over those alternating steps."""
+    params = sum(p.numel() for p in make_policy(backbone, device).parameters())
+    print(f"\n{backbone} denoiser ({params / 1e6:.1f}M parameters), batch {batch}, {args.repeats} repeats x "
+          f"{args.steps} alternating steps per optimizer pair (after {args.warmup} warm-up)", flush=True)
+    base_name, base_cfg, base_extra = variants[0]
+    ms = {name: [] for name, _, _ in variants}
+    ratios = {name: [] for name, _, _ in variants}
+    paths = {}
+    for _ in range(args.repeats):
+        base = Bench(backbone, base_cfg, base_extra, batch, device)
+        base.run(args.warmup)
+        for name, cfg, extra in variants[1:]:
+            bench = Bench(backbone, cfg, extra, batch, device)
+            bench.run(args.warmup)
+            a, b = [], []
+            for _ in range(args.steps):
+                a += base.run(1)
+                b += bench.run(1)
+            ms[base_name].append(statistics.median(a) * 1000)
+            ms[name].append(statistics.median(b) * 1000)
+            ratios[name].append(statistics.median(b) / statistics.median(a))
+            if isinstance(bench.optimizer, DoPr) and bench.optimizer.ap:
+                h = bench.optimizer.health()
+                paths[name] = ", ".join(f"{h[f'ap_layers_{p}']} {p}" for p in ("primal", "dual", "backward"))
+            del bench
+        del base
+    ratios[base_name] = [1.0]
+    print(f"  {'optimizer':<26} {'ms/step':>9} {'/ AdamW':>8}   per repeat        AP paths (layers)")
+    for name, _, _ in variants:
+        each = " ".join(f"{r:.2f}" for r in ratios[name]) if name != base_name else ""
+        print(f"  {name:<26} {statistics.median(ms[name]):9.1f} {statistics.median(ratios[name]):7.2f}x   "
+              f"{each:<17} {paths.get(name, '')}", flush=True)
+
+
+def profile(backbone: str, batch: int, name: str, variants, args, device) -> None:
+    cfg, extra = next((c, e) for n, c, e in variants if n == name)
+    bench = Bench(backbone, cfg, extra, batch, device)
+    bench.run(args.warmup)
+    with torch.profiler.profile() as prof:
+        bench.run(args.steps)
+    print(f"\nprofile of {name} on {backbone}, {args.steps} steps")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=7, help="alternating timed steps per pair and repeat")
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--mlp-batch", type=int, default=256)
     parser.add_argument("--unet-batch", type=int, default=64, help="full-size UNet batch (256 on a GPU)")
     parser.add_argument("--only", choices=["mlp", "unet"], default=None)
+    parser.add_argument("--full", action="store_true", help="also conv_mode full on the UNet (slow)")
+    parser.add_argument("--profile", metavar="VARIANT", default=None, help="profile one optimizer instead")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
     for backbone, batch in (("mlp", args.mlp_batch), ("unet", args.unet_batch)):
         if args.only and backbone != args.only:
             continue
-        params = sum(p.numel() for p in make_policy(backbone, device).parameters())
-        print(f"\n{backbone} denoiser ({params / 1e6:.1f}M parameters), batch {batch}")
-        base = None
-        for name, cfg in VARIANTS:
-            if backbone == "mlp" and "full" in name:
-                continue  # no convolutions in the MLP: identical to channel mode
-            seconds = time_steps(backbone, cfg, batch, args.steps, device)
-            base = base or seconds
-            print(f"  {name:<30} {seconds * 1000:9.1f} ms/step   {seconds / base:5.2f}x AdamW")
+        variants = VARIANTS + (FULL_VARIANTS if backbone == "unet" and args.full else [])
+        if args.profile:
+            profile(backbone, batch, args.profile, variants, args, device)
+        else:
+            benchmark(backbone, batch, variants, args, device)
 
 
 if __name__ == "__main__":

@@ -140,6 +140,8 @@ CHOICES = {
     "optim.adjust_lr": ("match_rms_adamw", "original"),
     "optim.ap.damping_form": ("mean", "trace"),
     "optim.ap.conv_mode": ("channel", "full"),
+    "optim.ap.stats_from": ("batch", "previous_batch"),
+    "optim.matrix_layers": ("hidden", "all"),
     "data.task": ("lift", "can", "square"),
 }
 POSITIVE = (
@@ -225,6 +227,12 @@ def validate(config: Config) -> None:
             raise UserError("policy.unet.down_dims must be divisible by policy.unet.n_groups")
         if d.horizon % (2 ** (len(config.policy.unet.down_dims) - 1)):
             raise UserError("data.horizon must be divisible by 2^(len(policy.unet.down_dims) - 1) for the UNet")
+    ap = config.optim.ap
+    if ap.bias_augment and config.policy.backbone == "unet" and config.optim.name in ("dopr", "dopr-muon") \
+            and (ap.conv_mode == "channel" or len(config.policy.unet.down_dims) > 1):
+        raise UserError("optim.ap.bias_augment is defined for Linear layers and full-mode Conv1d only: channel "
+                        "mode (always the case for the UNet's ConvTranspose1d upsampling) shares one S across "
+                        "kernel taps, and a bias is not a tap; use it with policy.backbone: mlp")
     if not all(0 <= b < 1 for b in config.optim.betas):
         raise UserError(f"optim.betas must lie in [0, 1); got {config.optim.betas}")
     _validate_rollouts(config)

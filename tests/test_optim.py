@@ -164,14 +164,23 @@ def train(model, opt, data):
     return model
 
 
-def test_dopr_adam_without_ap_is_adamw_bit_for_bit():
+@pytest.mark.parametrize("fused", [True, False])
+def test_dopr_adam_without_ap_is_adamw_bit_for_bit(fused):
     data = batches(10)
     kw = dict(lr=3e-3, betas=(0.95, 0.999), eps=1e-8, weight_decay=0.01)
     a, b = small_model(), small_model()
-    train(a, DoPr(a, ap=False, base="adam", **kw), data)
-    train(b, torch.optim.AdamW(b.parameters(), foreach=False, **kw), data)
+    opt = DoPr(a, ap=False, base="adam", fused=fused, **kw)
+    train(a, opt, data)
+    train(b, torch.optim.AdamW(b.parameters(), **({"fused": True} if fused else {"foreach": False}), **kw), data)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
+    assert opt.param_groups[0]["fused"] is fused
+
+
+def test_build_optimizer_uses_fused_adamw_where_the_device_has_it():
+    model = small_model()
+    assert build_optimizer(model, OptimConfig(name="adam")).param_groups[0]["fused"] is True
+    assert build_optimizer(model, OptimConfig(name="dopr")).param_groups[0]["fused"] is True
 
 
 def test_dopr_adam_with_ap_differs_from_adamw():
@@ -287,15 +296,15 @@ def test_build_optimizer_names():
     assert dopr_muon.param_groups[1]["update"] == "adam"
 
 
-def test_non_finite_activations_fall_back_instead_of_poisoning_the_step():
+def test_non_finite_activations_are_skipped_instead_of_poisoning_the_step():
     torch.manual_seed(0)
     layer = nn.Linear(3, 2)
-    opt = DoPr(layer, lr=1e-2, base="sgd")
+    opt = DoPr(layer, lr=1e-2, base="sgd", path="primal")
     x = torch.randn(8, 3)
     layer(x).sum().backward()  # statistics from a clean batch ...
-    opt._pending[opt.layers[0]][0][0, 0] = float("inf")  # ... corrupted as an overflowing activation would
+    opt._pending[opt.layers[0]].moment[0, 0] = float("inf")  # ... corrupted as an overflowing activation would
     opt.step()
-    assert opt.health()["ap_fallbacks"] == 1
+    assert opt.health()["ap_skipped_stats"] == 1
     assert torch.isfinite(layer.weight).all()
 
 
@@ -314,6 +323,7 @@ def _ddp_worker(rank, world, init_file, x, y, state, out):
         opt.zero_grad()
         ((ddp(x[rank * half:(rank + 1) * half]) - y[rank * half:(rank + 1) * half]) ** 2).mean().backward()
         opt.step()
+    assert set(opt.last_paths.values()) == {"primal"}  # S is all-reduced, Z is not: only primal is exact
     if rank == 0:
         torch.save(model.state_dict(), out)
     dist.barrier()
@@ -332,13 +342,290 @@ def test_ddp_all_reduces_statistics_to_the_full_batch_step(tmp_path):
     state = small_model().state_dict()
     out = tmp_path / "rank0.pt"
     tmp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), x, y, state, str(out)), nprocs=2, join=True)
-    single = small_model()
-    single.load_state_dict(state)
-    opt = DoPr(single, lr=1e-2, base="adam", damping=0.1)
-    for _ in range(3):
-        opt.zero_grad()
-        ((single(x) - y) ** 2).mean().backward()
-        opt.step()
     distributed = torch.load(out)
-    for name, p in single.state_dict().items():
-        assert torch.allclose(p, distributed[name], atol=1e-5), name
+    for path in ("primal", "dual", "backward"):  # one process, full batch, every exact path
+        single = small_model()
+        single.load_state_dict(state)
+        opt = DoPr(single, lr=1e-2, base="adam", damping=0.1, path=path)
+        for _ in range(3):
+            opt.zero_grad()
+            ((single(x) - y) ** 2).mean().backward()
+            opt.step()
+        # float32 rounding differs between the forms (Woodbury's G - G P cancels); Adam's normalization
+        # magnifies it on near-zero gradient entries, hence the looser bound for the other paths
+        atol = 1e-5 if path == "primal" else 1e-4
+        for name, p in single.state_dict().items():
+            assert torch.allclose(p, distributed[name], atol=atol), (path, name)
+
+
+# ---- the exact cheaper paths against the naive solve -----------------------------------------------------
+GAMMA = 0.3
+
+
+def make_layer(kind: str) -> nn.Module:
+    torch.manual_seed(1)
+    if kind == "linear":
+        return nn.Linear(12, 5).double()
+    if kind == "conv":
+        return nn.Conv1d(6, 4, 3, padding=1, stride=2).double()
+    return nn.ConvTranspose1d(6, 4, 4, stride=2, padding=1).double()
+
+
+def layer_input(kind: str, batch: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, 12) if kind == "linear" else (batch, 6, 5)
+    scale = torch.linspace(0.2, 3.0, shape[1], dtype=torch.float64)  # anisotropic inputs
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    x = x * (scale if kind == "linear" else scale[:, None])
+    return x.requires_grad_()
+
+
+def layer_loss(layer, x, seed):
+    out = layer(x)
+    g = torch.Generator().manual_seed(100 + seed)
+    return (torch.randn(out.shape, generator=g, dtype=out.dtype) * out).sum() + (out ** 2).sum()
+
+
+def naive_ap(kind: str, layer: nn.Module, inputs: list[torch.Tensor]):
+    """G S_d^-1 by a direct float64 solve, S over every call's rows; also the input gradients."""
+    ref = copy.deepcopy(layer)
+    xs = [x.detach().clone().requires_grad_() for x in inputs]
+    sum(layer_loss(ref, x, i) for i, x in enumerate(xs)).backward()
+    rows = torch.cat([x.detach() if kind == "linear" else x.detach().transpose(1, 2).reshape(-1, 6) for x in xs])
+    s = rows.T @ rows / rows.shape[0]
+    s_d = s + (GAMMA * s.trace() / s.shape[0] + 1e-8) * torch.eye(s.shape[0], dtype=s.dtype)
+    s_inv = torch.linalg.inv(s_d)
+    g = ref.weight.grad
+    if kind == "linear":
+        m = g @ s_inv
+    elif kind == "conv":  # (C_out, C_in, k): M_j = G_j S^-1
+        m = torch.einsum("oik,ij->ojk", g, s_inv)
+    else:  # (C_in, C_out, k): M[:, o, j] = S^-1 G[:, o, j]
+        m = torch.einsum("ij,jok->iok", s_inv, g)
+    return m, ref.bias.grad, [x.grad for x in xs], ref.weight.grad
+
+
+def ap_step(kind: str, path: str, calls: int, pattern: str = "one_backward", **kw):
+    """One AP-SGD step with lr 1: the weight moves by -M. Returns (M, bias step, input grads, DoPr)."""
+    layer = make_layer(kind)
+    before_w, before_b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    opt = DoPr(layer, lr=1.0, base="sgd", damping=GAMMA, path=path, **kw)
+    xs = [layer_input(kind, 4 if kind == "linear" else 3, seed=i) for i in range(calls)]
+    if pattern == "one_backward":  # several forward calls, one backward (shared layer, summed losses)
+        sum(layer_loss(layer, x, i) for i, x in enumerate(xs)).backward()
+    else:  # gradient accumulation: forward, backward, forward, backward, ... then one step
+        for i, x in enumerate(xs):
+            layer_loss(layer, x, i).backward()
+    opt.step()
+    return before_w - layer.weight.detach(), before_b - layer.bias.detach(), [x.grad for x in xs], opt, xs
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "convT"])
+@pytest.mark.parametrize("path", ["primal", "dual", "backward"])
+@pytest.mark.parametrize("calls, pattern", [(1, "one_backward"), (2, "one_backward"), (3, "accumulate")])
+def test_every_ap_path_gives_the_naive_solve(kind, path, calls, pattern):
+    m, b_step, x_grads, opt, xs = ap_step(kind, path, calls, pattern)
+    m_ref, b_ref, x_grads_ref, _ = naive_ap(kind, make_layer(kind), xs)
+    assert torch.allclose(m, m_ref, rtol=1e-9, atol=1e-10)
+    assert torch.allclose(b_step, b_ref, rtol=1e-9, atol=1e-10)  # the bias gets the plain gradient
+    for got, ref in zip(x_grads, x_grads_ref):
+        assert torch.allclose(got, ref, rtol=1e-9, atol=1e-10)  # the layer still backpropagates D W
+    used = opt.last_paths[""]
+    if path == "backward" and calls > 1:
+        assert used in ("primal", "dual")  # backward only for a layer called once before the step
+    else:
+        assert used == path
+
+
+def test_auto_path_follows_the_flop_count():
+    from dopr_robot.optim.dopr import ap_costs
+    mlp_hidden = ap_costs(256, 512, 512, "linear")  # the default MLP's hidden layer at batch 256
+    assert min(mlp_hidden, key=mlp_hidden.get) == "backward"
+    wide_batch = ap_costs(4096, 64, 64, "linear")  # many rows, few inputs: primal
+    assert min(wide_batch, key=wide_batch.get) == "primal"
+    coarse_conv = ap_costs(256, 2048, 512 * 5)  # UNet coarse level, second call (no backward path): Woodbury
+    assert min(coarse_conv, key=coarse_conv.get) == "dual"
+    coarse_conv = ap_costs(256, 2048, 512 * 5, "conv", 256, 512)  # first call: whitened input in backward
+    assert min(coarse_conv, key=coarse_conv.get) == "backward"
+    layer = nn.Linear(512, 512)
+    opt = DoPr(layer, base="sgd")
+    layer(torch.randn(64, 512)).sum().backward()
+    opt.step()
+    assert opt.last_paths[""] == "backward"
+    assert opt.health()["ap_layers_backward"] == 1
+
+
+def test_bias_augment_linear_is_exact_on_primal_and_dual():
+    steps = {}
+    for path in ("primal", "dual", "backward"):
+        layer = make_layer("linear")
+        before = torch.cat([layer.weight.detach(), layer.bias.detach()[:, None]], 1)
+        opt = DoPr(layer, lr=1.0, base="sgd", damping=GAMMA, path=path, bias_augment=True)
+        x = layer_input("linear", 4, 0)
+        layer_loss(layer, x, 0).backward()
+        opt.step()
+        steps[path] = before - torch.cat([layer.weight.detach(), layer.bias.detach()[:, None]], 1)
+        assert opt.last_paths[""] == ("primal" if path == "backward" else path)  # no augmented backward path
+    ref = make_layer("linear")
+    x = layer_input("linear", 4, 0)
+    layer_loss(ref, x, 0).backward()
+    z = torch.cat([x.detach(), torch.ones(4, 1, dtype=torch.float64)], 1)
+    s = z.T @ z / 4
+    s_d = s + (GAMMA * s.trace() / 13 + 1e-8) * torch.eye(13, dtype=torch.float64)
+    m_ref = torch.cat([ref.weight.grad, ref.bias.grad[:, None]], 1) @ torch.linalg.inv(s_d)
+    for path, step in steps.items():
+        assert torch.allclose(step, m_ref, rtol=1e-9, atol=1e-10), path
+
+
+@pytest.mark.parametrize("kw", [dict(ema_decay=0.5), dict(refresh_every=2), dict(stats_from="previous_batch")])
+def test_only_primal_is_used_where_only_primal_is_exact(kw):
+    runs = []
+    for path in ("primal", "dual", "backward"):
+        model = small_model().double()
+        opt = DoPr(model, lr=1e-2, base="adam", path=path, **kw)
+        for x, y in batches(3):
+            opt.zero_grad()
+            ((model(x.double()) - y.double()) ** 2).mean().backward()
+            opt.step()
+            assert set(opt.last_paths.values()) == {"primal"}
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+def test_previous_batch_statistics_precondition_the_next_gradient():
+    layer = make_layer("linear")
+    opt = DoPr(layer, lr=1.0, base="sgd", damping=GAMMA, stats_from="previous_batch")
+    x1, x2 = layer_input("linear", 6, 0), layer_input("linear", 6, 1)
+    layer_loss(layer, x1, 0).backward()
+    opt.step()  # the first step has no previous batch: its own
+    opt.zero_grad()
+    before = layer.weight.detach().clone()
+    ref = copy.deepcopy(layer)
+    layer_loss(layer, x2, 1).backward()
+    opt.step()
+    layer_loss(ref, x2, 1).backward()
+    s1 = x1.detach().T @ x1.detach() / 6
+    s_d = s1 + (GAMMA * s1.trace() / 12 + 1e-8) * torch.eye(12, dtype=torch.float64)
+    assert torch.allclose(before - layer.weight.detach(), ref.weight.grad @ torch.linalg.inv(s_d), atol=1e-10)
+
+
+def clip_model(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Sequential(nn.Linear(40, 64), nn.Tanh(), nn.Linear(64, 3)).double()
+    return nn.Sequential(nn.Conv1d(40, 16, 3, padding=1, stride=2), nn.Tanh(),
+                         nn.ConvTranspose1d(16, 8, 4, stride=2, padding=1), nn.Tanh(), nn.Conv1d(8, 3, 5, padding=2)
+                         ).double()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_clipping_sees_the_true_gradient_norm_on_the_backward_path(kind):
+    from dopr_robot.optim import clip_grad_norm_
+
+    def run(path, clip):
+        model = clip_model(kind)
+        model.load_state_dict(start)
+        opt = DoPr(model, lr=1.0, base="sgd", damping=GAMMA, path=path)
+        shape = (8, 40) if kind == "linear" else (2, 40, 6)
+        x, y = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64), 3.0
+        ((model(x) - y) ** 2).sum().backward()
+        norm = clip(opt, model)
+        opt.step()
+        return norm, [p.detach() for p in model.parameters()], opt
+
+    start = clip_model(kind).state_dict()
+    torch_clip = lambda opt, model: torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+    ours = lambda opt, model: clip_grad_norm_(opt, model.parameters(), 0.5)
+    norm_ref, params_ref, _ = run("primal", torch_clip)  # .grad is G: torch's clip is the reference
+    norm, params, opt = run("backward", ours)
+    assert set(opt.last_paths.values()) == {"backward"}
+    assert norm_ref > 5  # the clip is active
+    assert torch.allclose(norm, norm_ref, rtol=1e-10)
+    for a, b in zip(params, params_ref):
+        assert torch.allclose(a, b, atol=1e-10)
+    wrong, _, _ = run("backward", torch_clip)  # torch's clip would measure M, not G
+    assert abs(wrong.item() - norm_ref.item()) > 1e-3
+
+
+def test_ema_statistic_skips_a_non_finite_batch_and_keeps_preconditioning():
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 2)
+    opt = DoPr(layer, lr=1e-2, base="adam", ema_decay=0.9)
+    for step in range(4):
+        opt.zero_grad()
+        layer(torch.randn(16, 3)).pow(2).sum().backward()
+        if step == 1:
+            opt._pending[opt.layers[0]].moment[1, 1] = float("nan")
+            kept = opt.state[layer.weight]["ap_stat"].clone()
+        opt.step()
+        if step == 1:
+            assert torch.equal(opt.state[layer.weight]["ap_stat"], kept)  # never entered the average
+    health = opt.health()
+    assert health["ap_skipped_stats"] == 1 and health["ap_fallbacks"] == 0
+    assert torch.isfinite(opt.state[layer.weight]["ap_stat"]).all() and "ap_inverse" in opt.state[layer.weight]
+
+
+def test_failed_factorization_waits_for_the_next_refresh():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = DoPr(model, lr=1e-2, base="adam", damping=0.0, damping_eps=0.0, refresh_every=3)
+    calls = []
+    original = torch.linalg.cholesky_ex
+    torch.linalg.cholesky_ex = lambda a: calls.append(a.shape[0]) or original(a)
+    try:
+        for _ in range(6):
+            x = torch.randn(32, 4)
+            x[:, 2] = 0.0  # the first layer's S is singular: Cholesky fails even at 10x (zero) damping
+            opt.zero_grad()
+            ((model(x) - 1.0) ** 2).mean().backward()
+            opt.step()
+    finally:
+        torch.linalg.cholesky_ex = original
+    assert opt.health()["ap_fallbacks"] == 2  # steps 0 and 3, not every step
+    assert calls.count(4) == 4  # two tries (1x, 10x damping) at each of the two refreshes
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_matrix_layers_hidden_gives_io_layers_adam():
+    from dopr_robot.config import PolicyConfig, UNetConfig
+    from dopr_robot.policies import RangeNormalizer, build_policy
+
+    ident = lambda d: RangeNormalizer(-torch.ones(d), torch.ones(d), 1.0)
+    for backbone in ("mlp", "unet"):
+        cfg = PolicyConfig(backbone=backbone, unet=UNetConfig(down_dims=[16, 32], n_groups=4, step_embed_dim=8))
+        policy = build_policy(cfg, 5, 2, 2, 8, ident(5), ident(2))
+        io = policy.io_layers()
+        names = {m for m in policy.modules()}
+        assert io and all(m in names and hasattr(m, "weight") for m in io)
+        io_weights = {id(m.weight) for m in io}
+        for name, expect_ap in (("muon", False), ("dopr-muon", True)):
+            hidden = build_optimizer(policy, OptimConfig(name=name), io_layers=io)
+            assert not io_weights & {id(p) for p in hidden.param_groups[0]["params"]}
+            assert hidden.param_groups[0]["update"] == "muon" and hidden.param_groups[1]["update"] == "adam"
+            assert io_weights <= {id(p) for p in hidden.param_groups[1]["params"]}
+            ap_weights = {id(layer.weight) for layer in hidden.layers} if hidden.ap else set()
+            assert (io_weights <= ap_weights) == expect_ap  # dopr-muon: AP then Adam on io layers
+            hidden.remove_hooks()
+            every = build_optimizer(policy, OptimConfig(name=name, matrix_layers="all"), io_layers=io)
+            assert io_weights <= {id(p) for p in every.param_groups[0]["params"]}
+            every.remove_hooks()
+
+
+def test_bias_augment_on_channel_mode_convs_is_refused():
+    from dopr_robot.config import load_config
+    from dopr_robot.errors import UserError
+
+    with pytest.raises(ValueError, match="bias_augment"):
+        DoPr(nn.Conv1d(3, 4, 3), bias_augment=True, conv_mode="channel")
+    DoPr(nn.Conv1d(3, 4, 3), bias_augment=True, conv_mode="full")  # defined there
+    with pytest.raises(ValueError, match="bias_augment"):  # ConvTranspose1d has only the channel form
+        DoPr(nn.ConvTranspose1d(3, 4, 3), bias_augment=True, conv_mode="full")
+    with pytest.raises(UserError, match="bias_augment"):
+        load_config(None, ["optim.name=dopr", "policy.backbone=unet", "optim.ap.bias_augment=true"])
+    with pytest.raises(UserError, match="bias_augment"):
+        load_config(None, ["optim.name=dopr", "policy.backbone=unet", "optim.ap.bias_augment=true",
+                           "optim.ap.conv_mode=full"])
+    load_config(None, ["optim.name=dopr", "optim.ap.bias_augment=true"])  # the MLP has no convs
+    with pytest.raises(UserError, match="stats_from"):
+        load_config(None, ["optim.ap.stats_from=next_batch"])

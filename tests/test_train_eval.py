@@ -48,7 +48,8 @@ def test_train_cli_writes_a_complete_run(tmp_path, lift_demos):
 @pytest.mark.parametrize("extra", [
     ["optim.name=muon"],
     ["optim.name=dopr-muon", *TINY_UNET],
-    ["optim.name=dopr", "optim.ap.conv_mode=full", "optim.ap.bias_augment=true", *TINY_UNET],
+    ["optim.name=dopr", "optim.ap.conv_mode=full", *TINY_UNET],
+    ["optim.name=dopr", "optim.ap.bias_augment=true", "optim.ap.stats_from=previous_batch"],
     ["policy.type=flow", "policy.flow.time_distribution=beta", "policy.flow.integrator=midpoint"],
 ])
 def test_policies_and_optimizers_train(tmp_path, lift_demos, extra):

@@ -1,7 +1,8 @@
 """Optimizers: AdamW (torch), Muon and DoPr (ours). Depends on torch only:
 
-    from dopr_robot.optim import DoPr
+    from dopr_robot.optim import DoPr, clip_grad_norm_
     optimizer = DoPr(model, lr=1e-4, base="adam")   # or base="muon"
+    loss.backward(); clip_grad_norm_(optimizer, model.parameters(), 10.0); optimizer.step()
 """
 
 from __future__ import annotations
@@ -10,26 +11,43 @@ import torch
 from torch import nn
 
 from dopr_robot.optim.config import APConfig, OptimConfig
-from dopr_robot.optim.dopr import DoPr, newton_schulz
+from dopr_robot.optim.dopr import DoPr, fused_adamw_supported, newton_schulz
 
-__all__ = ["APConfig", "DoPr", "OptimConfig", "build_optimizer", "newton_schulz", "optimizer_health"]
+__all__ = ["APConfig", "DoPr", "OptimConfig", "build_optimizer", "clip_grad_norm_", "newton_schulz",
+           "optimizer_health"]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """adam: torch.optim.AdamW; muon: Muon on every Linear/Conv weight, AdamW elsewhere; dopr / dopr-muon: DoPr."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, io_layers=()) -> torch.optim.Optimizer:
+    """adam: torch.optim.AdamW (fused where the device has the kernel); muon: Muon on every Linear/Conv weight,
+    AdamW elsewhere; dopr / dopr-muon: DoPr. `io_layers`: the modules that read the model's raw inputs and the
+    final projection (the caller's backbone names them); with cfg.matrix_layers == "hidden" their weights get
+    AdamW under muon and DoPr-Adam under dopr-muon, with "all" the base optimizer like every other weight."""
     if cfg.name == "adam":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay, fused=fused_adamw_supported(params) or None)
     if cfg.name not in ("muon", "dopr", "dopr-muon"):
         raise ValueError(f"unknown optimizer {cfg.name!r}")
+    if cfg.matrix_layers not in ("hidden", "all"):
+        raise ValueError(f"matrix_layers must be hidden or all; got {cfg.matrix_layers!r}")
     ap = cfg.ap
     return DoPr(
         model, lr=cfg.lr, base="adam" if cfg.name == "dopr" else "muon", ap=cfg.name != "muon",
         damping=ap.damping, damping_form=ap.damping_form, damping_eps=ap.eps, ema_decay=ap.ema_decay,
         refresh_every=ap.refresh_every, conv_mode=ap.conv_mode, bias_augment=ap.bias_augment,
+        stats_from=ap.stats_from, adam_layers=tuple(io_layers) if cfg.matrix_layers == "hidden" else (),
         weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=cfg.eps, momentum=cfg.momentum,
         nesterov=cfg.nesterov, ns_steps=cfg.ns_steps, adjust_lr=cfg.adjust_lr,
     )
+
+
+def clip_grad_norm_(optimizer: torch.optim.Optimizer, parameters, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ on the true gradient: DoPr layers whose .grad already holds the AP
+    gradient M (its backward path) are measured by ||G|| and their M scaled like G would be."""
+    parameters = list(parameters)
+    if isinstance(optimizer, DoPr) and optimizer.true_grad_norms_sq():
+        return optimizer.clip_grad_norm_(parameters, max_norm)
+    return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
 
 
 def optimizer_health(optimizer: torch.optim.Optimizer, spectrum: bool = False) -> dict[str, float]:

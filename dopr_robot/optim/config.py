@@ -15,7 +15,8 @@ class APConfig:
     ema_decay: float = 0.0  # 0 = per-batch statistics
     refresh_every: int = 1  # recompute the damped factorization every N steps
     conv_mode: str = "channel"  # "channel" (invariant, C_in x C_in) or "full" (unfolded patches, KFC-style)
-    bias_augment: bool = False  # precondition [W | b] with a constant-1 input (Linear, and Conv in full mode)
+    bias_augment: bool = False  # precondition [W | b] with a constant-1 input (Linear, Conv1d in full mode only)
+    stats_from: str = "batch"  # "batch" | "previous_batch" (S from the minibatch before the one it preconditions)
 
 
 @dataclass
@@ -29,4 +30,5 @@ class OptimConfig:
     nesterov: bool = True
     ns_steps: int = 5
     adjust_lr: str = "match_rms_adamw"  # Muon's lr scale: match_rms_adamw | original
+    matrix_layers: str = "hidden"  # hidden: input/output layers get AdamW (DoPr-Adam under dopr-muon) | all
     ap: APConfig = field(default_factory=APConfig)

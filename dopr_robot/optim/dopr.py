@@ -1,44 +1,102 @@
 r"""DoPr: double preconditioning = activation-wise preconditioning (AP) composed with a gradient
 preconditioner (GP: AdamW or Muon). Zhang, Shah, Zhang, Zhang, Matni, Simchowitz, arXiv 2606.06418 (2026).
 
-For a weight W (d_out x d_in) of a layer that sees inputs z (rows of Z, n x d_in) and has gradient G:
+For a weight W (d_out x d_in) of a layer that sees inputs z (rows of Z, n x d_in), output gradient D (n x d_out)
+and weight gradient G = D^T Z:
 
     S   = Z^T Z / n                              uncentered second moment of the layer input (>= float32)
-    S_d = S + (gamma * tr(S) / d_in + eps) I     damping relative to the mean eigenvalue ("mean" form);
-                                                 the paper's written "trace" form is S + (gamma tr(S) + eps) I
-    M   = G S_d^{-1}                             the AP gradient (Cholesky solve; 10x damping on failure,
-                                                 then M = G, counted)
+    S_d = S + lambda I,  lambda = gamma tr(S) / d_in + eps   ("mean" form; "trace": gamma tr(S) + eps)
+    M   = G S_d^{-1}                             the AP gradient (10x damping if the factorization fails,
+                                                 then M = G; both counted)
     W  <- GP(M)                                  AdamW moments of M, or Muon: Nesterov momentum on M,
                                                  Newton-Schulz orthogonalization, shape-dependent lr scale
 
 Why: with z' = A z and W' = W A^{-1} (the same network), G' = G A^T and S' = A S A^T, so M' = M A^{-1} and an
-AP-SGD step moves the network function identically in both parametrizations. The update no longer depends on
-how the layer's input happens to be scaled or correlated, so features are learned uniformly.
+AP-SGD step moves the network function identically in both parametrizations.
+
+Three exact ways to compute the same M (chosen per layer and step by flop count in `ap_costs`/`choose_path`):
+
+    primal    M = G S_d^{-1}: Cholesky of S_d, cholesky_inverse, one GEMM.
+    dual      Woodbury, with c = n lambda and K = Z Z^T + c I (n x n):  S_d^{-1} = n (I - Z^T K^{-1} Z) / c, so
+              M = (n / c) (G - (G Z^T) K^{-1} Z). Cheaper when a layer sees fewer rows than it has inputs.
+    backward  M = D^T Zw with the whitened input Zw = Z S_d^{-1} = n K^{-1} Z (push-through identity), or
+              M = n (K^{-1} D)^T Z for a Linear with d_out < d_in, computed inside backward: the layer's weight
+              gradient *is* M and G is never formed. For a conv in channel mode every tap reads shifted rows
+              of the same Z, so M_j = G_j S_d^{-1} = D^T (Zw)_j: the conv's weight gradient for input Zw.
+
+dual and backward need S from this very batch, so with ema_decay > 0, refresh_every > 1, stats_from =
+"previous_batch" or under torch.distributed (S is all-reduced, Z is not) only primal is exact and is used.
+Gradient clipping must see ||G||, not ||M||: `clip_grad_norm_` measures a backward-path layer by
+||D^T Z||_F^2 = <D D^T, Z Z^T> (for a conv summed over taps on the rows each tap pairs) and scales its M by the
+clip coefficient, which is exact because M is linear in D.
 
 Layers: Linear; Conv1d and ConvTranspose1d in "channel" mode (S over input channels, averaged over batch and
-positions, one S^{-1} for every kernel tap; the invariant form under channel-mixing maps) or, for Conv1d,
-"full" mode (S over unfolded patches of C_in * k, KFC-style). ConvTranspose1d weights are (C_in, C_out, k), so
-there M[:, o, j] = S^{-1} G[:, o, j]. All other parameters (biases, norm gains, ...) get AdamW (plain SGD when
-base="sgd"); with bias_augment a Linear (or full-mode Conv1d) bias is preconditioned jointly with its weight
-through a constant-1 input.
+positions, one S^{-1} for every kernel tap: M_j = G_j S_d^{-1}, the invariant form under channel-mixing maps)
+or, for Conv1d, "full" mode (S over unfolded patches of C_in * k, KFC-style). ConvTranspose1d weights are
+(C_in, C_out, k), so there M[:, o, j] = S_d^{-1} G[:, o, j]. All other parameters (biases, norm gains, ...) and
+the weights of `adam_layers` get AdamW (torch's fused kernel where the device has one); with bias_augment a
+Linear (or full-mode Conv1d) bias is preconditioned jointly with its weight through a constant-1 input.
 
 Statistics come from forward hooks, only in training mode with grad enabled; several calls before one step
-accumulate weighted by rows; under torch.distributed they are all-reduced before the solve, so every rank
-takes the same step. With ap=False, base="adam" is AdamW exactly and base="muon" is Muon for every matrix
-and conv weight (reshaped to (C_out, C_in * k), never refused, never orthogonalized per output channel).
+accumulate weighted by rows; under torch.distributed they are all-reduced before the solve. A non-finite
+statistic is skipped (counted) and never enters the running average; a failed factorization is retried only
+at the next refresh. With ap=False, base="adam" is AdamW and base="muon" is Muon for every matrix and conv
+weight (reshaped to (C_out, C_in * k), never refused, never orthogonalized per output channel).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.adamw import adamw as functional_adamw
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+PATHS = ("primal", "dual", "backward")
+
+
+# ---- the damped solve, three ways ------------------------------------------------------------------------
+def damping(trace: torch.Tensor, d: int, gamma: float, form: str, eps: float) -> float:
+    """lambda of S_d = S + lambda I from tr(S) (a Python float; non-finite when S is)."""
+    return (gamma * (trace / d if form == "mean" else trace) + eps).item()
+
+
+def damped_inverse(matrix: torch.Tensor, lam: float) -> tuple[torch.Tensor | None, float, int]:
+    """(matrix + lam I)^{-1} via Cholesky, retrying once with 10x damping: (inverse or None, lam used, retries)."""
+    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    for attempt in range(2 if math.isfinite(lam) else 0):
+        factor, info = torch.linalg.cholesky_ex(matrix + lam * eye)
+        if info.item() == 0:
+            return torch.cholesky_inverse(factor), lam, attempt
+        lam *= 10
+    return None, lam, 0
+
+
+def dual_precondition(g: torch.Tensor, z: torch.Tensor, k_inverse: torch.Tensor, c: float) -> torch.Tensor:
+    """G S_d^{-1} = (n / c) (G - (G Z^T) K^{-1} Z), K^{-1} = (Z Z^T + c I)^{-1} (Woodbury)."""
+    n = z.shape[0]
+    return (g - ((g @ z.T) @ k_inverse) @ z).mul_(n / c)
+
+
+def ap_costs(n: int, d_in: int, r: int, backward: str | None = None, n_out: int | None = None,
+             d_out: int | None = None) -> dict[str, float]:
+    """Flops each exact path adds to a plain backward for one layer: n input rows, d_in inputs, M of r x d_in
+    (a GEMM of m x k by k x p counts 2 m k p; factor + inverse of an m x m matrix m^3). `backward`: "linear" or
+    "conv" where the backward path is possible (n_out rows of D, d_out outputs); its M GEMM replaces G's, so it
+    is free, and it pays for ||G|| (clipping) with D D^T instead."""
+    costs = {
+        "primal": 2 * n * d_in**2 + d_in**3 + 2 * r * d_in**2,
+        "dual": 2 * n**2 * d_in + n**3 + 4 * r * n * d_in + 2 * r * n**2,
+    }
+    if backward:  # Z Z^T, K^-1, K^-1 D (Linear only) or K^-1 Z, and <D D^T, Z Z^T> for the true gradient norm
+        n_out, d_out = n_out or n, d_out or r
+        solve = min(d_in, d_out) if backward == "linear" else d_in
+        costs["backward"] = 2 * n**2 * d_in + n**3 + 2 * n**2 * solve + 2 * n_out**2 * d_out
+    return costs
 
 
 @dataclass(eq=False)
@@ -52,8 +110,24 @@ class _Layer:
     def weight(self) -> torch.Tensor:
         return self.module.weight
 
-    def input_moment(self, z: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """(sum over rows of z z^T, number of rows) for this layer's input, in float32 or better."""
+    @property
+    def d_in(self) -> int:
+        shape = self.weight.shape
+        if self.mode == "convT_channel":
+            d = shape[0]
+        elif self.mode == "conv_full":
+            d = shape[1] * shape[2]
+        else:
+            d = shape[1]
+        return d + int(self.augment)
+
+    @property
+    def r(self) -> int:
+        """Rows of the gradient matrix G S_d^{-1} acts on (d_out, or C_out * k for channel-mode convs)."""
+        return self.weight.numel() // (self.d_in - int(self.augment))
+
+    def rows(self, z: torch.Tensor) -> torch.Tensor:
+        """The layer input as rows Z (n x d_in), in float32 or better."""
         dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
         z = z.detach().to(dtype)
         if self.mode == "linear":
@@ -68,28 +142,60 @@ class _Layer:
             rows = z.transpose(1, 2).reshape(-1, z.shape[1])
         if self.augment:
             rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-        return rows.T @ rows, rows.shape[0]
+        return rows
 
-    def precondition(self, factor: torch.Tensor, g_weight: torch.Tensor, g_bias: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Solve with the Cholesky factor of S_d: the AP gradients of the weight (and the augmented bias)."""
-        dtype = factor.dtype
-        if self.mode in ("conv_channel", "convT_channel"):
-            g = g_weight.to(dtype)
-            if self.mode == "conv_channel":  # (C_out, C_in, k): M_j^T = S^-1 G_j^T for every tap j
-                c_out, c_in, k = g.shape
-                rhs = g.permute(1, 0, 2).reshape(c_in, c_out * k)
-                m = torch.cholesky_solve(rhs, factor).reshape(c_in, c_out, k).permute(1, 0, 2)
-            else:  # (C_in, C_out, k): precondition along the input-channel axis directly
-                m = torch.cholesky_solve(g.reshape(g.shape[0], -1), factor).reshape(g.shape)
-            return m.to(g_weight.dtype), g_bias
-        g = g_weight.reshape(g_weight.shape[0], -1).to(dtype)  # (d_out, d_in): Linear, or Conv1d unfolded
+    def grad_matrix(self, g_weight: torch.Tensor, g_bias: torch.Tensor | None, dtype) -> torch.Tensor:
+        """G as the (r, d_in) matrix that AP multiplies by S_d^{-1} from the right."""
+        g = g_weight.to(dtype)
+        if self.mode == "conv_channel":  # (C_out, C_in, k): every tap's G_j (C_out x C_in) stacked
+            return g.permute(0, 2, 1).reshape(-1, g.shape[1])
+        if self.mode == "convT_channel":  # (C_in, C_out, k): precondition along the input-channel axis
+            return g.permute(1, 2, 0).reshape(-1, g.shape[0])
+        g = g.reshape(g.shape[0], -1)
         if self.augment:
             g = torch.cat([g, g_bias.to(dtype)[:, None]], dim=1)
-        m = torch.cholesky_solve(g.T, factor).T
-        if self.augment:
-            return m[:, :-1].reshape(g_weight.shape).to(g_weight.dtype), m[:, -1].to(g_bias.dtype)
-        return m.reshape(g_weight.shape).to(g_weight.dtype), g_bias
+        return g
+
+    def from_grad_matrix(self, m: torch.Tensor, g_weight: torch.Tensor, g_bias: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        shape = g_weight.shape
+        if self.mode == "conv_channel":
+            m_w = m.reshape(shape[0], shape[2], shape[1]).permute(0, 2, 1)
+        elif self.mode == "convT_channel":
+            m_w = m.reshape(shape[1], shape[2], shape[0]).permute(2, 0, 1)
+        else:
+            if self.augment:
+                m, g_bias = m[:, :-1], m[:, -1].to(g_bias.dtype)
+            m_w = m.reshape(shape)
+        return m_w.to(g_weight.dtype).contiguous(), g_bias
+
+    def conv_weight_grad(self, z: torch.Tensor, d: torch.Tensor, input_grad: bool = False):
+        """(input gradient or None, weight gradient) of this conv for input z and output gradient d."""
+        m = self.module
+        grad_z, grad_w, _ = torch.ops.aten.convolution_backward(
+            d, z, m.weight.to(d.dtype), None, m.stride, m.padding, m.dilation, self.mode == "convT_channel",
+            m.output_padding, 1, [input_grad, True, False])
+        return grad_z, grad_w
+
+    def tap_pairs(self, batch: int, l_in: int, l_out: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per kernel tap j, the (input row, output row) pairs it connects (rows b * L + t), so that
+        G_j = sum over pairs of d_out z_in^T."""
+        m = self.module
+        (stride,), (padding,), (dilation,) = m.stride, m.padding, m.dilation
+        pairs = []
+        for j in range(m.kernel_size[0]):
+            if self.mode == "convT_channel":  # input t feeds output t * stride + j * dilation - padding
+                t_in = torch.arange(l_in, device=device)
+                t_out = t_in * stride + j * dilation - padding
+                ok = (t_out >= 0) & (t_out < l_out)
+            else:  # output t reads input t * stride + j * dilation - padding
+                t_out = torch.arange(l_out, device=device)
+                t_in = t_out * stride + j * dilation - padding
+                ok = (t_in >= 0) & (t_in < l_in)
+            t_in, t_out = t_in[ok], t_out[ok]
+            b = torch.arange(batch, device=device)[:, None]
+            pairs.append(((b * l_in + t_in).reshape(-1), (b * l_out + t_out).reshape(-1)))
+        return pairs
 
     def as_matrix(self, t: torch.Tensor) -> torch.Tensor:
         """The weight as the (d_out, d_in) matrix Muon orthogonalizes."""
@@ -103,16 +209,47 @@ class _Layer:
         return m.reshape(like.shape)
 
 
+@dataclass(eq=False)
+class _Pending:
+    """What one layer gathered since the last step: a summed moment (primal) or its input rows (dual,
+    backward), and for the backward path what its backward already did."""
+
+    path: str
+    rows: int = 0
+    moment: torch.Tensor | None = None
+    inputs: list = field(default_factory=list)
+    applied: tuple | None = None  # backward path, after its backward: what M was made of (see _backward_ap)
+    gram: torch.Tensor | None = None  # Z Z^T of the backward path (for ||G||)
+
+
+class _BackwardAP(torch.autograd.Function):
+    """Identity on the layer's (already computed) output; its backward returns the input gradient as usual
+    and, as the weight gradient, the optimizer's AP gradient M (the weight gradient for the whitened input)."""
+
+    @staticmethod
+    def forward(ctx, z, weight, bias, out, optimizer, layer):
+        ctx.save_for_backward(z, weight)
+        ctx.optimizer, ctx.layer, ctx.has_bias = optimizer, layer, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, d):
+        z, weight = ctx.saved_tensors
+        grad_z, grad_w, grad_b = ctx.optimizer._backward_ap(ctx.layer, z, d, ctx.needs_input_grad[0])
+        return grad_z, grad_w, (grad_b if ctx.has_bias else None), None, None, None
+
+
 class _StatsHook:
-    """Forward hook that accumulates a layer's input moment. Deep copies of the module (EMA copies) share
+    """Forward hook that gathers a layer's input statistics. Deep copies of the module (EMA copies) share
     this object but are not the registered module, so they never contribute statistics."""
 
     def __init__(self, optimizer: "DoPr", layer: _Layer):
         self.optimizer, self.layer = optimizer, layer
 
-    def __call__(self, module: nn.Module, inputs: tuple, output) -> None:
+    def __call__(self, module: nn.Module, inputs: tuple, output):
         if module is self.layer.module and module.training and torch.is_grad_enabled():
-            self.optimizer._accumulate(self.layer, inputs[0])
+            return self.optimizer._record(self.layer, inputs[0], output)
+        return None
 
     def __deepcopy__(self, memo):
         return self
@@ -139,11 +276,29 @@ def muon_lr(lr: float, shape: torch.Size, adjust_lr: str) -> float:
     return lr * math.sqrt(max(1, d_out / d_in))
 
 
+def fused_adamw_supported(params) -> bool:
+    """torch's fused AdamW kernel exists for these tensors' device and dtype."""
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # private helper moved: the two devices that have had the kernel longest
+        devices = {"cpu", "cuda"}
+    return all(p.device.type in devices and p.is_floating_point() for p in params)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 class DoPr(torch.optim.Optimizer):
     """DoPr over AdamW (`base="adam"`), Muon (`base="muon"`) or plain SGD (`base="sgd"`, for testing AP).
 
-    Create it after any EMA / deep copies of `model` and call `step()` after `backward()` as usual.
-    `ap=False` turns activation preconditioning off (then this is AdamW, Muon or SGD).
+    Create it after any EMA / deep copies of `model` and call `step()` after `backward()` as usual; clip with
+    `clip_grad_norm_` (this class's method or `dopr_robot.optim.clip_grad_norm_`), not torch's, because a
+    backward-path layer's .grad already holds M. `ap=False` turns activation preconditioning off.
+    `adam_layers`: modules whose weights get AdamW (after AP when ap=True) even when base="muon".
+    `path`: "auto" (cheapest exact path per layer and step) or force "primal" | "dual" | "backward" where it
+    is exact (otherwise primal). `stats_from`: "batch" or "previous_batch" (S from the minibatch before).
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, base: str = "adam", ap: bool = True,
@@ -151,7 +306,8 @@ class DoPr(torch.optim.Optimizer):
                  ema_decay: float = 0.0, refresh_every: int = 1, conv_mode: str = "channel",
                  bias_augment: bool = False, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                 adjust_lr: str = "match_rms_adamw", exclude: tuple[str, ...] = ()):
+                 adjust_lr: str = "match_rms_adamw", exclude: tuple[str, ...] = (), stats_from: str = "batch",
+                 adam_layers=(), path: str = "auto", fused: bool | None = None):
         if base not in ("adam", "muon", "sgd"):
             raise ValueError(f"base must be adam, muon or sgd; got {base!r}")
         if damping_form not in ("mean", "trace") or conv_mode not in ("channel", "full"):
@@ -160,21 +316,27 @@ class DoPr(torch.optim.Optimizer):
             raise ValueError(f"adjust_lr must be match_rms_adamw or original; got {adjust_lr!r}")
         if damping < 0 or not 0 <= ema_decay < 1 or refresh_every < 1:
             raise ValueError("need damping >= 0, 0 <= ema_decay < 1, refresh_every >= 1")
+        if stats_from not in ("batch", "previous_batch") or path not in ("auto", *PATHS):
+            raise ValueError("stats_from must be batch|previous_batch and path auto|primal|dual|backward")
         self.layers = self._find_layers(model, conv_mode, bias_augment, exclude)
-        matrix = [layer.weight for layer in self.layers]
+        adam_ids = {id(m) for m in adam_layers}
+        matrix = [layer.weight for layer in self.layers if id(layer.module) not in adam_ids]
         matrix_ids = {id(p) for p in matrix}
         others = [p for p in model.parameters() if p.requires_grad and id(p) not in matrix_ids]
+        if fused is None:
+            fused = fused_adamw_supported(others + (matrix if base == "adam" else []))
         groups = [{"params": matrix, "update": base}]
         if others:
             groups.append({"params": others, "update": "sgd" if base == "sgd" else "adam"})
         defaults = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, momentum=momentum,
-                        nesterov=nesterov, ns_steps=ns_steps, adjust_lr=adjust_lr)
+                        nesterov=nesterov, ns_steps=ns_steps, adjust_lr=adjust_lr, fused=fused)
         super().__init__(groups, defaults)
         self.ap = ap
         self.damping, self.damping_form, self.damping_eps = damping, damping_form, damping_eps
-        self.ema_decay, self.refresh_every = ema_decay, refresh_every
+        self.ema_decay, self.refresh_every, self.stats_from, self.path = ema_decay, refresh_every, stats_from, path
         self.steps = 0
-        self._pending: dict[_Layer, list] = {}
+        self._pending: dict[_Layer, _Pending] = {}
+        self.last_paths: dict[str, str] = {}  # layer name -> path of the last step (health, tests, benchmarks)
         self._hooks = [layer.module.register_forward_hook(_StatsHook(self, layer)) for layer in self.layers] \
             if ap else []
 
@@ -194,55 +356,257 @@ class DoPr(torch.optim.Optimizer):
                 mode = "convT_channel"
             else:
                 mode = "conv_full" if conv_mode == "full" else "conv_channel"
-            augment = bias_augment and m.bias is not None and m.bias.requires_grad and mode in ("linear", "conv_full")
-            layers.append(_Layer(name, m, mode, augment))
+            has_bias = m.bias is not None and m.bias.requires_grad
+            if bias_augment and has_bias and mode in ("conv_channel", "convT_channel"):
+                raise ValueError(f"bias_augment is not defined for channel-mode conv layer {name!r} (one S is "
+                                 "shared by all taps, and a bias is not a tap; ConvTranspose1d has only this "
+                                 "form, Conv1d also conv_mode='full')")
+            layers.append(_Layer(name, m, mode, bias_augment and has_bias))
         return layers
 
-    # ---- statistics -------------------------------------------------------------------------------------
+    # ---- choosing the path (the one place) -----------------------------------------------------------------
+    def _batch_exact(self) -> bool:
+        """dual and backward are exact only when S is this batch's own moment, whole, on this process."""
+        return self.ema_decay == 0 and self.refresh_every == 1 and self.stats_from == "batch" and not _distributed()
+
+    def choose_path(self, layer: _Layer, n: int, n_out: int | None = None, d_out: int | None = None) -> str:
+        """The cheapest exact path for this layer and step (or the forced one where it is exact); `n_out`
+        (rows of D) is given only when the backward path is possible (first call of a step)."""
+        if not self._batch_exact() or self.damping == 0 and self.damping_eps == 0:
+            return "primal"  # (Woodbury divides by lambda: undamped, only the primal solve is defined)
+        backward = None
+        if n_out is not None and not layer.augment and layer.mode != "conv_full":
+            backward = "linear" if layer.mode == "linear" else "conv"
+        if self.path != "auto":
+            return self.path if (self.path != "backward" or backward) else "primal"
+        costs = ap_costs(n, layer.d_in, layer.r, backward, n_out, d_out)
+        return min(costs, key=costs.get)
+
+    # ---- statistics (forward hook) ---------------------------------------------------------------------
     def _collecting(self) -> bool:
-        return self.ema_decay > 0 or self.steps % self.refresh_every == 0
+        if self.ema_decay > 0 or self.steps % self.refresh_every == 0:
+            return True  # previous_batch also collects the batch just before each refresh
+        return self.stats_from == "previous_batch" and (self.steps + 1) % self.refresh_every == 0
 
-    def _accumulate(self, layer: _Layer, z: torch.Tensor) -> None:
+    def _record(self, layer: _Layer, z: torch.Tensor, output):
         if not self._collecting():
-            return
-        moment, rows = layer.input_moment(z)
-        acc = self._pending.get(layer)
-        if acc is None:
-            self._pending[layer] = [moment, rows]
+            return None
+        rows = layer.rows(z)
+        pending = self._pending.get(layer)
+        if pending is None:
+            n_out = d_out = None
+            if layer.mode == "linear":
+                n_out, d_out = rows.shape[0], output.shape[-1]
+            elif z.dim() == 3:  # batched conv input
+                n_out, d_out = output.shape[0] * output.shape[2], output.shape[1]
+            pending = self._pending[layer] = _Pending(self.choose_path(layer, rows.shape[0], n_out, d_out))
+            if pending.path == "backward":
+                pending.inputs.append(rows)
+                pending.rows = rows.shape[0]
+                return _BackwardAP.apply(z, layer.weight, layer.module.bias, output.detach(), self, layer)
+        elif pending.path == "backward":  # a second call before step(): its S spans both calls
+            self._leave_backward_path(layer, pending)
+        if pending.path == "primal":
+            moment = rows.T @ rows
+            pending.moment = moment if pending.moment is None else pending.moment.add_(moment)
         else:
-            acc[0] += moment
-            acc[1] += rows
+            pending.inputs.append(rows)
+        pending.rows += rows.shape[0]
+        return None
 
-    def _update_factor(self, layer: _Layer, state: dict) -> None:
-        pending = self._pending.pop(layer, None)
-        if pending is not None:
-            moment, rows = pending
-            if dist.is_available() and dist.is_initialized():
-                packed = torch.cat([moment.flatten(), moment.new_tensor([rows])])
-                dist.all_reduce(packed)
-                moment, rows = packed[:-1].view_as(moment), packed[-1].item()
-            s = moment / rows
-            if self.ema_decay > 0 and "ap_stat" in state:
-                state["ap_stat"].mul_(self.ema_decay).add_(s, alpha=1 - self.ema_decay)
+    def _leave_backward_path(self, layer: _Layer, pending: _Pending) -> None:
+        """Turn a backward-path layer into a step-time one; if its backward already wrote M_1 into .grad,
+        replace it by G_1: .grad += D_1^T Z_1 - M_1."""
+        grad = layer.weight.grad
+        if pending.applied is not None and grad is not None:
+            if layer.mode == "linear":
+                z, d, left, right = pending.applied  # M_1 = L^T R
+                grad.add_((d.T @ z - left.T @ right).to(grad.dtype))
             else:
-                state["ap_stat"] = s
-        refresh = (self.steps % self.refresh_every == 0) or "ap_factor" not in state
-        if not refresh or "ap_stat" not in state:
+                z, d, zw = pending.applied  # M_1 = conv weight gradient for input Zw; linear in the input
+                grad.add_(layer.conv_weight_grad((z - zw).to(d.dtype), d)[1].to(grad.dtype))
+        pending.applied = None
+        pending.path = self.choose_path(layer, pending.rows)
+        if pending.path == "primal":
+            pending.moment = sum(r.T @ r for r in pending.inputs)
+            pending.inputs = []
+
+    def _backward_ap(self, layer: _Layer, z: torch.Tensor, d: torch.Tensor, input_grad: bool):
+        """(input gradient, weight gradient, bias gradient) of a backward-path layer. The weight gradient is
+        M: for a Linear n (K^{-1} D)^T Z or D^T (n K^{-1} Z), whichever solves against fewer columns; for a
+        conv the weight gradient for the whitened input Zw = n K^{-1} Z (every tap's G_j = D^T Z_j becomes
+        D^T Zw_j = G_j S_d^{-1}). G when the layer has left the backward path (a second call before step)."""
+        pending = self._pending.get(layer)
+        rows = layer.rows(z)
+        weight = layer.weight
+        linear = layer.mode == "linear"
+        if linear:
+            d_rows = d.reshape(-1, d.shape[-1]).to(rows.dtype)
+            grad_b = d_rows.sum(0).to(d.dtype)
+            grad_z = (d @ weight.to(d.dtype)) if input_grad else None
+        else:
+            d_rows = d.transpose(1, 2).reshape(-1, d.shape[1]).to(rows.dtype)
+            grad_b = d.sum((0, 2))
+        active = pending is not None and pending.path == "backward" and pending.applied is None
+        zw_rows = None
+        if active:
+            zw_rows, gram = self._whitened_rows(rows, self.state[weight], linear and d_rows.shape[1] <= rows.shape[1])
+            pending.gram = gram
+        if linear:
+            if not active:
+                return grad_z, (d_rows.T @ rows).to(weight.dtype), grad_b
+            if zw_rows is None:  # M = G (non-finite statistic or failed factorization, counted)
+                left, right = d_rows, rows
+            elif isinstance(zw_rows, tuple):  # (K^{-1}, n): solve against D's fewer columns
+                k_inverse, n = zw_rows
+                left, right = (k_inverse @ d_rows).mul_(n), rows
+            else:
+                left, right = d_rows, zw_rows
+            pending.applied = (rows, d_rows, left, right)
+            return grad_z, (left.T @ right).to(weight.dtype), grad_b
+        zw = z
+        if zw_rows is not None:
+            batch, channels, length = z.shape
+            zw = zw_rows.reshape(batch, length, channels).transpose(1, 2).to(z.dtype).contiguous()
+        grad_z, grad_w = layer.conv_weight_grad(zw, d, input_grad)
+        if active:
+            pending.applied = (z.detach(), d.detach(), zw)
+        return grad_z, grad_w.to(weight.dtype), grad_b.to(d.dtype)
+
+    def _whitened_rows(self, rows: torch.Tensor, state: dict, want_inverse: bool):
+        """n K^{-1} Z with K = Z Z^T + n lambda I (or (K^{-1}, n) when `want_inverse`), and Z Z^T; None for the
+        first when the statistic is non-finite or K cannot be factored (counted)."""
+        n, d_in = rows.shape
+        gram = rows @ rows.T
+        lam = damping(gram.diagonal().sum() / n, d_in, self.damping, self.damping_form, self.damping_eps)
+        if not math.isfinite(lam):
+            state["ap_skipped_stats"] = state.get("ap_skipped_stats", 0) + 1
+            return None, gram
+        k_inverse, _, retries = damped_inverse(gram, n * lam)
+        state["ap_retries"] = state.get("ap_retries", 0) + retries
+        if k_inverse is None:
+            state["ap_fallbacks"] = state.get("ap_fallbacks", 0) + 1
+            return None, gram
+        return ((k_inverse, n) if want_inverse else (k_inverse @ rows).mul_(n)), gram
+
+    # ---- primal statistics and refresh -----------------------------------------------------------------
+    def _reduced_moment(self, pending: _Pending | None, state: dict) -> torch.Tensor | None:
+        """This step's S (all-reduced under torch.distributed), or None when absent or non-finite (counted)."""
+        if pending is None or pending.moment is None:
+            return None
+        moment, rows = pending.moment, pending.rows
+        if _distributed():
+            packed = torch.cat([moment.flatten(), moment.new_tensor([rows])])
+            dist.all_reduce(packed)
+            moment, rows = packed[:-1].view_as(moment), packed[-1].item()
+        # A NaN/inf input makes its own diagonal entry of S non-finite: one scalar check for the whole matrix.
+        if not math.isfinite(moment.diagonal().sum().item()):
+            state["ap_skipped_stats"] = state.get("ap_skipped_stats", 0) + 1
+            return None
+        return moment / rows
+
+    def _fold(self, state: dict, s: torch.Tensor | None) -> None:
+        if s is None:
             return
-        s = state["ap_stat"]
-        d = s.shape[0]
-        trace = s.diagonal().sum()
-        lam = (self.damping * (trace / d if self.damping_form == "mean" else trace) + self.damping_eps).item()
-        # A NaN/inf input makes its own diagonal entry of S, hence the trace, non-finite: one scalar check.
-        for attempt in range(2 if math.isfinite(lam) else 0):
-            factor, info = torch.linalg.cholesky_ex(s + lam * torch.eye(d, dtype=s.dtype, device=s.device))
-            if info.item() == 0:
-                state["ap_factor"], state["ap_lambda"] = factor, lam
-                state["ap_retries"] = state.get("ap_retries", 0) + attempt
-                return
-            lam *= 10
-        state.pop("ap_factor", None)  # no usable factorization: this step uses M = G
-        state["ap_fallbacks"] = state.get("ap_fallbacks", 0) + 1
+        if self.ema_decay > 0 and "ap_stat" in state:
+            state["ap_stat"].mul_(self.ema_decay).add_(s, alpha=1 - self.ema_decay)
+        else:
+            state["ap_stat"] = s
+
+    def _primal_inverse(self, layer: _Layer, pending: _Pending | None, state: dict) -> torch.Tensor | None:
+        """S_d^{-1} for the primal path: fold this step's S into the statistic (after the factorization with
+        stats_from=previous_batch), refresh every refresh_every steps; a failure waits for the next refresh."""
+        s_new = self._reduced_moment(pending, state)
+        previous = self.stats_from == "previous_batch" and "ap_stat" in state
+        if not previous:
+            self._fold(state, s_new)
+        fresh = s_new is not None or previous or self.ema_decay > 0
+        due = self.steps % self.refresh_every == 0 or not ("ap_inverse" in state or state.get("ap_failed"))
+        if due and fresh and "ap_stat" in state:
+            s = state["ap_stat"]
+            lam = damping(s.diagonal().sum(), s.shape[0], self.damping, self.damping_form, self.damping_eps)
+            inverse, lam, retries = damped_inverse(s, lam)
+            state["ap_retries"] = state.get("ap_retries", 0) + retries
+            if inverse is None:
+                state.pop("ap_inverse", None)
+                state["ap_failed"] = True
+                state["ap_fallbacks"] = state.get("ap_fallbacks", 0) + 1
+            else:
+                state["ap_inverse"], state["ap_lambda"], state["ap_failed"] = inverse, lam, False
+        if previous:
+            self._fold(state, s_new)
+        return state.get("ap_inverse")
+
+    def _ap_gradient(self, layer: _Layer, pending: _Pending | None, state: dict):
+        """(M_weight, M_bias) by the layer's path at step time, or None to use .grad as it is."""
+        w = layer.weight
+        bias = layer.module.bias if layer.augment else None
+        g_bias = None
+        if bias is not None:
+            g_bias = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+        path = pending.path if pending is not None else "primal"
+        if path == "dual" and self.choose_path(layer, pending.rows) == "primal":
+            pending.moment, pending.inputs, pending.path = sum(z.T @ z for z in pending.inputs), [], "primal"
+            path = "primal"  # several calls made primal the cheaper path
+        if path == "dual":
+            z = torch.cat(pending.inputs) if len(pending.inputs) > 1 else pending.inputs[0]
+            g = layer.grad_matrix(w.grad, g_bias, z.dtype)
+            n = z.shape[0]
+            gram = z @ z.T
+            lam = damping(gram.diagonal().sum() / n, z.shape[1], self.damping, self.damping_form,
+                          self.damping_eps)
+            if not math.isfinite(lam):
+                state["ap_skipped_stats"] = state.get("ap_skipped_stats", 0) + 1
+                return None
+            k_inverse, c, retries = damped_inverse(gram, n * lam)
+            state["ap_retries"] = state.get("ap_retries", 0) + retries
+            if k_inverse is None:
+                state["ap_fallbacks"] = state.get("ap_fallbacks", 0) + 1
+                return None
+            return layer.from_grad_matrix(dual_precondition(g, z, k_inverse, c), w.grad, g_bias)
+        inverse = self._primal_inverse(layer, pending, state)
+        if inverse is None:
+            return None
+        g = layer.grad_matrix(w.grad, g_bias, inverse.dtype)
+        return layer.from_grad_matrix(g @ inverse, w.grad, g_bias)
+
+    # ---- clipping on the true gradient -----------------------------------------------------------------
+    def true_grad_norms_sq(self) -> dict[torch.Tensor, torch.Tensor]:
+        """||G||_F^2 for each weight whose .grad holds M (backward path): <D D^T, Z Z^T> for a Linear; for a
+        conv the sum over taps of the same with each tap's (input row, output row) pairs."""
+        out = {}
+        for layer, pending in self._pending.items():
+            if pending.path != "backward" or pending.applied is None:
+                continue
+            gram = pending.gram
+            if layer.mode == "linear":
+                d = pending.applied[1]
+                out[layer.weight] = ((d @ d.T) * gram).sum()
+                continue
+            z, d, _ = pending.applied
+            d_rows = d.transpose(1, 2).reshape(-1, d.shape[1]).to(gram.dtype)
+            dd = d_rows @ d_rows.T
+            total = gram.new_zeros(())
+            for rows_in, rows_out in layer.tap_pairs(z.shape[0], z.shape[2], d.shape[2], gram.device):
+                total += (gram[rows_in][:, rows_in] * dd[rows_out][:, rows_out]).sum()
+            out[layer.weight] = total
+        return out
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, parameters, max_norm: float) -> torch.Tensor:
+        """torch.nn.utils.clip_grad_norm_ measured on the true gradients: a backward-path weight counts
+        ||G||, and its M is scaled by the same coefficient (M is linear in D, so that is AP of the clipped G)."""
+        grads = [p.grad for p in parameters if p.grad is not None]
+        if not grads:
+            return torch.tensor(0.0)
+        true = {id(w.grad): sq for w, sq in self.true_grad_norms_sq().items() if w.grad is not None}
+        plain = [g for g in grads if id(g) not in true]
+        dtype, device = grads[0].dtype, grads[0].device
+        squares = [n.to(dtype) ** 2 for n in torch._foreach_norm(plain)] if plain else []
+        total = torch.stack(squares + [sq.to(dtype=dtype, device=device) for sq in true.values()]).sum().sqrt()
+        coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coefficient.to(grads[0].device))
+        return total
 
     # ---- the step ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -255,30 +619,29 @@ class DoPr(torch.optim.Optimizer):
         if self.ap:
             for layer in self.layers:
                 w = layer.weight
+                pending = self._pending.get(layer)
                 if w.grad is None:
                     continue
-                state = self.state[w]
-                self._update_factor(layer, state)
-                if "ap_factor" not in state:
+                if pending is not None and pending.path == "backward":
+                    self.last_paths[layer.name] = "backward"  # .grad is M already (or G after a fallback)
                     continue
-                bias = layer.module.bias if layer.augment else None
-                g_bias = bias.grad if bias is not None else None
-                if layer.augment and g_bias is None:
-                    g_bias = torch.zeros_like(bias)
-                m_w, m_b = layer.precondition(state["ap_factor"], w.grad, g_bias)
-                ap_grads[w] = m_w
+                result = self._ap_gradient(layer, pending, self.state[w])
+                self.last_paths[layer.name] = pending.path if pending is not None else "primal"
+                if result is None:
+                    continue
+                ap_grads[w] = result[0]
                 if layer.augment:
-                    ap_grads[bias] = m_b
+                    ap_grads[layer.module.bias] = result[1]
             self._pending.clear()
         layer_of = {layer.weight: layer for layer in self.layers}
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = ap_grads.get(p, p.grad)
-                if group["update"] == "adam":
-                    self._adamw(p, g, self.state[p], group)
-                elif group["update"] == "muon":
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [ap_grads.get(p, p.grad) for p in params]
+            if group["update"] == "adam":
+                self._adamw(params, grads, group)
+                continue
+            for p, g in zip(params, grads):
+                if group["update"] == "muon":
                     self._muon(p, g, self.state[p], group, layer_of[p])
                 else:
                     if group["weight_decay"]:
@@ -287,22 +650,27 @@ class DoPr(torch.optim.Optimizer):
         self.steps += 1
         return loss
 
-    @staticmethod
-    def _adamw(p, g, state, group) -> None:
-        """torch.optim.AdamW's single-tensor update, operation for operation."""
-        if "exp_avg" not in state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-        state["step"] += 1
-        step = state["step"]
-        p.mul_(1 - lr * group["weight_decay"])
-        state["exp_avg"].lerp_(g, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        step_size = lr / (1 - beta1 ** step)
-        denom = (state["exp_avg_sq"].sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
-        p.addcdiv_(state["exp_avg"], denom, value=-step_size)
+    def _adamw(self, params, grads, group) -> None:
+        """torch.optim.AdamW's update through its functional form (fused kernel when group["fused"])."""
+        if not params:
+            return
+        fused = group["fused"]
+        for p in params:
+            state = self.state[p]
+            if "exp_avg" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device) if fused \
+                    else torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif not torch.is_tensor(state["step"]):  # trainer states written before the fused kernel
+                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32,
+                                             device=p.device if fused else "cpu")
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        functional_adamw(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+                         [s["step"] for s in states], foreach=False if not fused else None, fused=fused or None,
+                         amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+                         weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
     @staticmethod
     def _muon(p, g, state, group, layer: _Layer) -> None:
@@ -329,16 +697,19 @@ class DoPr(torch.optim.Optimizer):
         self.steps = int(extra.get("steps", 0))
 
     def health(self, spectrum: bool = False) -> dict[str, float]:
-        """Fallback / retry counts; with `spectrum`, per-layer min and max eigenvalue of S_d and its condition."""
-        out: dict[str, float] = {"ap_fallbacks": 0, "ap_retries": 0}
+        """Counts (failed factorizations, 10x-damping retries, skipped non-finite statistics), how many layers
+        took each path last step; with `spectrum`, per primal layer min / max eigenvalue of S_d and condition."""
+        out: dict[str, float] = {"ap_fallbacks": 0, "ap_retries": 0, "ap_skipped_stats": 0}
+        out.update({f"ap_layers_{p}": 0 for p in PATHS})
         for layer in self.layers:
             state = self.state.get(layer.weight, {})
-            out["ap_fallbacks"] += state.get("ap_fallbacks", 0)
-            out["ap_retries"] += state.get("ap_retries", 0)
-            if spectrum and "ap_factor" in state:
-                f = state["ap_factor"]
-                eig = torch.linalg.eigvalsh(f @ f.T)
-                lo, hi = eig[0].item(), eig[-1].item()
+            for key in ("ap_fallbacks", "ap_retries", "ap_skipped_stats"):
+                out[key] += state.get(key, 0)
+            if layer.name in self.last_paths:
+                out[f"ap_layers_{self.last_paths[layer.name]}"] += 1
+            if spectrum and "ap_inverse" in state and self.last_paths.get(layer.name, "primal") == "primal":
+                inv_eig = torch.linalg.eigvalsh(state["ap_inverse"])
+                lo, hi = 1 / inv_eig[-1].item(), 1 / inv_eig[0].item()
                 out[f"ap_eig_min/{layer.name}"] = lo
                 out[f"ap_eig_max/{layer.name}"] = hi
                 out[f"ap_cond/{layer.name}"] = hi / lo if lo > 0 else math.inf

@@ -24,6 +24,10 @@ class ActionChunkPolicy(nn.Module):
         self.horizon = horizon
         self.action_dim = action_dim
 
+    def io_layers(self) -> list[nn.Module]:
+        """The backbone's layers that read raw inputs and its final projection (for `optim.matrix_layers`)."""
+        return list(self.model.io_layers())
+
     def _condition(self, obs: torch.Tensor) -> torch.Tensor:
         return self.obs_normalizer.normalize(obs).flatten(1)
 

@@ -35,6 +35,11 @@ class MLPDenoiser(nn.Module):
         self.blocks = nn.ModuleList(ResidualBlock(hidden_dim, full_cond) for _ in range(num_layers))
         self.output = nn.Sequential(nn.LayerNorm(hidden_dim), nn.Linear(hidden_dim, horizon * action_dim))
 
+    def io_layers(self) -> list[nn.Module]:
+        """The layers that read raw inputs (time-step encoder, the input layer on the noisy chunk and the
+        observations) and the final projection: Muon practice gives these AdamW (DOPR_SPEC.md)."""
+        return [self.step_embed[1], self.input, self.output[1]]
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         B, H, A = x.shape
         c = torch.cat([cond, self.step_embed(t)], dim=-1)

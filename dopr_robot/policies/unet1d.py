@@ -84,6 +84,17 @@ class ConditionalUnet1D(nn.Module):
             nn.Conv1d(down_dims[0], action_dim, 1),
         )
 
+    def io_layers(self) -> list[nn.Module]:
+        """The layers that read raw inputs and the final projection (Muon practice gives these AdamW,
+        DOPR_SPEC.md): the time-step encoder's first Linear, the first block's convs on the noisy action chunk,
+        every FiLM Linear (the observations enter the network only there) and the final 1x1 conv."""
+        first = self.down[0][0]
+        layers = [self.step_embed[1], first.blocks[0].block[0]]
+        if isinstance(first.residual, nn.Conv1d):
+            layers.append(first.residual)
+        layers += [m.cond_encoder[1] for m in self.modules() if isinstance(m, ConditionalResidualBlock1D)]
+        return layers + [self.final[1]]
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         c = torch.cat([self.step_embed(t), cond], dim=-1)
         h = x.transpose(1, 2)  # (B, A, H): channels are action dims, length is time

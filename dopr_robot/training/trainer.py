@@ -23,7 +23,7 @@ from dopr_robot.datasets import WindowDataset, flatten_obs, open_demos
 from dopr_robot.envs.compat import action_mode, version_warning
 from dopr_robot.errors import UserError
 from dopr_robot.fileio import append_jsonl, atomic_path, write_json, write_text
-from dopr_robot.optim import build_optimizer, optimizer_health
+from dopr_robot.optim import build_optimizer, clip_grad_norm_, optimizer_health
 from dopr_robot.progress import progress_bar
 from dopr_robot.policies import RangeNormalizer, build_policy
 from dopr_robot.checkpoint import save_checkpoint
@@ -129,7 +129,7 @@ def _train(cfg: Config, run_dir: Path, collect_if_missing: bool, progress: bool,
                           RangeNormalizer.fit(obs_all, d.norm_range_floor),
                           RangeNormalizer.fit(act_all, d.norm_range_floor)).to(device)
     ema = EMA(policy, t.ema_power, t.ema_max_decay)
-    optimizer = build_optimizer(policy, cfg.optim)
+    optimizer = build_optimizer(policy, cfg.optim, io_layers=policy.io_layers())
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(t.warmup_steps, t.steps))
     generator = torch.Generator(device=device).manual_seed(t.seed)
     start_step = 0
@@ -179,7 +179,8 @@ def _train(cfg: Config, run_dir: Path, collect_if_missing: bool, progress: bool,
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         ddp.average_gradients(policy)
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+        # DoPr's clip: layers whose .grad already holds the AP gradient are measured by their true gradient
+        grad_norm = clip_grad_norm_(optimizer, policy.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
         optimizer.step()
         schedule.step()
         ema.update(policy)
