@@ -120,7 +120,8 @@ def sweep_cmd(
     jobs: int = typer.Option(1, help="cells run in parallel (local launcher); each gets cores/JOBS threads"),
     episodes: Optional[int] = typer.Option(None, help="episodes of every eval report [config's eval.episodes]"),
     workers: Optional[int] = typer.Option(None, help="eval worker processes per cell [cores/JOBS]"),
-    perturb: Optional[List[str]] = typer.Option(None, help="NAME=v1,v2 (action_noise|obs_noise|push): one eval per level"),
+    perturb: Optional[List[str]] = typer.Option(None, help="NAME=v1,v2 (action_noise|obs_noise|push): "
+                                                           "one eval report per level"),
     launcher: str = typer.Option("local", help="local | ray | submitit (SLURM arrays; local jobs without SLURM)"),
     launcher_opt: Optional[List[str]] = typer.Option(None, help="KEY=VALUE for the launcher (submitit parameters, "
                                                                 "ray.remote options, ray address)"),

@@ -44,8 +44,9 @@ def check_available(launcher: str) -> None:
 
 
 def _failure(error: BaseException) -> dict[str, Any]:
-    return {"state": "failed", "error": f"launcher: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
-            "success_rate": None, "best_success_rate": None, "val_loss": None, "wall_s": None}
+    text = str(error).splitlines()[0] if str(error) else ""
+    return {"state": "failed", "error": f"launcher: {type(error).__name__}: {text}", "success_rate": None,
+            "best_success_rate": None, "val_loss": None, "wall_s": None}
 
 
 def _local(jobs, parallel, on_state, on_done) -> None:
