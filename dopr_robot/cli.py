@@ -78,7 +78,9 @@ def train_cmd(
             raise UserError(f"run directory {out} exists; pass --resume to continue it or --overwrite to replace it")
         shutil.rmtree(out)
     run = train(cfg, out, collect_if_missing=dataset is None, resume=resume, until=until)
-    typer.echo(f"trained -> {run}  (next: dopr-robot eval {run})")
+    from dopr_robot.plotting import plot_run
+    curves = plot_run(run, missing_ok=True)  # RUN/training_curves.png; None when no metrics record exists yet
+    typer.echo(f"trained -> {run}  (next: dopr-robot eval {run})" + (f", curves -> {curves}" if curves else ""))
 
 
 @app.command("eval")
@@ -136,6 +138,44 @@ def sweep_cmd(
                        command=["dopr-robot", *sys.argv[1:]], echo=typer.echo)
     if failed:
         sys.exit(1)  # some cells failed (not a usage error: their logs say why)
+
+
+@app.command("compare")
+def compare_cmd(
+    paths: List[Path] = typer.Argument(..., help="sweep directories (with sweep.json, or holding run directories) "
+                                                 "or run directories"),
+    baseline: Optional[str] = typer.Option(None, help="baseline: a group name or an optimizer [adam]"),
+    select: str = typer.Option("same-config", help="same-config | best-config (also pick each optimizer's grid "
+                                                   "point on the selection seeds, report it on held-out seeds)"),
+    out: Optional[Path] = typer.Option(None, help="output directory [DIR/compare when one DIR is given]"),
+    last_n: int = typer.Option(5, help="in-training success of a run: mean of its last N evaluations"),
+    n_boot: int = typer.Option(10000, help="hierarchical bootstrap replicates"),
+    seed: int = typer.Option(0, help="seed of the bootstrap and of Monte Carlo permutations"),
+):
+    """Group runs by optimizer and grid point; success with intervals and tests vs the baseline, and plots."""
+    from dopr_robot.experiments.compare import compare, default_out, format_markdown
+
+    out = out if out is not None else default_out(paths)
+    report, warnings = compare(paths, baseline=baseline, select=select, out=out, last_n=last_n, n_boot=n_boot,
+                               seed=seed, command=sys.argv)
+    for warning in warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(format_markdown(report))
+    plots = ", ".join(Path(p).name for p in report["plots"].values() if p)
+    typer.echo(f"compare -> {out / 'compare.json'}, {out / 'compare.md'}" + (f", plots: {plots}" if plots else ""))
+
+
+@app.command("plot")
+def plot_cmd(
+    run: Path = typer.Argument(..., help="run directory"),
+    out: Optional[Path] = typer.Option(None, help="PNG file [RUN/training_curves.png]"),
+):
+    """Training curves of a run as a PNG: loss, validation loss, lr, step time, DoPr health, in-training success."""
+    from dopr_robot.plotting import plot_run
+
+    if out is not None and out.suffix.lower() != ".png":
+        raise UserError(f"--out {out}: must be a .png file")
+    typer.echo(f"training curves -> {plot_run(run, out)}")
 
 
 @app.command("inspect")
