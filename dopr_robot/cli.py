@@ -209,7 +209,9 @@ def convert_cmd(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # without standalone mode, Ctrl-C and typer.Exit come back as a return value
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)

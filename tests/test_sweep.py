@@ -174,3 +174,49 @@ def test_submitit_launcher_extends_the_sweep(finished, lift_demos):
     assert [c["name"] for c in record["cells"]][-1] == "adam_lr-1e-3_s1" and len(record["cells"]) == 5
     assert record["seeds"] == [0, 1] and record["cells"][-1]["state"] == "done"
     assert json.loads((out / "adam_lr-1e-3_s1" / "eval.json").read_text())["train_seed"] == 1
+
+
+def test_best_checkpoint_and_perturbation_reports(tmp_path, lift_demos):
+    """eval_best.json when training keeps a best checkpoint; one eval_<tag>.json per perturbation level."""
+    from dataclasses import fields
+
+    from dopr_robot.config import TrainConfig
+    from dopr_robot.experiments.cells import cli_options
+
+    options = cli_options("eval")
+    best = "eval_every" in {f.name for f in fields(TrainConfig)} and "--checkpoint" in options
+    perturb = {"--action-noise", "--tag"} <= options
+    if not (best or perturb):
+        pytest.skip("needs in-training evaluation (train.eval_every) or eval --action-noise/--tag")
+    out = tmp_path / "extra"
+    args = ["sweep", CONFIG, "--out", str(out), "--optims", "adam", "--seeds", "0", "--episodes", "2"]
+    for item in [f"data.path={lift_demos}", *TINY, *(["train.eval_every=10", "train.eval_episodes=1"] if best else [])]:
+        args += ["--set", item]
+    args += ["--perturb", "action_noise=0.5"] if perturb else []
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr + result.stdout
+    run = out / "adam_s0"
+    cell = json.loads((out / "sweep.json").read_text())["cells"][0]
+    if best:
+        report = json.loads((run / "eval_best.json").read_text())
+        assert report["checkpoint_name"] == "best" and report["episodes"] == 2
+        assert cell["best_success_rate"] == report["success_rate"] and "(best ckpt" in result.stdout
+    if perturb:
+        report = json.loads((run / "eval_action_noise0.5.json").read_text())
+        assert report["perturbation"]["action_noise"] == 0.5 and report["episodes"] == 2
+    again = run_cli(*args)
+    assert again.returncode == 0 and "(1 done, 0 to run)" in again.stdout
+
+
+def test_ray_launcher_extends_the_sweep(finished, lift_demos):
+    pytest.importorskip("ray", reason="optional extra: pip install 'dopr-robot[ray]'")
+    out, _ = finished
+    args = sweep_args(out, lift_demos, "--launcher", "ray", "--launcher-opt", "include_dashboard=false")
+    args[args.index("--seeds") + 1] = "2"
+    args[args.index("--optims") + 1] = "adam"
+    args[args.index("--grid") + 1] = "optim.lr=1e-3"
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr + result.stdout
+    cell = next(c for c in json.loads((out / "sweep.json").read_text())["cells"] if c["name"] == "adam_lr-1e-3_s2")
+    assert cell["state"] == "done"
+    assert json.loads((out / "adam_lr-1e-3_s2" / "eval.json").read_text())["train_seed"] == 2

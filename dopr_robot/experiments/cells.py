@@ -19,6 +19,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -44,6 +45,18 @@ class CellJob:
 
 class CellFailed(Exception):
     pass
+
+
+_running: set[subprocess.Popen] = set()  # this process's live cell subprocesses (see `terminate_running`)
+_running_lock = threading.Lock()
+
+
+def terminate_running() -> None:
+    """SIGTERM every live cell subprocess (the sweep was interrupted): a cell loses its work since its last trainer
+    state and is resumed by the next run, exactly as after kill -9."""
+    with _running_lock:
+        for proc in _running:
+            proc.terminate()
 
 
 @functools.cache
@@ -171,6 +184,8 @@ def _run_logged(job: CellJob, args: list[str], carried: str = "", wait_for_run_d
     try:
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                               cwd=job.cwd, env=env) as proc:
+            with _running_lock:
+                _running.add(proc)
             for line in proc.stdout:
                 tail.append(line)
                 pending.append(line)
@@ -182,6 +197,8 @@ def _run_logged(job: CellJob, args: list[str], carried: str = "", wait_for_run_d
                     log.flush()
                     pending.clear()
             rc = proc.wait()
+            with _running_lock:
+                _running.discard(proc)
         if log is None:
             run.mkdir(parents=True, exist_ok=True)
             log = open(log_path, "a")

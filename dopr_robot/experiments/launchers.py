@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from dopr_robot.errors import UserError
-from dopr_robot.experiments.cells import CellJob, run_cell
+from dopr_robot.experiments.cells import CellJob, run_cell, terminate_running
 
 LAUNCHERS = ("local", "ray", "submitit")
 OnDone = Callable[[CellJob, dict[str, Any]], None]
@@ -55,8 +55,9 @@ def _local(jobs, parallel, on_state, on_done) -> None:
         try:
             for future in concurrent.futures.as_completed(futures):
                 on_done(futures[future], future.result())
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)  # Ctrl-C: start no new cell; running ones get SIGINT too
+        except BaseException:  # Ctrl-C / SIGTERM of the sweep: start no new cell, stop the running ones
+            pool.shutdown(wait=False, cancel_futures=True)
+            terminate_running()
             raise
 
 
@@ -84,7 +85,7 @@ def _submitit(jobs, parallel, options, sweep_dir, on_done) -> None:
 def _ray(jobs, options, on_done) -> None:
     import ray
 
-    init = {k: options.pop(k) for k in ("address", "namespace") if k in options}
+    init = {k: options.pop(k) for k in ("address", "namespace", "include_dashboard") if k in options}
     ray.init(**init)
     remote = ray.remote(num_cpus=jobs[0].threads, **options)(run_cell)
     pending = {remote.remote(job): job for job in jobs}
