@@ -189,7 +189,7 @@ def test_best_checkpoint_and_perturbation_reports(tmp_path, lift_demos):
     if not (best or perturb):
         pytest.skip("needs in-training evaluation (train.eval_every) or eval --action-noise/--tag")
     out = tmp_path / "extra"
-    args = ["sweep", CONFIG, "--out", str(out), "--optims", "adam", "--seeds", "0", "--episodes", "2"]
+    args = ["sweep", CONFIG, "--out", str(out), "--optims", "adam", "--seeds", "0", "--episodes", "2", "--workers", "1"]
     for item in [f"data.path={lift_demos}", *TINY, *(["train.eval_every=10", "train.eval_episodes=1"] if best else [])]:
         args += ["--set", item]
     args += ["--perturb", "action_noise=0.5"] if perturb else []

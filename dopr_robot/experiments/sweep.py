@@ -22,7 +22,7 @@ import yaml
 
 from dopr_robot.config import load_config
 from dopr_robot.errors import UserError
-from dopr_robot.experiments.cells import CellJob, cli_options, is_done
+from dopr_robot.experiments.cells import CellJob, cli_options, is_done, summary
 from dopr_robot.experiments.grid import (PERTURBATIONS, Cell, cell_config, check_overrides, enumerate_cells,
                                          parse_grid, parse_optims, parse_perturb, parse_seeds, perturb_tag)
 from dopr_robot.experiments.launchers import check_available, launch
@@ -189,8 +189,6 @@ def _merge_record(previous, identity, command, launcher, optims, seeds, grid, ce
         if entry["state"] == "pending" and old.get("state") == "failed":
             entry["state"] = "failed"  # until it is retried below
         if done[cell.name] and entry["success_rate"] is None:
-            from dopr_robot.experiments.cells import summary
-
             entry.update(summary(Path(job.run_dir)))
         new_cells.append(entry)
     record["cells"] = [*old_cells.values(), *new_cells]  # cells of earlier invocations not asked for stay listed
