@@ -100,6 +100,26 @@ def test_interrupted_cell_resumes_to_the_uninterrupted_result(finished, lift_dem
     assert {k: v for k, v in cell_files(out).items() if not k.startswith(name + "/")} == before
 
 
+def test_interrupted_eval_is_finished_with_the_same_episodes(finished, lift_demos):
+    """A report missing (eval killed): the re-run evaluates again, from the episode journal where eval has one."""
+    from dopr_robot.experiments.cells import cli_options
+
+    out, _ = finished
+    run = out / "adam_lr-3e-4_s0"
+    full = json.loads((run / "eval.json").read_text())
+    (run / "eval.json").unlink()
+    weights = (run / "checkpoints" / "final.safetensors").stat().st_mtime_ns
+    result = run_cli(*sweep_args(out, lift_demos))
+    assert result.returncode == 0 and "(3 done, 1 to run)" in result.stdout, result.stderr
+    report = json.loads((run / "eval.json").read_text())
+    strip = lambda eps: [{k: e[k] for k in ("seed", "success", "steps", "return")} for e in eps]
+    assert strip(report["per_episode"]) == strip(full["per_episode"])
+    assert (run / "checkpoints" / "final.safetensors").stat().st_mtime_ns == weights  # not trained again
+    last_command = [l for l in (run / "sweep.log").read_text().splitlines() if l.startswith("$ dopr-robot")][-1]
+    assert last_command.startswith("$ dopr-robot eval")
+    assert ("--resume" in last_command) == ("--resume" in cli_options("eval"))
+
+
 def test_failed_cell_is_recorded_and_retried(tmp_path, lift_demos):
     out = tmp_path / "bad"
     args = ["sweep", CONFIG, "--out", str(out), "--optims", "adam", "--seeds", "0", "--episodes", "2"]
