@@ -149,6 +149,35 @@ def diagnose_cmd(
     typer.echo(f"report -> {json_path}, plot -> {json_path.with_suffix('.png')}")
 
 
+@app.command("sweep")
+def sweep_cmd(
+    config: Path = typer.Argument(..., help="YAML config every cell starts from"),
+    out: Path = typer.Option(..., help="sweep directory: DIR/sweep.json and one run directory per cell"),
+    optims: str = typer.Option("adam,muon,dopr,dopr-muon", help="comma-separated optimizers"),
+    seeds: str = typer.Option("0-4", help="training seeds: 0-4, 0,2,5 or 0-2,9"),
+    grid: Optional[List[str]] = typer.Option(None, help="KEY=v1,v2 (repeatable): every optimizer gets every point"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="override a config key in every cell"),
+    jobs: int = typer.Option(1, help="cells run in parallel (local launcher); each gets cores/JOBS threads"),
+    episodes: Optional[int] = typer.Option(None, help="episodes of every eval report [config's eval.episodes]"),
+    workers: Optional[int] = typer.Option(None, help="eval worker processes per cell [cores/JOBS]"),
+    perturb: Optional[List[str]] = typer.Option(None, help="NAME=v1,v2 (action_noise|obs_noise|push): "
+                                                           "one eval report per level"),
+    launcher: str = typer.Option("local", help="local | ray | submitit (SLURM arrays; local jobs without SLURM)"),
+    launcher_opt: Optional[List[str]] = typer.Option(None, help="KEY=VALUE for the launcher (submitit parameters, "
+                                                                "ray.remote options, ray address)"),
+    dry_run: bool = typer.Option(False, help="list the cells and whether they are done; run nothing"),
+):
+    """Train and evaluate every optimizer x grid point x seed; re-run the same command to resume."""
+    from dopr_robot.experiments.sweep import run_sweep
+
+    failed = run_sweep(config, out, optims, seeds, list(grid or []), list(set_ or []), jobs=jobs, episodes=episodes,
+                       workers=workers, perturb=list(perturb or []), launcher=launcher,
+                       launcher_options=list(launcher_opt or []), dry_run=dry_run,
+                       command=["dopr-robot", *sys.argv[1:]], echo=typer.echo)
+    if failed:
+        sys.exit(1)  # some cells failed (not a usage error: their logs say why)
+
+
 @app.command("compare")
 def compare_cmd(
     paths: List[Path] = typer.Argument(..., help="sweep directories (with sweep.json, or holding run directories) "
@@ -218,7 +247,9 @@ def convert_cmd(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # without standalone mode, Ctrl-C and typer.Exit come back as a return value
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
