@@ -181,20 +181,25 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
     if journal is not None and resume:
         header, done = read_journal(journal)
     missing = [s for s in seeds if s not in done]
+
+    def journal_header() -> dict[str, Any]:
+        return json.loads(json.dumps({
+            "checkpoint": str(ckpt.resolve()), "weights_sha256": _sha256(ckpt.with_suffix(".safetensors")),
+            "step": meta.get("step"), "max_steps": max_steps, "n_action_steps": n_action_steps,
+            "perturbation": perturbation.report()}))
+
+    expected = None
+    if header is not None:  # a resume is checked before anything starts
+        expected = journal_header()
+        check_resumable(journal, header, expected)
     workers = max(1, min(workers or os.cpu_count() or 1, max(1, len(missing))))
     own_pool = pool is None and bool(missing)
     if own_pool:
         pool = EvalPool(workers, episode_timeout_s, preload=ckpt)  # workers start loading now
     try:
-        expected = None
-        if journal is not None:
-            expected = json.loads(json.dumps({
-                "checkpoint": str(ckpt.resolve()), "weights_sha256": _sha256(ckpt.with_suffix(".safetensors")),
-                "step": meta.get("step"), "max_steps": max_steps, "n_action_steps": n_action_steps,
-                "perturbation": perturbation.report()}))
-            if header is not None:
-                check_resumable(journal, header, expected)
-            elif not resume:
+        if journal is not None and expected is None:
+            expected = journal_header()  # hashing the weights overlaps the workers' start-up
+            if not resume:
                 report_file = journal.with_name(journal.name[: -len("_episodes.jsonl")] + ".json")
                 stamp_from = report_file if report_file.exists() else journal
                 if journal.exists():
