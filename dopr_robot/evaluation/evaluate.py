@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import re
-import subprocess
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -283,26 +282,15 @@ def run_eval(run: str | Path, checkpoint_name: str | None = None, out: Path | No
 
 
 def provenance(run_dir: Path) -> dict[str, Any]:
-    """Where this report came from: package versions, the git commit of this code, the run's own provenance."""
-    from importlib import metadata
+    """Where this report came from: this code's git state and the package versions now (shared
+    `dopr_robot.provenance`), and the run's own RUN/provenance.json (training's, with the dataset's sha256)."""
+    from dopr_robot.provenance import provenance as current
 
-    versions = {}
-    for package in ("torch", "mujoco", "robosuite", "diffusers", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    run_provenance = None
     try:
         run_provenance = json.loads((run_dir / "provenance.json").read_text())
     except (OSError, ValueError):
-        pass
-    return {"git_commit": commit, "versions": versions, "run": run_provenance}
+        run_provenance = None
+    return {**current(), "run": run_provenance}
 
 
 def format_report(report: dict[str, Any]) -> str:
