@@ -26,6 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # measure the tree this file is in (an editable install may point elsewhere)
+
 
 def _floor_worker(args: tuple[dict, list[tuple[int, int]]]) -> int:
     env_args, episodes = args
@@ -55,7 +58,8 @@ def floor(env_args: dict, lengths: dict[int, int], workers: int) -> None:
 
 def _timed(cmd: list[str]) -> float:
     start = time.perf_counter()
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     if result.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{result.stderr}")
     return time.perf_counter() - start
@@ -77,7 +81,7 @@ def main() -> None:
 
     from dopr_robot.evaluation.evaluate import read_checkpoint_meta, resolve_checkpoint
 
-    ckpt = resolve_checkpoint(args.run)
+    ckpt = resolve_checkpoint(args.run).resolve()
     env_args = read_checkpoint_meta(ckpt)["env_args"]
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start; checkpoint {ckpt}; "
           f"{args.workers} workers, 1 thread each")
@@ -89,7 +93,7 @@ def main() -> None:
             if args.max_steps:
                 eval_cmd += ["--max-steps", str(args.max_steps)]
             spec = Path(tmp) / f"floor_{n}.json"
-            floor_cmd = [sys.executable, __file__, str(args.run), "--floor-only", str(spec)]
+            floor_cmd = [sys.executable, str(Path(__file__).resolve()), str(ckpt), "--floor-only", str(spec)]
             evals, floors = [], []
             for r in range(args.repeats):
                 evals.append(_timed(eval_cmd))

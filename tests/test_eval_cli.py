@@ -75,3 +75,32 @@ def test_bad_eval_input_is_one_line_before_any_episode(run, tmp_path, extra, mes
     result = run_cli("eval", str(run), "--episodes", "1", "--workers", "1", "--max-steps", "4", *extra)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
     assert not list(tmp_path.iterdir()) and not (run / "eval_a").exists()
+
+
+def test_kill_9_mid_eval_then_resume_gives_the_uninterrupted_records(run, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    out = tmp_path / "killed.json"
+    args = ["eval", str(run), "--episodes", "3", "--workers", "1", "--max-steps", "12", "--seed-start", "700"]
+    journal = tmp_path / "killed_episodes.jsonl"
+    process = subprocess.Popen([sys.executable, "-m", "dopr_robot.cli", *args, "--out", str(out)], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if journal.is_file() and len(journal.read_text().splitlines()) >= 2:  # header + one episode
+            break
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the command and its workers, at once
+    process.wait()
+    assert not out.exists()
+    assert run_cli(*args, "--out", str(out), "--resume").returncode == 0
+    resumed = json.loads(out.read_text())
+    assert resumed["resumed_episodes"] >= 1
+    assert run_cli(*args, "--out", str(tmp_path / "whole.json")).returncode == 0
+    assert _records(resumed) == _records(json.loads((tmp_path / "whole.json").read_text()))

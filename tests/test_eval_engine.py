@@ -54,16 +54,24 @@ def _object_path(outcome):
     return outcome.trajectory.obs["object"][:, :3]
 
 
-def test_one_pool_matches_the_pre_pool_results_and_perturbs_deterministically(tiny_runs):
+def test_one_pool_matches_the_pre_pool_results_and_perturbs_deterministically(tiny_runs, tmp_path):
     plain = EpisodeSettings(max_steps=24, n_action_steps=8, record=True)
-    with EvalPool(2) as pool:
-        base = pool.evaluate(_ckpt(tiny_runs["diffusion"]), SEEDS, plain)
+    last = tmp_path / "last.json"  # re-saved in place, like training's checkpoints/last
+
+    def save_as_last(run):
+        shutil.copyfile(_ckpt(run).with_suffix(".safetensors"), last.with_suffix(".safetensors"))
+        shutil.copyfile(_ckpt(run), last)
+
+    save_as_last(tiny_runs["diffusion"])
+    with EvalPool(2, preload=last) as pool:
+        base = pool.evaluate(last, SEEDS, plain)
         for seed, (success, steps, ret, action_sum) in BEFORE["diffusion"].items():
             got = _key(base)[seed]
             assert got[:3] == (success, steps, ret)
             assert got[3] == pytest.approx(action_sum, rel=1e-6, abs=1e-6)  # bit-equal here; CPUs may round
-        # the same pool, another checkpoint (workers reload), then back: the pre-pool records again
-        flow = pool.evaluate(_ckpt(tiny_runs["flow"]), SEEDS, plain)
+        # the same pool after the checkpoint file was replaced: the workers reload it
+        save_as_last(tiny_runs["flow"])
+        flow = pool.evaluate(last, SEEDS, plain)
         for seed, (success, steps, ret, action_sum) in BEFORE["flow"].items():
             assert _key(flow)[seed][:3] == (success, steps, ret)
             assert _key(flow)[seed][3] == pytest.approx(action_sum, rel=1e-6, abs=1e-6)

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import re
-import subprocess
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -181,20 +180,25 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
     if journal is not None and resume:
         header, done = read_journal(journal)
     missing = [s for s in seeds if s not in done]
+
+    def journal_header() -> dict[str, Any]:
+        return json.loads(json.dumps({
+            "checkpoint": str(ckpt.resolve()), "weights_sha256": _sha256(ckpt.with_suffix(".safetensors")),
+            "step": meta.get("step"), "max_steps": max_steps, "n_action_steps": n_action_steps,
+            "perturbation": perturbation.report()}))
+
+    expected = None
+    if header is not None:  # a resume is checked before anything starts
+        expected = journal_header()
+        check_resumable(journal, header, expected)
     workers = max(1, min(workers or os.cpu_count() or 1, max(1, len(missing))))
     own_pool = pool is None and bool(missing)
     if own_pool:
         pool = EvalPool(workers, episode_timeout_s, preload=ckpt)  # workers start loading now
     try:
-        expected = None
-        if journal is not None:
-            expected = json.loads(json.dumps({
-                "checkpoint": str(ckpt.resolve()), "weights_sha256": _sha256(ckpt.with_suffix(".safetensors")),
-                "step": meta.get("step"), "max_steps": max_steps, "n_action_steps": n_action_steps,
-                "perturbation": perturbation.report()}))
-            if header is not None:
-                check_resumable(journal, header, expected)
-            elif not resume:
+        if journal is not None and expected is None:
+            expected = journal_header()  # hashing the weights overlaps the workers' start-up
+            if not resume:
                 report_file = journal.with_name(journal.name[: -len("_episodes.jsonl")] + ".json")
                 stamp_from = report_file if report_file.exists() else journal
                 if journal.exists():
@@ -278,26 +282,15 @@ def run_eval(run: str | Path, checkpoint_name: str | None = None, out: Path | No
 
 
 def provenance(run_dir: Path) -> dict[str, Any]:
-    """Where this report came from: package versions, the git commit of this code, the run's own provenance."""
-    from importlib import metadata
+    """Where this report came from: this code's git state and the package versions now (shared
+    `dopr_robot.provenance`), and the run's own RUN/provenance.json (training's, with the dataset's sha256)."""
+    from dopr_robot.provenance import provenance as current
 
-    versions = {}
-    for package in ("torch", "mujoco", "robosuite", "diffusers", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    run_provenance = None
     try:
         run_provenance = json.loads((run_dir / "provenance.json").read_text())
     except (OSError, ValueError):
-        pass
-    return {"git_commit": commit, "versions": versions, "run": run_provenance}
+        run_provenance = None
+    return {**current(), "run": run_provenance}
 
 
 def format_report(report: dict[str, Any]) -> str:

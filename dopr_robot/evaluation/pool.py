@@ -188,9 +188,7 @@ class EvalPool:
                  on_outcome: Callable[[int, Outcome], None] | None = None) -> dict[int, Outcome]:
         """Run one episode per seed; `on_outcome(seed, outcome)` is called in this process as each one ends."""
         checkpoint = Path(checkpoint)
-        token = checkpoint_token(checkpoint)
-        if self._preload is not None and self._preload[1] == str(checkpoint):
-            token = self._preload[0]  # the version the workers preloaded (same file, same times)
+        token = checkpoint_token(checkpoint)  # equals the preloaded one while the files are unchanged
         outcomes: dict[int, Outcome] = {}
         pending = deque(seeds)
         suspects: deque[int] = deque()  # running when a worker died: run again, one at a time, alone
