@@ -91,22 +91,35 @@ def eval_cmd(
     n_action_steps: Optional[int] = typer.Option(None, help="actions executed per chunk (default: training's)"),
     out: Optional[Path] = typer.Option(None, help="report path (default: RUN/eval.json)"),
     save_trajectories: bool = typer.Option(False, help="also store every episode (robomimic layout) beside the report"),
+    videos: int = typer.Option(0, help="record the first N episodes (by seed) as MP4 in videos/ beside the report"),
+    videos_failed: int = typer.Option(0, help="record up to N failed episodes (re-run with recording)"),
+    video_camera: str = typer.Option("agentview", help="robosuite camera of the videos"),
+    video_size: str = typer.Option("256", help="video frame size: N (square) or WIDTHxHEIGHT"),
 ):
     """Closed-loop success of a checkpoint over many seeded rollouts; writes a JSON report."""
+    from dopr_robot.envs.render import RenderSpec, parse_size
     from dopr_robot.evaluation import evaluate, format_report
+    from dopr_robot.evaluation.video import videos_dir_for
     from dopr_robot.fileio import write_json
 
     if (episodes is not None and episodes < 1) or (max_steps is not None and max_steps < 1) or \
             (workers is not None and workers < 0):
         raise UserError("need --episodes >= 1, --max-steps >= 1, --workers >= 0")
+    if videos < 0 or videos_failed < 0:
+        raise UserError("need --videos >= 0 and --videos-failed >= 0")
+    video_spec = RenderSpec(video_camera, *parse_size(video_size))
     if out is None:
         out = (run if run.is_dir() else run.parent) / "eval.json"
     trajectories = out.with_name(out.stem + "_rollouts.hdf5") if save_trajectories else None
     report = evaluate(run, episodes=episodes, seed_start=seed_start, max_steps=max_steps, workers=workers,
-                      n_action_steps=n_action_steps, save_trajectories=trajectories)
+                      n_action_steps=n_action_steps, save_trajectories=trajectories,
+                      videos=videos, videos_failed=videos_failed, video_spec=video_spec, videos_dir=videos_dir_for(out))
     write_json(out, report)
     typer.echo(format_report(report))
     typer.echo(f"report -> {out}" + (f", trajectories -> {trajectories}" if trajectories else ""))
+    if "videos" in report:
+        typer.echo(f"videos -> {videos_dir_for(out)}: " + (", ".join(Path(v["path"]).name for v in report["videos"])
+                                                          or "none (no episode matched)"))
 
 
 @app.command("inspect")

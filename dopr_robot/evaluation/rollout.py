@@ -24,12 +24,15 @@ def _flat(obs: dict[str, np.ndarray], keys: list[str]) -> np.ndarray:
 
 
 def run_episode(policy: ActionChunkPolicy, env: RobosuiteEnv, seed: int, max_steps: int, n_action_steps: int,
-                obs_keys: list[str], record: bool = False) -> tuple[dict[str, Any], Episode | None]:
+                obs_keys: list[str], record: bool = False, recorder=None) -> tuple[dict[str, Any], Episode | None]:
+    """`recorder` (optional): `recorder.capture(env)` runs after reset and after every step (steps + 1 calls)."""
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     device = next(policy.parameters()).device
     n_obs = policy.n_obs_steps
     obs = env.reset(seed)
+    if recorder is not None:
+        recorder.capture(env)
     history = deque([_flat(obs, obs_keys)] * n_obs, maxlen=n_obs)  # the first observation stands in for the past
     seen: list[dict[str, np.ndarray]] = []
     states, actions = [], []
@@ -43,6 +46,8 @@ def run_episode(policy: ActionChunkPolicy, env: RobosuiteEnv, seed: int, max_ste
                 states.append(env.get_state())
                 actions.append(action)
             obs, reward = env.step(action)
+            if recorder is not None:
+                recorder.capture(env)
             steps += 1
             total_reward += reward
             history.append(_flat(obs, obs_keys))

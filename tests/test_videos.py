@@ -1,0 +1,140 @@
+"""Offscreen rendering and evaluation videos: real robosuite rollouts rendered with MuJoCo (OSMesa or EGL),
+encoded to MP4 and decoded back. Skipped, with the reason printed (`-ra`), where rendering does not work."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from dopr_robot.checkpoint import load_policy
+from dopr_robot.config import load_config
+from dopr_robot.envs import RobosuiteEnv
+from dopr_robot.envs.render import RenderSpec, check_rendering, parse_size
+from dopr_robot.errors import UserError
+from dopr_robot.evaluation import evaluate
+from dopr_robot.evaluation.rollout import run_episode
+from dopr_robot.evaluation.video import VideoRecorder
+from dopr_robot.training import train
+
+TINY = ["policy.mlp.hidden_dim=64", "policy.mlp.num_layers=2", "train.batch_size=32", "train.log_every=5",
+        "train.val_every=10", "train.warmup_steps=5", "train.steps=10"]
+SPEC = RenderSpec("agentview", 64, 96)  # not square: a swapped width/height shows
+
+
+@pytest.fixture(scope="module")
+def rendering(lift_demos):
+    """Skip (with the reason) where offscreen rendering does not work; else the dataset's env_args."""
+    from dopr_robot.datasets import open_demos
+
+    env_args = open_demos(lift_demos).env_args
+    try:
+        check_rendering(env_args, SPEC)
+    except UserError as e:
+        pytest.skip(f"offscreen rendering unavailable here: {e}")
+    return env_args
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, lift_demos):
+    run = tmp_path_factory.mktemp("video_run") / "run"
+    train(load_config(None, [f"data.path={lift_demos}", *TINY]), run, progress=False)
+    return run
+
+
+def decode(path) -> np.ndarray:
+    """Every frame of an MP4, decoded by imageio's ffmpeg plugin: (frames, height, width, 3) uint8."""
+    import imageio.v2 as imageio
+
+    with imageio.get_reader(path, format="FFMPEG") as reader:
+        return np.stack([frame for frame in reader])  # not list(reader): its len() is inf for video
+
+
+def test_recorded_rollout_is_an_mp4_with_one_frame_per_step_plus_reset(tmp_path, rendering, tiny_run):
+    policy, meta = load_policy(tiny_run)
+    env = RobosuiteEnv(rendering, render=SPEC)
+    with VideoRecorder(env, tmp_path, seed=7, fps=20) as recorder:
+        result, _ = run_episode(policy, env, 7, 12, 8, meta["obs_keys"], recorder=recorder)
+        path = recorder.finish(result["success"])
+    assert path.name == f"7_{'success' if result['success'] else 'failure'}.mp4"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+    frames = decode(path)
+    assert frames.shape == (result["steps"] + 1, SPEC.height, SPEC.width, 3)
+    assert frames.std() > 10  # a scene, not a blank frame
+    # the first decoded frame is the rendered reset frame (H.264 is lossy: close, not equal)
+    env.reset(7)
+    assert np.abs(frames[0].astype(float) - env.render_frame()).mean() < 8
+
+
+def test_recording_does_not_change_the_episode(tmp_path, rendering, tiny_run):
+    policy, meta = load_policy(tiny_run)
+    runs = []
+    for render in (None, SPEC):
+        env = RobosuiteEnv(rendering, render=render)
+        if render is None:
+            runs.append(run_episode(policy, env, 11, 24, 8, meta["obs_keys"], record=True))
+        else:
+            with VideoRecorder(env, tmp_path, seed=11, fps=20) as recorder:
+                runs.append(run_episode(policy, env, 11, 24, 8, meta["obs_keys"], record=True, recorder=recorder))
+                recorder.finish(runs[-1][0]["success"])
+                assert recorder.frames == runs[-1][0]["steps"] + 1
+    (a, ta), (b, tb) = runs
+    assert (a["success"], a["steps"], a["return"]) == (b["success"], b["steps"], b["return"])
+    assert np.array_equal(ta.actions, tb.actions) and np.array_equal(ta.states, tb.states)
+
+
+def test_eval_cli_records_first_and_failed_episodes(tmp_path, rendering, tiny_run):
+    out = tmp_path / "eval.json"
+    # 12 steps cannot lift the cube: every episode fails. --videos 1 records seed 100; --videos-failed 2 then
+    # re-runs one more failure (seed 101) with recording, since seed 100's video already shows a failure.
+    result = run_cli("eval", str(tiny_run), "--episodes", "3", "--max-steps", "12", "--workers", "1",
+                     "--seed-start", "100", "--out", str(out), "--videos", "1", "--videos-failed", "2",
+                     "--video-size", f"{SPEC.width}x{SPEC.height}")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert [(v["seed"], v["reason"], v["path"]) for v in report["videos"]] == [
+        (100, "first", "videos/100_failure.mp4"), (101, "failed", "videos/101_failure.mp4")]
+    assert sorted(p.name for p in (tmp_path / "videos").iterdir()) == ["100_failure.mp4", "101_failure.mp4"]
+    for video in report["videos"]:
+        assert "differs_from_first_run" not in video
+        frames = decode(tmp_path / video["path"])
+        assert frames.shape == (video["steps"] + 1, SPEC.height, SPEC.width, 3)
+    assert "videos -> " in result.stdout
+
+
+def test_unknown_camera_fails_before_any_episode(tmp_path, rendering, tiny_run):
+    with pytest.raises(UserError, match=r"^camera 'nosuchcam' is not in Lift \(cameras: .*agentview"):
+        evaluate(tiny_run, episodes=1, max_steps=4, workers=1, progress=False, videos=1,
+                 video_spec=RenderSpec("nosuchcam", 64, 64), videos_dir=tmp_path / "videos")
+    assert not (tmp_path / "videos").exists()
+
+
+def test_broken_backend_is_one_error_line_naming_the_fix(tmp_path, tiny_run):
+    # An invalid MUJOCO_GL is what a machine without a working backend looks like to robosuite: it fails
+    # when the renderer starts. No episode runs and the message names the fix.
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "MUJOCO_GL": "nosuchbackend"}
+    result = subprocess.run([sys.executable, "-m", "dopr_robot.cli", "eval", str(tiny_run), "--episodes", "1",
+                             "--workers", "1", "--out", str(tmp_path / "eval.json"), "--videos", "1"],
+                            capture_output=True, text=True, cwd=REPO, env=env)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "offscreen rendering does not work here (MUJOCO_GL=nosuchbackend" in result.stderr
+    assert "apt-get install libosmesa6" in result.stderr and "MUJOCO_GL=egl" in result.stderr
+    assert not (tmp_path / "eval.json").exists()
+
+
+@pytest.mark.parametrize("text, expected", [("256", (256, 256)), ("320x240", (240, 320)), ("96X64", (64, 96))])
+def test_video_size_parses(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["255", "0", "abc", "320x", "1x2x3", "4096"])
+def test_bad_video_size_is_a_user_error(text):
+    with pytest.raises(UserError, match="video size"):
+        parse_size(text)
