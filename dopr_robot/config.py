@@ -97,6 +97,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only the final checkpoint
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    logger: str = "none"  # none | tensorboard | wandb: where metrics.jsonl's records are mirrored (training/loggers.py)
 
 
 @dataclass
@@ -130,6 +131,7 @@ CHOICES = {
     "optim.ap.damping_form": ("mean", "trace"),
     "optim.ap.conv_mode": ("channel", "full"),
     "data.task": ("lift", "can", "square"),
+    "train.logger": ("none", "tensorboard", "wandb"),
 }
 POSITIVE = (
     "data.collect_episodes", "data.n_obs_steps", "data.horizon", "data.n_action_steps", "policy.mlp.hidden_dim",

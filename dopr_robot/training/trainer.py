@@ -20,12 +20,13 @@ from dopr_robot.config import Config, dump_config
 from dopr_robot.datasets import WindowDataset, flatten_obs, open_demos
 from dopr_robot.envs.compat import action_mode, version_warning
 from dopr_robot.errors import UserError
-from dopr_robot.fileio import append_jsonl, atomic_path, write_text
+from dopr_robot.fileio import atomic_path, write_text
 from dopr_robot.optim import build_optimizer, optimizer_health
 from dopr_robot.progress import progress_bar
 from dopr_robot.policies import RangeNormalizer, build_policy
 from dopr_robot.checkpoint import save_checkpoint
 from dopr_robot.training.ema import EMA
+from dopr_robot.training.loggers import check_logger_available, open_logger
 
 VALID_NOISE_SEED = 1234567  # validation noise is the same at every evaluation, so the curve is comparable
 
@@ -73,6 +74,7 @@ def train(cfg: Config, run_dir: str | Path, collect_if_missing: bool = False, pr
     device = resolve_device(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    check_logger_available(cfg.train.logger)  # a missing tensorboard/wandb package fails before anything is written
     prepare_dataset(cfg, collect_if_missing, progress)
 
     # --- data: episodes -> windows; normalization fitted on the training split only
@@ -124,6 +126,7 @@ def train(cfg: Config, run_dir: str | Path, collect_if_missing: bool = False, pr
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     write_text(run_dir / "config.yaml", dump_config(cfg))
+    logger = open_logger(cfg.train.logger, run_dir, cfg.to_dict(), start_step if resume else None)
     meta = {"config": cfg.to_dict(), "obs_dim": obs_dim, "action_dim": action_dim, "obs_keys": list(d.obs_keys),
             "env_args": env_args, "dataset": str(d.path), "dataset_attrs": demos.attrs,
             "train_demos": len(train_eps), "valid_demos": len(valid_eps)}
@@ -165,7 +168,7 @@ def train(cfg: Config, run_dir: str | Path, collect_if_missing: bool = False, pr
             if valid_set is not None and (done % t.val_every == 0 or is_last):
                 record["val_loss"] = validation_loss(ema.model, valid_set, device)
             record.update(optimizer_health(optimizer, spectrum="val_loss" in record))
-            append_jsonl(run_dir / "metrics.jsonl", record)
+            logger.log(record)
             postfix = {"loss": f"{record['loss']:.4f}"}
             if "val_loss" in record:
                 postfix["val"] = f"{record['val_loss']:.4f}"
@@ -174,6 +177,7 @@ def train(cfg: Config, run_dir: str | Path, collect_if_missing: bool = False, pr
         if t.checkpoint_every and done % t.checkpoint_every == 0 and not is_last:
             save(f"step_{done:07d}", done)
     bar.close()
+    logger.close()
     save("final" if until == t.steps else f"step_{until:07d}", until)
     return run_dir
 
