@@ -22,7 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dopr_robot.envs.render import RenderSpec, check_rendering
+from dopr_robot.errors import UserError
 
 FIRST, FAILED = "first", "failed"  # why an episode was recorded
 
@@ -107,8 +110,23 @@ class VideoPlan:
         return cls(spec, Path(directory), frozenset(seeds[:videos]), videos_failed, fps)
 
     def preflight(self, env_args: dict[str, Any], seed: int) -> float:
-        """Render one frame before any episode runs (UserError naming the fix when rendering does not work)."""
-        return check_rendering(env_args, self.spec, seed)
+        """Before any episode runs: render one frame and encode a short MP4 (UserError naming the fix when
+        either does not work here). Returns the seconds the frame took to render."""
+        seconds = check_rendering(env_args, self.spec, seed)
+        try:
+            import imageio_ffmpeg
+
+            with tempfile.TemporaryDirectory() as tmp:
+                writer = imageio_ffmpeg.write_frames(str(Path(tmp) / "check.mp4"), (self.spec.width, self.spec.height),
+                                                     macro_block_size=2, output_params=["-threads", "1"])
+                writer.send(None)
+                writer.send(np.zeros((self.spec.height, self.spec.width, 3), dtype=np.uint8))
+                writer.close()
+        except Exception as e:  # ImportError, no ffmpeg binary for this platform, ffmpeg failing
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"MP4 encoding does not work here ({detail}); pip install imageio-ffmpeg "
+                            f"(it ships an ffmpeg binary), or set IMAGEIO_FFMPEG_EXE to an ffmpeg") from None
+        return seconds
 
     def reruns(self, results: dict[int, dict[str, Any]]) -> list[int]:
         """Failed seeds to run again with recording: up to `failed` failures in all, counting those that
