@@ -5,7 +5,6 @@ Bad input (missing or corrupt files, unknown keys, invalid values) ends with one
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -31,9 +30,9 @@ def collect_cmd(
 ):
     """Roll out a scripted expert in robosuite and write its successful demos (robomimic HDF5)."""
     from dopr_robot.collect import collect
+    from dopr_robot.rundir import check_output_file
 
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} exists; pass --overwrite to replace it")
+    check_output_file(out, overwrite, suffixes=(".hdf5", ".h5"), what="--out")  # before the rollouts, not after
     s = collect(task, episodes, seed, out, max_steps=max_steps, noise=noise)
     who = f"noisy (level {noise}) expert" if noise else "expert"
     typer.echo(f"{who} success rate {s['expert_success_rate']:.1%} ({s['demos']}/{s['attempts']} attempts), "
@@ -53,11 +52,12 @@ def train_cmd(
     set_: Optional[List[str]] = typer.Option(None, "--set", help="override any config key: --set optim.lr=3e-4"),
     resume: bool = typer.Option(False, help="continue the run in --out from its trainer_state.pt"),
     until: Optional[int] = typer.Option(None, help="stop at this step with a resumable state (time-sliced jobs)"),
-    overwrite: bool = typer.Option(False, help="replace an existing run directory"),
+    overwrite: bool = typer.Option(False, help="replace an earlier run in --out (a directory holding config.yaml)"),
 ):
     """Train a policy; writes config.yaml, metrics.jsonl and checkpoints/ into the run directory."""
     from dopr_robot.config import load_config
     from dopr_robot.training import train
+    from dopr_robot.training.distributed import is_writer
 
     if resume:
         if out is None:
@@ -73,12 +73,11 @@ def train_cmd(
     if out is None:
         name = config.stem if config else "lift"
         out = Path("runs") / f"{name}_{cfg.policy.type}_{cfg.optim.name}_s{cfg.train.seed}"
-    if out.exists() and any(out.iterdir()) and not resume:
-        if not overwrite:
-            raise UserError(f"run directory {out} exists; pass --resume to continue it or --overwrite to replace it")
-        shutil.rmtree(out)
-    run = train(cfg, out, collect_if_missing=dataset is None, resume=resume, until=until)
-    typer.echo(f"trained -> {run}  (next: dopr-robot eval {run})")
+    run = train(cfg, out, collect_if_missing=dataset is None, resume=resume, until=until, overwrite=overwrite)
+    if is_writer():  # under torchrun only rank 0 writes and speaks
+        from dopr_robot.plotting import plot_run
+        curves = plot_run(run, missing_ok=True)  # RUN/training_curves.png; None when no metrics record exists yet
+        typer.echo(f"trained -> {run}  (next: dopr-robot eval {run})" + (f", curves -> {curves}" if curves else ""))
 
 
 @app.command("eval")
@@ -122,6 +121,71 @@ def eval_cmd(
                                                           or "none (no episode matched)"))
 
 
+@app.command("diagnose")
+def diagnose_cmd(
+    run: Path = typer.Argument(..., help="run directory"),
+    rollouts: Optional[Path] = typer.Option(None, help="saved rollouts [RUN/eval_rollouts.hdf5]"),
+    out: Optional[Path] = typer.Option(None, help="report path; the plot goes beside it as .png [RUN/drift.json]"),
+    checkpoint: Optional[Path] = typer.Option(None, help="checkpoint [the one the rollouts record, else final]"),
+    dataset: Optional[Path] = typer.Option(None, help="training dataset [the one the checkpoint records]"),
+    seed: int = typer.Option(0, help="seed of the policy's sampling noise in the open-loop chunk error"),
+):
+    """Drift of rollouts from the demos per time step, demo/rollout shift, open-loop vs closed-loop error."""
+    from dopr_robot.diagnostics import diagnose
+
+    r = diagnose(run, rollouts=rollouts, out=out, checkpoint=checkpoint, dataset=dataset, seed=seed)
+    band = r["demo_band"]
+    mse = r["open_loop_chunk_mse"]
+    typer.echo(f"episodes          {r['n_success']} successful, {r['n_failure']} failed "
+               f"(closed-loop success {r['closed_loop_success']:.1%})")
+    typer.echo(f"demo band         " + (f"[{band[0]:.4g}, {band[1]:.4g}]" if band else "n/a (fewer than 2 demos)"))
+    typer.echo(f"departure step    {r['departure_step'] if r['departure_step'] is not None else 'never'}")
+    typer.echo(f"shift             KL(rollouts||demos) {r['kl_gaussian']:.4g}, cov shift {r['cov_shift']:.4g}, "
+               f"log-det ratio {r['cov_logdet_ratio']:.4g}")
+    typer.echo(f"open-loop chunk   " + (f"MSE {mse:.4g} over {r['open_loop_windows']} valid windows"
+                                        if mse is not None else "n/a (no valid demos)"))
+    json_path = out or run / "drift.json"
+    typer.echo(f"report -> {json_path}, plot -> {json_path.with_suffix('.png')}")
+
+
+@app.command("compare")
+def compare_cmd(
+    paths: List[Path] = typer.Argument(..., help="sweep directories (with sweep.json, or holding run directories) "
+                                                 "or run directories"),
+    baseline: Optional[str] = typer.Option(None, help="baseline: a group name or an optimizer [adam]"),
+    select: str = typer.Option("same-config", help="same-config | best-config (also pick each optimizer's grid "
+                                                   "point on the selection seeds, report it on held-out seeds)"),
+    out: Optional[Path] = typer.Option(None, help="output directory [DIR/compare when one DIR is given]"),
+    last_n: int = typer.Option(5, help="in-training success of a run: mean of its last N evaluations"),
+    n_boot: int = typer.Option(10000, help="hierarchical bootstrap replicates"),
+    seed: int = typer.Option(0, help="seed of the bootstrap and of Monte Carlo permutations"),
+):
+    """Group runs by optimizer and grid point; success with intervals and tests vs the baseline, and plots."""
+    from dopr_robot.experiments.compare import compare, default_out, format_markdown
+
+    out = out if out is not None else default_out(paths)
+    report, warnings = compare(paths, baseline=baseline, select=select, out=out, last_n=last_n, n_boot=n_boot,
+                               seed=seed, command=sys.argv)
+    for warning in warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(format_markdown(report))
+    plots = ", ".join(Path(p).name for p in report["plots"].values() if p)
+    typer.echo(f"compare -> {out / 'compare.json'}, {out / 'compare.md'}" + (f", plots: {plots}" if plots else ""))
+
+
+@app.command("plot")
+def plot_cmd(
+    run: Path = typer.Argument(..., help="run directory"),
+    out: Optional[Path] = typer.Option(None, help="PNG file [RUN/training_curves.png]"),
+):
+    """Training curves of a run as a PNG: loss, validation loss, lr, step time, DoPr health, in-training success."""
+    from dopr_robot.plotting import plot_run
+
+    if out is not None and out.suffix.lower() != ".png":
+        raise UserError(f"--out {out}: must be a .png file")
+    typer.echo(f"training curves -> {plot_run(run, out)}")
+
+
 @app.command("inspect")
 def inspect_cmd(file: Path = typer.Argument(..., help="robomimic .hdf5 or ReplayBuffer .zarr")):
     """Summarize a demonstration file: demos, lengths, obs keys and dims, actions, env and controller, masks."""
@@ -141,12 +205,12 @@ def convert_cmd(
 ):
     """Convert between robomimic HDF5 and diffusion_policy's ReplayBuffer zarr layout (every obs key kept)."""
     from dopr_robot.datasets import open_demos
+    from dopr_robot.rundir import check_output_file
 
-    if dst.exists() and not overwrite:
-        raise UserError(f"{dst} exists; pass --overwrite to replace it")
     if src.resolve() == dst.resolve():
         raise UserError("source and destination are the same file")
-    demos = open_demos(src)
+    check_output_file(dst, overwrite, suffixes=(".zarr", ".hdf5", ".h5", ".hdf"), what="DST")
+    demos = open_demos(src)  # reads and checks every demo before anything is written
     demos.save(dst)
     typer.echo(f"{len(demos.names)} demos: {src} -> {dst}")
 

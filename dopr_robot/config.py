@@ -94,7 +94,7 @@ class TrainConfig:
     ema_max_decay: float = 0.9999
     log_every: int = 100
     val_every: int = 1000
-    checkpoint_every: int = 0  # 0: only the final checkpoint
+    checkpoint_every: int = 1000  # trainer state + step checkpoint every N steps (0: only at the end)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch CPU threads; 0 = torch's default
     logger: str = "none"  # none | tensorboard | wandb: where metrics.jsonl's records are mirrored (training/loggers.py)

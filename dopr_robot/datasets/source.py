@@ -20,12 +20,42 @@ class Demos:
             raise UserError(f"dataset not found: {self.path}")
         if is_zarr(self.path):
             self._episodes, self.masks, self.env_args, self.attrs = read_zarr(self.path, obs_keys)
-            return
-        with RobomimicFile(self.path) as f:
-            self.env_args: dict[str, Any] = f.env_args
-            self.attrs: dict[str, Any] = f.attrs
-            self.masks: dict[str, list[str]] = f.masks()
-            self._episodes: dict[str, Episode] = {name: f.read(name, obs_keys) for name in f.demos}
+        else:
+            try:
+                with RobomimicFile(self.path) as f:
+                    self.env_args: dict[str, Any] = f.env_args
+                    self.attrs: dict[str, Any] = f.attrs
+                    self.masks: dict[str, list[str]] = f.masks()
+                    self._episodes: dict[str, Episode] = {name: f.read(name, obs_keys) for name in f.demos}
+            except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
+                # h5py reports a damaged file (zeroed blocks, truncation) with these, wherever the damage is hit
+                reason = (str(e).splitlines()[0] if str(e) else type(e).__name__).strip("'")
+                raise UserError(f"dataset {self.path} is corrupt or unreadable ({reason})") from None
+        self._check_consistent()
+
+    def _check_consistent(self) -> None:
+        """Every demo has the same observation keys and widths and the same action width; every mask names
+        existing demos. Checked once at open, so no command trains on, prints or converts a mixed file."""
+        names = self.names
+        first = self._episodes[names[0]]
+        obs_widths = {k: v.shape[1:] for k, v in first.obs.items()}
+        for name in names[1:]:
+            ep = self._episodes[name]
+            if set(ep.obs) != set(obs_widths):
+                key = sorted(set(obs_widths) ^ set(ep.obs))[0]
+                lacking, having = (name, names[0]) if key in obs_widths else (names[0], name)
+                raise UserError(f"dataset {self.path}: {lacking} has no observation key {key!r} ({having} has)")
+            for key, width in obs_widths.items():
+                if ep.obs[key].shape[1:] != width:
+                    raise UserError(f"dataset {self.path}: obs/{key} of {name} is {ep.obs[key].shape[1:]}-wide, "
+                                    f"of {names[0]} {width}-wide")
+            if ep.actions.shape[1] != first.actions.shape[1]:
+                raise UserError(f"dataset {self.path}: {name} has {ep.actions.shape[1]}-D actions, "
+                                f"{names[0]} {first.actions.shape[1]}-D")
+        for key, members in self.masks.items():
+            missing = [n for n in members if n not in self._episodes]
+            if missing:
+                raise UserError(f"dataset {self.path}: mask/{key} names {missing[0]}, which is not a demo")
 
     @property
     def names(self) -> list[str]:
@@ -40,9 +70,8 @@ class Demos:
             if not self.masks:  # files without masks: every demo trains
                 return [self._episodes[n] for n in self.names]
             raise UserError(f"dataset {self.path} has no mask/{filter_key} (has: {', '.join(self.masks)})")
-        missing = [n for n in self.masks[filter_key] if n not in self._episodes]
-        if missing:
-            raise UserError(f"dataset {self.path}: mask/{filter_key} names {missing[0]}, which is not a demo")
+        if not self.masks[filter_key] and not missing_ok:
+            raise UserError(f"dataset {self.path}: mask/{filter_key} is empty (no demos to train on)")
         return [self._episodes[n] for n in self.masks[filter_key]]
 
     def save(self, out: str | Path) -> None:

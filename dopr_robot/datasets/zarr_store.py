@@ -45,8 +45,10 @@ def write_zarr(path: str | Path, episodes: list[Episode], env_args: dict[str, An
             columns["reward"] = [e.rewards for e in episodes]
         for key, parts in columns.items():
             data = np.concatenate(parts)
+            # every chunk is written, even all-zero ones, so a missing chunk file always means damage
             array = root.create_array(f"data/{key}", shape=data.shape, dtype=data.dtype,
-                                      chunks=(min(len(data), 4096), *data.shape[1:]))
+                                      chunks=(min(len(data), 4096), *data.shape[1:]),
+                                      config={"write_empty_chunks": True})
             array[:] = data
         ends = np.cumsum([len(e) for e in episodes]).astype(np.int64)
         root.create_array("meta/episode_ends", shape=ends.shape, dtype=ends.dtype)[:] = ends
@@ -75,7 +77,8 @@ def read_zarr(path: str | Path, obs_keys: list[str] | None = None):
     path = Path(path)
     try:
         root = zarr.open_group(str(path), mode="r")
-        data, ends = root["data"], np.asarray(root["meta/episode_ends"][:])
+        data = root["data"]
+        ends = _read_column(path, root["meta/episode_ends"], "meta/episode_ends", strict=True)
     except (KeyError, FileNotFoundError, ValueError, TypeError) as e:
         raise UserError(f"{path} is not a ReplayBuffer zarr store (data/, meta/episode_ends): {e}") from None
     attrs = dict(root.attrs)
@@ -92,7 +95,8 @@ def read_zarr(path: str | Path, obs_keys: list[str] | None = None):
             raise UserError(f"{path}: no observation key {key!r} (has: {', '.join(available)})")
     if len(ends) == 0 or np.any(np.diff(np.concatenate([[0], ends])) <= 0) or ends[-1] != data["action"].shape[0]:
         raise UserError(f"{path}: meta/episode_ends is not increasing or does not end at the data length")
-    columns = {k: np.asarray(data[k][:]) for k in [*keys, "action"] + [k for k in ("states", "reward") if k in data]}
+    columns = {k: _read_column(path, data[k], f"data/{k}", strict=k != "reward")
+               for k in [*keys, "action"] + [k for k in ("states", "reward") if k in data]}
     for key in [*keys, "action"]:
         if not np.all(np.isfinite(columns[key])):
             raise UserError(f"{path}: data/{key} contains NaN or inf")
@@ -109,3 +113,18 @@ def read_zarr(path: str | Path, obs_keys: list[str] | None = None):
             attrs=dict(episode_attrs[i]) if i < len(episode_attrs) else {},
         )
     return episodes, masks, env_args, attrs
+
+
+def _read_column(path: Path, array, name: str, strict: bool) -> np.ndarray:
+    """All of the array `name` (data/<key>, meta/episode_ends). zarr reads a missing chunk file as fill values
+    (zeros) without a word, so with `strict` every chunk must exist; a damaged chunk (truncated, garbage) is a
+    one-line error. Rewards are exempt: zarr 3 writers skip all-zero chunks by default, and sparse rewards are
+    mostly zero."""
+    if strict and array.nchunks_initialized != array.nchunks:
+        raise UserError(f"{path}: {name} is missing {array.nchunks - array.nchunks_initialized} of "
+                        f"{array.nchunks} chunk files (they would read as zeros)")
+    try:
+        return np.asarray(array[:])
+    except Exception as e:  # codec errors have no common type (zlib/blosc/zstd, ValueError, RuntimeError...)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: {name} is corrupt or unreadable ({reason})") from None

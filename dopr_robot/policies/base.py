@@ -27,10 +27,12 @@ class ActionChunkPolicy(nn.Module):
     def _condition(self, obs: torch.Tensor) -> torch.Tensor:
         return self.obs_normalizer.normalize(obs).flatten(1)
 
-    def compute_loss(self, obs: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None
-                     ) -> torch.Tensor:
-        """One-step training loss on a batch of raw (obs window, action chunk) pairs."""
-        return self._loss(self.action_normalizer.normalize(actions), self._condition(obs), generator)
+    def compute_loss(self, obs: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None,
+                     rows: slice | None = None) -> torch.Tensor:
+        """One-step training loss on a batch of raw (obs window, action chunk) pairs. With `rows`, the random
+        draws are made for the whole batch and the loss is the mean over those rows only (data parallelism:
+        the ranks' shares together are exactly the whole batch's step)."""
+        return self._loss(self.action_normalizer.normalize(actions), self._condition(obs), generator, rows)
 
     @torch.no_grad()
     def predict_action(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -39,7 +41,8 @@ class ActionChunkPolicy(nn.Module):
         shape = (obs.shape[0], self.horizon, self.action_dim)
         return self.action_normalizer.unnormalize(self._sample(shape, cond, generator))
 
-    def _loss(self, actions: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _loss(self, actions: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None,
+              rows: slice | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def _sample(self, shape: tuple[int, ...], cond: torch.Tensor, generator: torch.Generator | None

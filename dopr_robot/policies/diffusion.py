@@ -22,11 +22,13 @@ class DiffusionPolicy(ActionChunkPolicy):
         self.sample_scheduler = DDIMScheduler.from_config(self.train_scheduler.config)
         self.num_inference_steps = num_inference_steps
 
-    def _loss(self, actions, cond, generator):
+    def _loss(self, actions, cond, generator, rows=None):
         B = actions.shape[0]
         noise = torch.randn(actions.shape, generator=generator, device=actions.device)
         steps = torch.randint(0, self.train_scheduler.config.num_train_timesteps, (B,), generator=generator,
                               device=actions.device)
+        if rows is not None:
+            actions, cond, noise, steps = actions[rows], cond[rows], noise[rows], steps[rows]
         noisy = self.train_scheduler.add_noise(actions, noise, steps)
         pred = self.model(noisy, steps, cond)
         target = noise if self.train_scheduler.config.prediction_type == "epsilon" else actions

@@ -37,9 +37,11 @@ class FlowPolicy(ActionChunkPolicy):
         g2 = _gamma(self.beta_b, n, device, generator)
         return g1 / (g1 + g2)
 
-    def _loss(self, actions, cond, generator):
+    def _loss(self, actions, cond, generator, rows=None):
         noise = torch.randn(actions.shape, generator=generator, device=actions.device)
         t = self._draw_time(actions.shape[0], actions.device, generator)
+        if rows is not None:
+            actions, cond, noise, t = actions[rows], cond[rows], noise[rows], t[rows]
         x_t = (1 - t)[:, None, None] * noise + t[:, None, None] * actions
         return F.mse_loss(self._velocity(x_t, t, cond), actions - noise)
 

@@ -7,6 +7,8 @@ random draw is reproducible from the seed in the run's config.yaml.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import time
 from pathlib import Path
@@ -20,11 +22,14 @@ from dopr_robot.config import Config, dump_config
 from dopr_robot.datasets import WindowDataset, flatten_obs, open_demos
 from dopr_robot.envs.compat import action_mode, version_warning
 from dopr_robot.errors import UserError
-from dopr_robot.fileio import atomic_path, write_text
+from dopr_robot.fileio import atomic_path, write_json, write_text
 from dopr_robot.optim import build_optimizer, optimizer_health
 from dopr_robot.progress import progress_bar
 from dopr_robot.policies import RangeNormalizer, build_policy
 from dopr_robot.checkpoint import save_checkpoint
+from dopr_robot.provenance import provenance
+from dopr_robot.rundir import check_run_dir, clear_run_dir, run_lock
+from dopr_robot.training.distributed import init_distributed
 from dopr_robot.training.ema import EMA
 from dopr_robot.training.loggers import check_logger_available, open_logger
 
@@ -66,30 +71,53 @@ def prepare_dataset(cfg: Config, collect_if_missing: bool, progress: bool) -> No
 
 
 def train(cfg: Config, run_dir: str | Path, collect_if_missing: bool = False, progress: bool = True,
-          resume: bool = False, until: int | None = None) -> Path:
+          resume: bool = False, until: int | None = None, overwrite: bool = False) -> Path:
     """Train per `cfg` into `run_dir`. `until` stops early at that step with a resumable state (time-sliced jobs);
-    `resume` continues from the run's trainer_state.pt exactly as if it had never stopped."""
-    run_dir = Path(run_dir)
-    until = cfg.train.steps if until is None else min(until, cfg.train.steps)
-    device = resolve_device(cfg.train.device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    check_logger_available(cfg.train.logger)  # a missing tensorboard/wandb package fails before anything is written
-    prepare_dataset(cfg, collect_if_missing, progress)
+    `resume` continues from the run's trainer_state.pt exactly as if it had never stopped; `overwrite` replaces
+    an earlier run of this tool in `run_dir`.
+
+    Everything (output path, dataset, resume state) is validated before the run directory is touched; under
+    torchrun every rank trains on its share of each global batch and only rank 0 writes."""
+    with contextlib.ExitStack() as cleanup:  # what must be released however training ends (the run lock)
+        return _train(cfg, Path(run_dir), collect_if_missing, progress, resume, until, overwrite, cleanup)
+
+
+def _train(cfg: Config, run_dir: Path, collect_if_missing: bool, progress: bool, resume: bool, until: int | None,
+           overwrite: bool, cleanup: contextlib.ExitStack) -> Path:
+    t = cfg.train
+    if until is not None and until < 1:
+        raise UserError(f"--until must be >= 1; got {until}")
+    until = t.steps if until is None else min(until, t.steps)
+    ddp, device = init_distributed(resolve_device(t.device))
+    say = print if ddp.is_writer else (lambda *args, **kwargs: None)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    if t.batch_size % ddp.world_size:
+        raise UserError(f"train.batch_size ({t.batch_size}) must be divisible by the {ddp.world_size} processes")
+    if t.warmup_steps >= t.steps:
+        say(f"warning: train.warmup_steps ({t.warmup_steps}) >= train.steps ({t.steps}): "
+            f"the learning rate never reaches optim.lr")
+    # --- the output first: a bad --out fails before any work (and before a missing dataset is collected)
+    check_logger_available(t.logger)  # a missing tensorboard/wandb package, too
+    check_run_dir(run_dir, resume, overwrite, protected=[cfg.data.path])
+    if ddp.is_writer:
+        prepare_dataset(cfg, collect_if_missing, progress)
+    if ddp.enabled:
+        torch.distributed.barrier()  # the other ranks wait for rank 0's collection
 
     # --- data: episodes -> windows; normalization fitted on the training split only
     d = cfg.data
-    demos = open_demos(d.path, d.obs_keys)
+    demos = open_demos(d.path, d.obs_keys)  # reads and checks every demo: a damaged file fails here
     train_eps = demos.episodes(d.train_filter)
     valid_eps = demos.episodes(d.valid_filter, missing_ok=True)
     env_args = demos.env_args
     action_mode(env_args, train_eps[0].actions.shape[1])  # rejects action layouts the evaluator cannot execute
     warning = version_warning(env_args)
     if warning:
-        print(f"warning: {warning}")
+        say(f"warning: {warning}")
     train_set = WindowDataset(train_eps, d.obs_keys, d.n_obs_steps, d.horizon, d.n_action_steps).to(device)
     valid_set = WindowDataset(valid_eps, d.obs_keys, d.n_obs_steps, d.horizon, d.n_action_steps).to(device) \
-        if valid_eps else None
+        if valid_eps and ddp.is_writer else None
     if len(train_set) == 0:
         raise UserError(f"dataset {d.path}: the {d.train_filter!r} demos are too short for horizon {d.horizon}")
     obs_all = np.concatenate([flatten_obs(e.obs, d.obs_keys) for e in train_eps])
@@ -97,72 +125,76 @@ def train(cfg: Config, run_dir: str | Path, collect_if_missing: bool = False, pr
     obs_dim, action_dim = obs_all.shape[1], act_all.shape[1]
 
     # --- policy, EMA copy (before the optimizer attaches hooks), optimizer, schedule
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
     policy = build_policy(cfg.policy, obs_dim, action_dim, d.n_obs_steps, d.horizon,
                           RangeNormalizer.fit(obs_all, d.norm_range_floor),
                           RangeNormalizer.fit(act_all, d.norm_range_floor)).to(device)
-    ema = EMA(policy, cfg.train.ema_power, cfg.train.ema_max_decay)
+    ema = EMA(policy, t.ema_power, t.ema_max_decay)
     optimizer = build_optimizer(policy, cfg.optim)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.train.warmup_steps,
-                                                                                cfg.train.steps))
-    generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(t.warmup_steps, t.steps))
+    generator = torch.Generator(device=device).manual_seed(t.seed)
     start_step = 0
     state_path = run_dir / "trainer_state.pt"
     if resume:
-        if not state_path.is_file():
-            raise UserError(f"--resume: {state_path} not found")
-        try:
-            state = torch.load(state_path, map_location=device, weights_only=False)
-            policy.load_state_dict(state["policy"])
-            ema.load_state_dict(state["ema"])
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
-            generator.set_state(state["generator"].cpu() if device.type == "cpu" else state["generator"])
-            start_step = int(state["step"])
-        except (RuntimeError, KeyError, ValueError, EOFError, OSError) as e:
-            raise UserError(f"--resume: {state_path} does not match this run's config or is corrupt "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    write_text(run_dir / "config.yaml", dump_config(cfg))
-    logger = open_logger(cfg.train.logger, run_dir, cfg.to_dict(), start_step if resume else None)
+        start_step = load_trainer_state(state_path, device, policy, ema, optimizer, schedule, generator)
+        if until <= start_step:
+            what = f"--until {until}" if until < t.steps else f"train.steps ({t.steps})"
+            raise UserError(f"--resume: {run_dir} is already at step {start_step}; {what} must be above it")
     meta = {"config": cfg.to_dict(), "obs_dim": obs_dim, "action_dim": action_dim, "obs_keys": list(d.obs_keys),
             "env_args": env_args, "dataset": str(d.path), "dataset_attrs": demos.attrs,
             "train_demos": len(train_eps), "valid_demos": len(valid_eps)}
 
     def save(name: str, step: int) -> None:
+        if not ddp.is_writer:
+            return
         save_checkpoint(run_dir / "checkpoints", name, ema.model, {**meta, "step": step})
         with atomic_path(state_path, suffix=".pt") as tmp:
             torch.save({"policy": policy.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                         "schedule": schedule.state_dict(), "generator": generator.get_state(), "step": step}, tmp)
 
+    # --- everything is validated: from here on the run directory is ours (locked) and written
+    if ddp.is_writer:
+        cleanup.enter_context(run_lock(run_dir))  # a second process on this run fails here; released on any exit
+        check_run_dir(run_dir, resume, overwrite, protected=[d.path])  # again: it may have changed meanwhile
+        if resume:
+            truncate_metrics(run_dir / "metrics.jsonl", start_step)  # steps after the saved state are replayed
+        else:
+            clear_run_dir(run_dir)  # empty, or (check_run_dir) an earlier run of ours that --overwrite replaces
+        write_text(run_dir / "config.yaml", dump_config(cfg))
+        write_json(run_dir / "provenance.json", provenance(d.path))
+    # metrics.jsonl (+ TensorBoard / W&B); closed however training ends
+    logger = cleanup.enter_context(open_logger(t.logger, run_dir, cfg.to_dict(), start_step if resume else None)) \
+        if ddp.is_writer else None
+
     # --- the loop
-    t = cfg.train
-    bar = progress_bar(range(start_step, until), initial=start_step, total=t.steps, desc="train", enabled=progress)
-    window_loss, window_time, window_norm = 0.0, 0.0, 0.0
+    bar = progress_bar(range(start_step, until), initial=start_step, total=t.steps, desc="train",
+                       enabled=progress and ddp.is_writer)
+    window_loss, window_time, window_norm, window_steps = 0.0, 0.0, 0.0, 0
+    rows = ddp.shard(t.batch_size)  # this rank's rows of each global batch (None: one process, all rows)
     for step in bar:
         step_start = time.perf_counter()
         policy.train()
         obs, actions = train_set.sample(t.batch_size, generator)
-        loss = policy.compute_loss(obs, actions, generator)
+        loss = policy.compute_loss(obs, actions, generator, rows)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        ddp.average_gradients(policy)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
         optimizer.step()
         schedule.step()
         ema.update(policy)
-        loss_value = loss.item()
+        loss_value = ddp.mean(loss).item()
         if not math.isfinite(loss_value):
             raise UserError(f"training diverged: loss is {loss_value} at step {step + 1} (lower optim.lr?)")
         window_loss += loss_value
         window_norm += float(grad_norm)
         window_time += time.perf_counter() - step_start
+        window_steps += 1
 
         done = step + 1
         is_last = done == t.steps
-        if done % t.log_every == 0 or is_last:
-            n = (done - 1) % t.log_every + 1
+        if ddp.is_writer and (done % t.log_every == 0 or is_last):
+            n = window_steps
             record: dict[str, Any] = {"step": done, "loss": window_loss / n, "grad_norm": window_norm / n,
                                       "lr": schedule.get_last_lr()[0], "step_time_s": window_time / n}
             if valid_set is not None and (done % t.val_every == 0 or is_last):
@@ -173,13 +205,47 @@ def train(cfg: Config, run_dir: str | Path, collect_if_missing: bool = False, pr
             if "val_loss" in record:
                 postfix["val"] = f"{record['val_loss']:.4f}"
             bar.set_postfix(postfix, refresh=False)
-            window_loss, window_time, window_norm = 0.0, 0.0, 0.0
-        if t.checkpoint_every and done % t.checkpoint_every == 0 and not is_last:
-            save(f"step_{done:07d}", done)
+            window_loss, window_time, window_norm, window_steps = 0.0, 0.0, 0.0, 0
+        if t.checkpoint_every and done % t.checkpoint_every == 0 and not is_last and done != until:
+            save(f"step_{done:07d}", done)  # periodic trainer state: a crash loses at most checkpoint_every steps
     bar.close()
-    logger.close()
     save("final" if until == t.steps else f"step_{until:07d}", until)
+    ddp.close()
     return run_dir
+
+
+def load_trainer_state(path: Path, device: torch.device, policy, ema, optimizer, schedule, generator) -> int:
+    """Restore everything the loop depends on from trainer_state.pt; returns the step it was saved at."""
+    if not path.is_file():
+        raise UserError(f"--resume: {path} not found")
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+        policy.load_state_dict(state["policy"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"].cpu() if device.type == "cpu" else state["generator"])
+        return int(state["step"])
+    except (RuntimeError, KeyError, ValueError, EOFError, OSError, TypeError, AttributeError) as e:
+        raise UserError(f"--resume: {path} does not match this run's config or is corrupt "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric records logged after `step` (a crash after the last trainer state): resuming from `step`
+    logs those steps again, and metrics.jsonl must hold each step once."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut short by the crash
+    if len(kept) != len(lines):
+        write_text(path, "".join(line + "\n" for line in kept))
 
 
 @torch.no_grad()

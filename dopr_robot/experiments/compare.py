@@ -1,0 +1,646 @@
+"""`dopr-robot compare`: group finished runs by optimizer and grid point, and test their success differences.
+
+Inputs are run directories (RUN/config.yaml, metrics.jsonl, eval.json, eval_best.json, eval_<tag>.json,
+drift.json) or sweep directories (DIR/sweep.json listing its cells; a directory of run directories works too).
+A group is one optimizer at one grid point; its runs are its training seeds. Settings come from sweep.json when
+present, else from the keys in which the runs' config.yaml differ (bookkeeping keys such as the seed, the device
+and the `eval` section excluded; `optim.ap.*` dropped for optimizers without AP).
+
+Per group, success is the mean over training seeds of each run's held-out success rate (eval.json, the final
+checkpoint); the differences to the baseline group come with a hierarchical bootstrap interval, an exact
+permutation test over training seeds and, when every run played the same episode seeds, an exact paired
+sign-flip test over episode seeds (see `dopr_robot.experiments.stats`). A run without eval.json is listed as
+incomplete and left out of the statistics, never an error.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import yaml
+
+from dopr_robot.errors import UserError
+from dopr_robot.experiments import stats
+from dopr_robot.fileio import write_json, write_text
+
+# Config keys that do not define a group: the seed is the replicate, the rest is bookkeeping or evaluation.
+IGNORED_KEYS = {"optim.name", "train.seed", "train.device", "train.threads", "train.logger",
+                "train.checkpoint_every", "train.log_every", "train.val_every"}
+IGNORED_PREFIXES = ("eval.",)
+PERTURBATION_KINDS = ("action_noise", "obs_noise", "push")
+ARCHIVED_REPORT = re.compile(r"-\d{8}-\d{6}$")  # eval*.json renamed aside by a later eval (kept, not current)
+SELECTIONS = ("same-config", "best-config")
+
+
+@dataclass
+class Run:
+    """One run directory and what was read from it; `problems` non-empty means incomplete (left out)."""
+    dir: Path
+    name: str
+    optim: str | None = None
+    seed: int | None = None
+    settings: dict[str, Any] | None = None
+    config: dict[str, Any] | None = None
+    eval: dict[str, Any] | None = None
+    eval_best: dict[str, Any] | None = None
+    perturbed: list[dict[str, Any]] = field(default_factory=list)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    drift: dict[str, Any] | None = None
+    problems: list[str] = field(default_factory=list)
+    group: str = ""  # set by make_groups; a sweep cell's group is its name without the `_s<seed>` suffix
+    sweep_group: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return not self.problems
+
+    @property
+    def outcomes(self) -> list[float]:
+        """Per-episode successes of the final held-out report, in episode-seed order."""
+        per_episode = self.eval.get("per_episode")
+        if per_episode:
+            return [float(bool(e["success"])) for e in per_episode]
+        return [1.0] * int(self.eval["successes"]) + [0.0] * (int(self.eval["episodes"]) - int(self.eval["successes"]))
+
+    @property
+    def episode_seeds(self) -> list[int] | None:
+        per_episode = self.eval.get("per_episode")
+        return [int(e["seed"]) for e in per_episode] if per_episode else None
+
+    def val_losses(self) -> list[float]:
+        return [r["val_loss"] for r in self.metrics if _finite(r.get("val_loss"))]
+
+    def in_training_success(self) -> list[tuple[int, float]]:
+        return [(r["step"], r["success"]) for r in self.metrics if _finite(r.get("success"))]
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# ---------------------------------------------------------------- reading run directories
+
+def _read_json(path: Path, warnings: list[str]) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        warnings.append(f"{path}: unreadable ({type(e).__name__}); ignored")
+        return None
+    if not isinstance(data, dict):
+        warnings.append(f"{path}: not a JSON object; ignored")
+        return None
+    return data
+
+
+def read_metrics(path: Path, warnings: list[str] | None = None) -> list[dict[str, Any]]:
+    """metrics.jsonl records sorted by step, one per step (the last wins); unparsable lines are skipped and
+    reported (a crash can cut the last line short)."""
+    if not path.is_file():
+        return []
+    by_step: dict[int, dict] = {}
+    bad = 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            by_step[int(record["step"])] = record
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            bad += 1
+    if bad and warnings is not None:
+        warnings.append(f"{path}: {bad} unreadable line(s) skipped")
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _is_run_dir(path: Path) -> bool:
+    return any((path / name).is_file() for name in ("config.yaml", "eval.json", "metrics.jsonl"))
+
+
+def _perturbation(report: dict) -> dict[str, float]:
+    p = report.get("perturbation") or {}
+    return {k: float(v) for k, v in p.items() if _finite(v)}
+
+
+def _is_perturbed(report: dict) -> bool:
+    p = _perturbation(report)
+    return any(p.get(k, 0.0) != 0.0 for k in PERTURBATION_KINDS)
+
+
+def _valid_per_episode(report: dict) -> bool:
+    per_episode = report.get("per_episode")
+    if per_episode is None:
+        return True  # older reports: counts only (no paired test for them)
+    return isinstance(per_episode, list) and len(per_episode) == report["episodes"] and all(
+        isinstance(e, dict) and isinstance(e.get("seed"), int) and "success" in e for e in per_episode)
+
+
+def load_run(path: Path, warnings: list[str], name: str | None = None) -> Run:
+    """Read everything compare uses from one run directory (missing pieces become `problems`, not errors)."""
+    run = Run(dir=path, name=name or path.name)
+    if not path.is_dir():
+        run.problems.append("directory missing")
+        return run
+    config_path = path / "config.yaml"
+    if config_path.is_file():
+        try:
+            run.config = yaml.safe_load(config_path.read_text())
+        except yaml.YAMLError:
+            warnings.append(f"{config_path}: not valid YAML; ignored")
+        if run.config is not None and not isinstance(run.config, dict):
+            run.config = None
+    run.eval = _read_json(path / "eval.json", warnings)
+    run.eval_best = _read_json(path / "eval_best.json", warnings)
+    for report_path in sorted(path.glob("eval_*.json")):
+        stem = report_path.stem
+        if stem == "eval_best" or ARCHIVED_REPORT.search(stem):
+            continue
+        report = _read_json(report_path, warnings)
+        if report is not None and _is_perturbed(report):
+            run.perturbed.append(report)
+    run.metrics = read_metrics(path / "metrics.jsonl", warnings)
+    run.drift = _read_json(path / "drift.json", warnings)
+    if run.config is not None:
+        run.optim = (run.config.get("optim") or {}).get("name")
+        run.seed = (run.config.get("train") or {}).get("seed")
+    if run.eval is not None:
+        run.optim = run.optim or run.eval.get("optim")
+        run.seed = run.seed if run.seed is not None else run.eval.get("train_seed")
+        if not _finite(run.eval.get("success_rate")) or not isinstance(run.eval.get("episodes"), int) \
+                or run.eval["episodes"] < 1:
+            run.problems.append("eval.json lacks success_rate/episodes")
+            run.eval = None
+        elif not _valid_per_episode(run.eval):
+            run.problems.append("eval.json per_episode is not one {seed, success} record per episode")
+            run.eval = None
+    else:
+        run.problems.append("no eval.json (not evaluated yet)")
+    if run.eval is not None:
+        if _is_perturbed(run.eval):
+            warnings.append(f"{path / 'eval.json'}: a perturbed report ({_perturbation(run.eval)}); its success is "
+                            f"not the unperturbed held-out success")
+        failed = sum("error" in e for e in run.eval.get("per_episode") or [])
+        if failed:
+            warnings.append(f"{path / 'eval.json'}: {failed} episode(s) failed to run (counted as failures)")
+        if run.eval_best is None and (path / "checkpoints" / "best.json").is_file():
+            warnings.append(f"{path}: has a best checkpoint but no eval_best.json "
+                            f"(dopr-robot eval {path} --checkpoint best)")
+    if run.optim is None:
+        run.problems.append("optimizer unknown (no config.yaml)")
+    return run
+
+
+def discover(paths: Sequence[Path], warnings: list[str]) -> tuple[list[Run], list[dict]]:
+    """Runs under `paths` (run dirs, sweep dirs with sweep.json, or dirs of run dirs) and the sweep.json files."""
+    if not paths:
+        raise UserError("compare needs at least one run or sweep directory")
+    runs: dict[Path, Run] = {}
+    sweeps: list[dict] = []
+    for path in paths:
+        path = Path(path)
+        if not path.exists():
+            raise UserError(f"{path}: no such directory")
+        if not path.is_dir():
+            raise UserError(f"{path}: not a directory (give run or sweep directories)")
+        sweep_file = path / "sweep.json"
+        if sweep_file.is_file():
+            sweep = _read_json(sweep_file, warnings)
+            if sweep is None or not isinstance(sweep.get("cells"), list):
+                raise UserError(f"{sweep_file}: not a sweep.json (no list of cells)")
+            sweeps.append({"path": str(sweep_file), "config": sweep.get("config"), "command": sweep.get("command")})
+            for cell in sweep["cells"]:
+                if not isinstance(cell, dict) or "name" not in cell:
+                    raise UserError(f"{sweep_file}: a cell without a name")
+                cell_dir = path / cell["name"]  # the sweep dir may have moved since; its cells sit inside it
+                run = load_run(cell_dir, warnings, name=cell["name"])
+                run.optim = cell.get("optim", run.optim)
+                run.seed = cell.get("seed", run.seed)
+                run.settings = dict(cell.get("settings") or {})  # as the sweep named its cells: kept whole
+                seed_suffix = f"_s{run.seed}"
+                if cell["name"].endswith(seed_suffix):
+                    run.sweep_group = cell["name"][:-len(seed_suffix)]
+                if not run.complete and cell.get("state") not in (None, "done"):
+                    run.problems.append(f"sweep state {cell['state']}" + (f": {cell['error']}"
+                                                                          if cell.get("error") else ""))
+                runs.setdefault(cell_dir.resolve(), run)
+        elif _is_run_dir(path):
+            runs.setdefault(path.resolve(), load_run(path, warnings))
+        else:
+            children = sorted(d for d in path.iterdir() if d.is_dir() and _is_run_dir(d))
+            if not children:
+                raise UserError(f"{path}: neither a run directory (config.yaml, eval.json) nor a sweep directory "
+                                f"(sweep.json, or run directories inside)")
+            for child in children:
+                runs.setdefault(child.resolve(), load_run(child, warnings))
+    return list(runs.values()), sweeps
+
+
+# ---------------------------------------------------------------- grouping
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _applies(optim: str | None, key: str) -> bool:
+    """AP settings mean nothing to optimizers without AP (they ignore the `optim.ap` block)."""
+    return not (key.startswith("optim.ap.") and not (optim or "").startswith("dopr"))
+
+
+def _ignored(key: str) -> bool:
+    return key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES)
+
+
+def assign_settings(runs: list[Run]) -> list[str]:
+    """Fill `settings` of runs not from a sweep with the config keys that differ between runs (AP keys only for
+    AP optimizers); returns those keys. Sweep cells keep the settings sweep.json gives them."""
+    flat = {id(r): _flatten(r.config) for r in runs if r.settings is None and r.config is not None}
+    keys = sorted({k for f in flat.values() for k in f})
+    varying = [k for k in keys if not _ignored(k)
+               and len({json.dumps(f.get(k), sort_keys=True) for f in flat.values()}) > 1]
+    for run in runs:
+        if run.settings is None:
+            f = flat.get(id(run), {})
+            run.settings = {k: f.get(k) for k in varying if k in f and _applies(run.optim, k)}
+    return varying
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def group_name(optim: str, settings: dict[str, Any]) -> str:
+    """<optim>[_<key>-<value>...] with key the last component of the dotted key, as sweep names its cells."""
+    return optim + "".join(f"_{k.rsplit('.', 1)[-1]}-{_format_value(settings[k])}" for k in sorted(settings))
+
+
+@dataclass
+class Group:
+    name: str
+    optim: str
+    settings: dict[str, Any]
+    runs: list[Run]  # complete runs only
+
+    def rates(self) -> list[float]:
+        return [float(r.eval["success_rate"]) for r in self.runs]
+
+
+def make_groups(runs: list[Run]) -> list[Group]:
+    groups: dict[str, Group] = {}
+    for run in runs:
+        run.group = run.sweep_group or group_name(run.optim or "unknown", run.settings or {})
+        if run.complete:
+            groups.setdefault(run.group, Group(run.group, run.optim, run.settings or {}, [])).runs.append(run)
+    for group in groups.values():
+        group.runs.sort(key=lambda r: (r.seed if isinstance(r.seed, int) else 1 << 62, str(r.dir)))
+    return sorted(groups.values(), key=lambda g: g.name)
+
+
+# ---------------------------------------------------------------- per-group numbers
+
+def summarize(group: Group, last_n: int) -> dict[str, Any]:
+    """The numbers of one group over its training seeds (mean +- sample sd) and pooled over episodes."""
+    rates = group.rates()
+    success_mean, success_sd = stats.mean_sd(rates)
+    successes = sum(int(r.eval["successes"]) if isinstance(r.eval.get("successes"), int)
+                    else round(r.eval["success_rate"] * r.eval["episodes"]) for r in group.runs)
+    episodes = sum(int(r.eval["episodes"]) for r in group.runs)
+    lo, hi = stats.wilson_interval(successes, episodes)
+    best_rates = [float(r.eval_best["success_rate"]) for r in group.runs
+                  if r.eval_best is not None and _finite(r.eval_best.get("success_rate"))]
+    best_mean, best_sd = stats.mean_sd(best_rates)
+    val_final = [r.val_losses()[-1] for r in group.runs if r.val_losses()]
+    val_best = [min(r.val_losses()) for r in group.runs if r.val_losses()]
+    intrain = [r.in_training_success() for r in group.runs]
+    intrain_last = [float(np.mean([s for _, s in curve[-last_n:]])) for curve in intrain if curve]
+    intrain_max = [max(s for _, s in curve) for curve in intrain if curve]
+    val_mean, val_sd = stats.mean_sd(val_final)
+    last_mean, last_sd = stats.mean_sd(intrain_last)
+    return {
+        "name": group.name, "optim": group.optim, "settings": group.settings,
+        "runs": [str(r.dir) for r in group.runs],
+        "train_seeds": [r.seed for r in group.runs],
+        "n_seeds": len(group.runs),
+        "success_mean": success_mean, "success_sd": success_sd, "success_per_seed": rates,
+        "successes": successes, "episodes": episodes,
+        "success_pooled": successes / episodes if episodes else None, "success_ci": [lo, hi],
+        "best_success_mean": best_mean, "best_success_sd": best_sd, "best_n_seeds": len(best_rates),
+        "val_loss_mean": val_mean, "val_loss_sd": val_sd,
+        "val_loss_best_mean": stats.mean_sd(val_best)[0],
+        "intrain_last_n": last_n, "intrain_last_mean": last_mean, "intrain_last_sd": last_sd,
+        "intrain_n_seeds": len(intrain_last),
+        "intrain_max_mean": stats.mean_sd(intrain_max)[0],
+    }
+
+
+def difference(baseline: Group, group: Group, n_boot: int, seed: int) -> dict[str, Any]:
+    """diff of mean success vs the baseline, its bootstrap interval, and both tests."""
+    boot = stats.hierarchical_bootstrap_diff([r.outcomes for r in baseline.runs], [r.outcomes for r in group.runs],
+                                             n_boot=n_boot, seed=seed)
+    perm = stats.permutation_test(baseline.rates(), group.rates(), seed=seed)
+    out: dict[str, Any] = {"baseline_group": baseline.name, "diff_vs_baseline": boot["diff"], "diff_ci": boot["ci"],
+                           "p_permutation": perm["p"], "permutation": {k: perm[k] for k in
+                                                                       ("method", "n_permutations", "seed")},
+                           "p_paired": None, "paired": None}
+    seeds = [r.episode_seeds for r in baseline.runs + group.runs]
+    if any(s is None for s in seeds):
+        out["paired"] = {"skipped": "a report has no per-episode results"}
+    elif any(s != seeds[0] for s in seeds):
+        out["paired"] = {"skipped": "runs played different episode seeds"}
+    else:
+        paired = stats.paired_episode_test([r.outcomes for r in baseline.runs], [r.outcomes for r in group.runs])
+        out["p_paired"] = paired["p"]
+        out["paired"] = {k: paired[k] for k in ("n_episodes", "n_discordant", "mean_diff", "method")}
+    return out
+
+
+def _strip_ap(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if not k.startswith("optim.ap.")}
+
+
+def baseline_map(groups: list[Group], baseline: str) -> dict[str, Group]:
+    """Each group's baseline: the group named `baseline`; else the `baseline`-optimizer group with the same
+    settings, else with the same settings apart from AP keys (which that optimizer ignores), else the only group
+    of that optimizer."""
+    by_name = {g.name: g for g in groups}
+    if baseline in by_name:
+        return {g.name: by_name[baseline] for g in groups}
+    candidates = [g for g in groups if g.optim == baseline]
+    mapping = {}
+    for g in groups:
+        for same in (lambda b: b.settings == g.settings, lambda b: _strip_ap(b.settings) == _strip_ap(g.settings)):
+            matches = [b for b in candidates if same(b)]
+            if len(matches) == 1:
+                mapping[g.name] = matches[0]
+                break
+        else:
+            if len(candidates) == 1:
+                mapping[g.name] = candidates[0]
+    return mapping
+
+
+def perturbation_curves(group: Group) -> dict[str, list[dict[str, Any]]]:
+    """Success against perturbation level per kind; level 0 is the unperturbed eval.json of the same runs."""
+    cells: dict[str, dict[float, list[tuple[int, int, float]]]] = {}
+    for run in group.runs:
+        for report in run.perturbed:
+            if report.get("checkpoint_name", "final") != run.eval.get("checkpoint_name", "final"):
+                continue  # curves are of the final checkpoint, like eval.json's level 0
+            p = _perturbation(report)
+            active = [k for k in PERTURBATION_KINDS if p.get(k, 0.0) != 0.0]
+            if len(active) != 1:
+                continue  # combined perturbations have no single level axis
+            kind = active[0]
+            if kind == "push":
+                kind = f"push (magnitude {p.get('push_magnitude', 0.0):g})"
+            cells.setdefault(kind, {}).setdefault(p[active[0]], []).append(
+                (int(report.get("successes", 0)), int(report.get("episodes", 0)), float(report["success_rate"])))
+    out = {}
+    for kind, levels in sorted(cells.items()):
+        zero = [(int(r.eval.get("successes", 0)), int(r.eval["episodes"]), float(r.eval["success_rate"]))
+                for r in group.runs if not _is_perturbed(r.eval)]
+        levels = {0.0: zero, **levels} if zero else levels
+        rows = []
+        for level in sorted(levels):
+            items = levels[level]
+            s, n = sum(i[0] for i in items), sum(i[1] for i in items)
+            mean, sd = stats.mean_sd([i[2] for i in items])
+            rows.append({"level": level, "n_seeds": len(items), "success_mean": mean, "success_sd": sd,
+                         "success_pooled": s / n if n else None, "success_ci": list(stats.wilson_interval(s, n))})
+        out[kind] = rows
+    return out
+
+
+def select_best_config(groups: list[Group], summaries: dict[str, dict]) -> dict[str, Group]:
+    """Per optimizer, the grid point with the highest mean in-training success on the selection seeds (mean over
+    training seeds of each run's last-N in-training evaluations); ties go to the first name in sorted order."""
+    missing = [g.name for g in groups if summaries[g.name]["intrain_last_mean"] is None]
+    if missing:
+        raise UserError(f"--select best-config needs in-training success (train.eval_every > 0) in metrics.jsonl; "
+                        f"missing in group(s): {', '.join(missing)}")
+    chosen: dict[str, Group] = {}
+    for g in groups:
+        best = chosen.get(g.optim)
+        if best is None or summaries[g.name]["intrain_last_mean"] > summaries[best.name]["intrain_last_mean"]:
+            chosen[g.optim] = g
+    return chosen
+
+
+# ---------------------------------------------------------------- the report
+
+def provenance(command: Sequence[str] | None) -> dict[str, Any]:
+    """The compare command itself: argv, directory, time, code version (git), library versions."""
+    import matplotlib
+
+    import dopr_robot
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=Path(dopr_robot.__file__).parent, capture_output=True,
+                                  text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD") or None
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    versions = {"dopr_robot": dopr_robot.__version__, "numpy": np.__version__, "matplotlib": matplotlib.__version__,
+                "python": platform.python_version()}
+    return {"command": list(command) if command is not None else None, "cwd": os.getcwd(),
+            "time_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "git_commit": commit, "git_dirty": None if status is None else bool(status), "versions": versions}
+
+
+def build_report(runs: list[Run], baseline: str | None = None, select: str = "same-config", last_n: int = 5,
+                 n_boot: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """compare.json's content from loaded runs (no file is read or written; fills each run's settings/group)."""
+    if select not in SELECTIONS:
+        raise UserError(f"--select must be one of {', '.join(SELECTIONS)}, not {select!r}")
+    if last_n < 1 or n_boot < 1:
+        raise UserError("need --last-n >= 1 and --n-boot >= 1")
+    varying = assign_settings(runs)
+    groups = make_groups(runs)
+    if not groups:
+        raise UserError("no complete run (with eval.json) to compare: "
+                        + "; ".join(f"{r.dir}: {', '.join(r.problems)}" for r in runs[:5]))
+    notes: list[str] = []
+    summaries = {g.name: summarize(g, last_n) for g in groups}
+    for g in groups:
+        seeds = [r.seed for r in g.runs]
+        if len(set(seeds)) != len(seeds):
+            notes.append(f"group {g.name}: duplicate training seeds {seeds}")
+        curves = perturbation_curves(g)
+        if curves:
+            summaries[g.name]["perturbation"] = curves
+    explicit = baseline is not None
+    baseline = baseline or "adam"
+    mapping = baseline_map(groups, baseline)
+    if not mapping:
+        if explicit:
+            raise UserError(f"--baseline {baseline!r}: no group of that name or optimizer "
+                            f"(groups: {', '.join(g.name for g in groups)})")
+        notes.append(f"no {baseline!r} group: no differences computed (pick one with --baseline)")
+
+    def add_diffs(entries: dict[str, dict], chosen_groups: list[Group], base_of: dict[str, Group]) -> None:
+        for g in chosen_groups:
+            base = base_of.get(g.name)
+            entry = entries[g.name]
+            entry.update({"baseline_group": base.name if base else None, "diff_vs_baseline": None,
+                          "diff_ci": None, "p_permutation": None, "p_paired": None})
+            if base is not None and base is not g:
+                entry.update(difference(base, g, n_boot, seed))
+
+    add_diffs(summaries, groups, mapping)
+    report: dict[str, Any] = {
+        "baseline": baseline, "select": select,
+        "groups": [summaries[g.name] for g in groups],
+        "settings_keys": sorted({k for g in groups for k in g.settings} | set(varying)),
+        "incomplete": [{"run": str(r.dir), "group": r.group, "reason": "; ".join(r.problems)}
+                       for r in runs if not r.complete],
+        "statistics": {"bootstrap": {"n_boot": n_boot, "seed": seed, "level": 0.95,
+                                     "method": "hierarchical: training seeds, then episodes within seed"},
+                       "permutation": {"exact_limit": stats.EXACT_PERMUTATION_LIMIT, "seed": seed,
+                                       "statistic": "difference of mean per-seed success, two-sided"},
+                       "paired": "exact sign-flip over episode seeds (McNemar for one run per group)",
+                       "success_sd": "sample standard deviation over training seeds (ddof 1)"},
+        "notes": notes,
+    }
+    if select == "best-config":
+        chosen = select_best_config(groups, summaries)
+        entries = {g.name: {**summaries[g.name], "selection_score": summaries[g.name]["intrain_last_mean"],
+                            "candidates": {c.name: summaries[c.name]["intrain_last_mean"]
+                                           for c in groups if c.optim == g.optim}}
+                   for g in chosen.values()}
+        chosen_list = sorted(chosen.values(), key=lambda g: g.name)
+        base = chosen.get(baseline) or next((g for g in chosen_list if g.name == baseline), None)
+        if base is None:
+            notes.append(f"best-config: no selected {baseline!r} group, no differences computed")
+        add_diffs(entries, chosen_list, {g.name: base for g in chosen_list} if base else {})
+        report["best_config"] = {
+            "criterion": f"highest mean over training seeds of the last {last_n} in-training success evaluations "
+                         f"(selection seeds, metrics.jsonl); reported on the held-out seeds (eval.json)",
+            "groups": [entries[g.name] for g in chosen_list]}
+    return report
+
+
+# ---------------------------------------------------------------- tables
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def _pm(mean: float | None, sd: float | None, pct: bool = True) -> str:
+    if mean is None:
+        return "-"
+    if pct:
+        return _pct(mean) + (f" ± {100 * sd:.1f}" if sd is not None else "")
+    return f"{mean:.4g}" + (f" ± {sd:.2g}" if sd is not None else "")
+
+
+def _p(p: float | None) -> str:
+    return "-" if p is None else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
+
+
+def table(entries: list[dict[str, Any]], last_n: int) -> str:
+    """A markdown table (aligned, so it reads in a terminal too)."""
+    header = ["group", "seeds", "val loss (final)", "val loss (best)", "success final", "pooled [Wilson 95%]",
+              "success best ckpt", f"in-train last {last_n}", "diff vs baseline [95% CI]", "p perm", "p paired"]
+    rows = []
+    for e in entries:
+        diff = "baseline" if e.get("baseline_group") == e["name"] else (
+            "-" if e.get("diff_vs_baseline") is None else
+            f"{100 * e['diff_vs_baseline']:+.1f} pp [{100 * e['diff_ci'][0]:+.1f}, {100 * e['diff_ci'][1]:+.1f}]")
+        lo, hi = e["success_ci"]
+        rows.append([e["name"], str(e["n_seeds"]), _pm(e["val_loss_mean"], e["val_loss_sd"], pct=False),
+                     "-" if e["val_loss_best_mean"] is None else f"{e['val_loss_best_mean']:.4g}",
+                     _pm(e["success_mean"], e["success_sd"]),
+                     f"{_pct(e['success_pooled'])} [{100 * lo:.1f}, {100 * hi:.1f}]",
+                     _pm(e["best_success_mean"], e["best_success_sd"]),
+                     _pm(e["intrain_last_mean"], e["intrain_last_sd"]), diff,
+                     _p(e.get("p_permutation")), _p(e.get("p_paired"))])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    last_n = report["groups"][0]["intrain_last_n"]
+    parts = [f"# compare: baseline {report['baseline']}", "",
+             "Success: held-out seeds (eval.json, final checkpoint), mean ± sd over training seeds; pooled over "
+             "all episodes with a Wilson 95% interval. diff: mean success minus the baseline group's, hierarchical "
+             f"bootstrap 95% interval (B = {report['statistics']['bootstrap']['n_boot']}, seed "
+             f"{report['statistics']['bootstrap']['seed']}); p perm: permutation test over training seeds; "
+             "p paired: sign-flip test over shared episode seeds.", "",
+             "## Same configuration", "", table(report["groups"], last_n)]
+    if "best_config" in report:
+        parts += ["", "## Best configuration per optimizer", "", report["best_config"]["criterion"] + ".", "",
+                  table(report["best_config"]["groups"], last_n)]
+    perturbed = [g for g in report["groups"] if g.get("perturbation")]
+    if perturbed:
+        parts += ["", "## Success under perturbation (pooled [Wilson 95%])", ""]
+        for g in perturbed:
+            for kind, rows in g["perturbation"].items():
+                cells = ", ".join(f"{r['level']:g}: {_pct(r['success_pooled'])} [{100 * r['success_ci'][0]:.0f}, "
+                                  f"{100 * r['success_ci'][1]:.0f}]" for r in rows)
+                parts.append(f"- {g['name']}, {kind}: {cells}")
+    if report["incomplete"]:
+        parts += ["", "## Incomplete runs (left out)", ""]
+        parts += [f"- {i['run']}: {i['reason']}" for i in report["incomplete"]]
+    if report["notes"]:
+        parts += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
+    return "\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------- the command
+
+def default_out(paths: Sequence[Path]) -> Path:
+    if len(paths) == 1:
+        return Path(paths[0]) / "compare"
+    raise UserError("several inputs: pass --out DIR for compare's outputs")
+
+
+def compare(paths: Sequence[Path], baseline: str | None = None, select: str = "same-config",
+            out: Path | None = None, last_n: int = 5, n_boot: int = 10_000, seed: int = 0,
+            command: Sequence[str] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Read the runs, compute the report, write OUT/compare.json, compare.md and the plots.
+    Returns (report, warnings)."""
+    from dopr_robot import plotting
+
+    out = Path(out) if out is not None else default_out(paths)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    warnings: list[str] = []
+    runs, sweeps = discover(paths, warnings)
+    report = build_report(runs, baseline, select, last_n, n_boot, seed)
+    for run in runs:
+        if not run.complete:
+            warnings.append(f"{run.dir}: incomplete ({'; '.join(run.problems)}), left out")
+    report["inputs"] = {"paths": [str(p) for p in paths], "sweeps": sweeps}
+    report["provenance"] = provenance(command if command is not None else sys.argv)
+    groups = make_groups(runs)
+    report["plots"], plot_notes = plotting.compare_plots(groups, report, out)
+    report["notes"] += plot_notes
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "compare.json", report)
+    write_text(out / "compare.md", format_markdown(report))
+    return report, warnings

@@ -1,0 +1,147 @@
+"""Run directories and output paths that are never destroyed or shared by mistake.
+
+- `check_output_file(path)` / `check_run_dir(...)`: everything about an output path that can be checked before
+  the work is done (not a directory where a file goes, parent creatable and writable, existing run replaced
+  only when asked and only if it is a run of this tool, never the dataset's own directory or an ancestor of it).
+- `run_lock(run_dir)`: an exclusive lock on RUN/run.lock holding the owner's PID; a second process on the same
+  run fails with one line. The kernel drops an flock when its process dies (kill -9 included), so a stale lock
+  file never blocks anyone.
+- `clear_run_dir(run_dir)`: empties a run directory under its lock (the lock file itself stays).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from dopr_robot.errors import UserError
+
+LOCK_NAME = "run.lock"
+RUN_MARKER = "config.yaml"  # every run directory this tool writes has its resolved config here
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable_dir(path: str | Path, what: str = "output") -> None:
+    """`path` is (or can be created as) a directory this process can write into. Creates nothing that stays:
+    the nearest existing ancestor is probed with a temporary file (works for root too, unlike os.access)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} exists and is not a directory")
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        raise UserError(f"invalid {what} {path}: {base} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".dopr-write-probe.", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{what} {path} is not writable ({e.strerror or e})") from None
+
+
+def check_output_file(path: str | Path, overwrite: bool, suffixes: Iterable[str] | None = None,
+                      what: str = "output") -> None:
+    """An output file (or a zarr directory store) may be written at `path`: right suffix, not clobbering
+    anything without `overwrite`, not a directory (except a store being replaced), parent writable."""
+    path = Path(path)
+    if suffixes is not None:
+        suffixes = tuple(suffixes)
+        if path.suffix.lower() not in suffixes:
+            raise UserError(f"invalid {what} {path}: the file name must end in {' or '.join(suffixes)}")
+    if path.exists():
+        if not overwrite:
+            raise UserError(f"{path} exists; pass --overwrite to replace it")
+        if path.is_dir() and path.suffix.lower() != ".zarr":
+            raise UserError(f"{what} {path} is a directory; refusing to replace it with a file")
+    check_writable_dir(path.parent, what=f"directory of {what}")
+
+
+def _is_same_or_inside(inner: Path, outer: Path) -> bool:
+    inner, outer = inner.resolve(), outer.resolve()
+    return inner == outer or outer in inner.parents
+
+
+def check_run_dir(run_dir: str | Path, resume: bool, overwrite: bool, protected: Iterable[str | Path] = ()) -> None:
+    """Validate the run directory before anything is written or deleted.
+
+    resume: it must be a run (config.yaml, trainer_state.pt are checked by the trainer). New run: it must be
+    absent or empty, or `overwrite` and a run of this tool (config.yaml inside) that contains none of the
+    `protected` paths (the dataset, the config file)."""
+    run_dir = Path(run_dir)
+    check_writable_dir(run_dir, what="run directory")
+    if resume:
+        if not run_dir.is_dir():
+            raise UserError(f"--resume: run directory {run_dir} not found")
+        return
+    if not run_dir.exists() or not any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+        return
+    if not overwrite:
+        raise UserError(f"run directory {run_dir} exists; pass --resume to continue it or --overwrite to replace it")
+    if not (run_dir / RUN_MARKER).is_file():
+        raise UserError(f"--overwrite: {run_dir} is not a dopr-robot run directory (no {RUN_MARKER}); "
+                        f"refusing to delete it")
+    for path in protected:
+        if path is not None and Path(path).exists() and _is_same_or_inside(Path(path), run_dir):
+            raise UserError(f"--overwrite: {run_dir} contains {path}, which this run needs; refusing to delete it")
+
+
+def clear_run_dir(run_dir: str | Path) -> None:
+    """Delete everything in `run_dir` except its lock file. Call only while holding `run_lock(run_dir)`."""
+    for child in Path(run_dir).iterdir():
+        if child.name == LOCK_NAME:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on RUN/run.lock (created with RUN) for the duration; the file records the owning PID.
+
+    Raises UserError (one line, naming the owner's PID) when another process holds it. The file is removed on
+    release; a process that opened the old file before the removal notices the changed inode and retries."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise UserError(f"cannot lock {path} ({e.strerror})") from None
+            try:
+                owner = path.read_text().strip() or "?"
+            except OSError:
+                owner = "?"
+            raise UserError(f"run directory {run_dir} is in use by process {owner} ({path}); "
+                            f"wait for it to finish or stop it") from None
+        try:
+            same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if same_file:
+            break
+        os.close(fd)  # the previous owner removed the file between our open and our lock: take the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)

@@ -1,0 +1,310 @@
+"""`compare` and `plot` over run directories.
+
+Most tests build run directories with known contents (config.yaml, metrics.jsonl, eval*.json, drift.json are
+the test data of a pure function over files); one end-to-end test compares real tiny trained and evaluated runs.
+"""
+
+import json
+import math
+import struct
+
+import pytest
+import yaml
+
+from conftest import run_cli
+from dopr_robot.errors import UserError
+from dopr_robot.experiments import stats
+from dopr_robot.experiments.compare import build_report, compare, discover
+from dopr_robot.plotting import plot_run
+
+EPISODE_SEED_START = 100000
+
+
+def write_run(root, name, optim, seed, outcomes, *, settings=None, val_losses=(0.5, 0.3), success_curve=(),
+              best_outcomes=None, perturbed=(), drift=None, seed_start=EPISODE_SEED_START, config_extra=None):
+    """A run directory as train + eval + diagnose leave it, with known numbers."""
+    run = root / name
+    run.mkdir(parents=True)
+    config = {"optim": {"name": optim, "lr": 1e-4, "ap": {"damping": 1.0}}, "train": {"seed": seed, "steps": 100},
+              "eval": {"workers": 2}}
+    for key, value in {**(settings or {}), **(config_extra or {})}.items():
+        node = config
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    records = []
+    for i, val in enumerate(val_losses):
+        records.append({"step": 50 * (i + 1), "loss": 2 * val, "grad_norm": 1.0, "lr": 1e-4, "step_time_s": 0.01,
+                        "val_loss": val})
+    for i, s in enumerate(success_curve):
+        if i == len(records):
+            records.append({"step": 50 * (i + 1), "loss": 1.0})
+        records[i]["success"] = s
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def report(values, **extra):
+        n, k = len(values), int(sum(values))
+        return {"checkpoint": str(run / "checkpoints" / "final.json"), "checkpoint_name": "final", "optim": optim,
+                "train_seed": seed, "episodes": n, "seed_start": seed_start, "successes": k, "success_rate": k / n,
+                "success_ci95": list(stats.wilson_interval(k, n)),
+                "perturbation": {"action_noise": 0.0, "obs_noise": 0.0, "push": 0.0, "push_magnitude": 0.0},
+                "per_episode": [{"seed": seed_start + i, "success": bool(v), "steps": 10, "return": float(v)}
+                                for i, v in enumerate(values)], **extra}
+
+    if outcomes is not None:
+        (run / "eval.json").write_text(json.dumps(report(outcomes)))
+    if best_outcomes is not None:
+        (run / "eval_best.json").write_text(json.dumps(report(best_outcomes, checkpoint_name="best")))
+    for tag, kind, level, values in perturbed:
+        rep = report(values, tag=tag)
+        rep["perturbation"][kind] = level
+        if kind == "push":
+            rep["perturbation"]["push_magnitude"] = 2.0
+        (run / f"eval_{tag}.json").write_text(json.dumps(rep))
+    if drift is not None:
+        (run / "drift.json").write_text(json.dumps(drift))
+    return run
+
+
+def two_optimizer_sweep(root, n_seeds=5, episodes=10):
+    """adam succeeds on 2/10 episodes per seed, dopr on 8/10: perfectly separated over training seeds."""
+    cells = []
+    for optim, k in (("adam", 2), ("dopr", 8)):
+        for seed in range(n_seeds):
+            outcomes = [1] * k + [0] * (episodes - k)
+            name = f"{optim}_s{seed}"
+            write_run(root, name, optim, seed, outcomes, val_losses=(0.5, 0.3 + 0.01 * seed),
+                      success_curve=(k / 20, k / 10), best_outcomes=outcomes[::-1])
+            cells.append({"name": name, "dir": str(root / name), "optim": optim, "seed": seed, "settings": {},
+                          "state": "done"})
+    (root / "sweep.json").write_text(json.dumps({"config": "configs/lift.yaml", "command": ["sweep"],
+                                                 "cells": cells}))
+    return root
+
+
+def test_same_config_numbers_and_tests(tmp_path):
+    sweep = two_optimizer_sweep(tmp_path / "sweep")
+    report, warnings = compare([sweep], n_boot=2000)
+    assert warnings == []
+    adam, dopr = report["groups"]
+    assert (adam["name"], dopr["name"]) == ("adam", "dopr") and adam["n_seeds"] == dopr["n_seeds"] == 5
+    assert adam["success_mean"] == pytest.approx(0.2) and adam["success_sd"] == pytest.approx(0.0)
+    assert dopr["success_pooled"] == pytest.approx(0.8)
+    assert dopr["success_ci"] == pytest.approx(list(stats.wilson_interval(40, 50)))
+    assert dopr["best_success_mean"] == pytest.approx(0.8) and dopr["best_n_seeds"] == 5
+    assert dopr["val_loss_mean"] == pytest.approx(0.32) and dopr["val_loss_best_mean"] == pytest.approx(0.32)
+    assert dopr["intrain_last_mean"] == pytest.approx(0.6)  # mean of the last (up to 5) evaluations: 0.4, 0.8
+    assert adam["diff_vs_baseline"] is None and adam["baseline_group"] == "adam"
+    assert dopr["diff_vs_baseline"] == pytest.approx(0.6)
+    lo, hi = dopr["diff_ci"]
+    assert 0.3 < lo < 0.6 < hi < 0.9
+    assert dopr["p_permutation"] == pytest.approx(2 / 252)  # perfectly separated, 5 vs 5 seeds
+    # every run played episode seeds 100000..100009: both succeed on the first 2, only dopr on the next 6, neither
+    # on the last 2 -> d_e = 1 on 6 episode seeds, 0 elsewhere -> p = P(all 6 signs agree) = 2 / 2^6
+    assert dopr["p_paired"] == pytest.approx(2 / 64) and dopr["paired"]["n_discordant"] == 6
+    saved = json.loads((sweep / "compare" / "compare.json").read_text())
+    assert saved["groups"][1]["p_permutation"] == dopr["p_permutation"]
+    assert saved["provenance"]["command"] and saved["statistics"]["bootstrap"]["n_boot"] == 2000
+    md = (sweep / "compare" / "compare.md").read_text()
+    assert "| dopr " in md and "+60.0 pp" in md
+    for plot in ("success_vs_val_loss", "training_curves"):
+        assert (sweep / "compare" / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert saved["plots"]["drift"] is None and any("diagnose" in n for n in saved["notes"])
+
+
+def test_incomplete_runs_are_listed_not_fatal(tmp_path):
+    sweep = two_optimizer_sweep(tmp_path / "sweep", n_seeds=2)
+    (sweep / "dopr_s1" / "eval.json").unlink()
+    (sweep / "adam_s0" / "metrics.jsonl").write_text('{"step": 50, "loss": 1.0, "val_loss": 0.4}\n{"step": 1')
+    data = json.loads((sweep / "sweep.json").read_text())
+    data["cells"].append({"name": "dopr_s2", "optim": "dopr", "seed": 2, "settings": {}, "state": "pending"})
+    (sweep / "sweep.json").write_text(json.dumps(data))
+    cut = json.loads((sweep / "adam_s1" / "eval.json").read_text())
+    cut["per_episode"] = cut["per_episode"][:3]  # a report whose episodes do not add up
+    (sweep / "adam_s1" / "eval.json").write_text(json.dumps(cut))
+    report, warnings = compare([sweep], n_boot=200)
+    incomplete = {i["run"].rsplit("/", 1)[-1]: i["reason"] for i in report["incomplete"]}
+    assert set(incomplete) == {"dopr_s1", "dopr_s2", "adam_s1"}
+    assert "per_episode" in incomplete["adam_s1"]
+    assert "no eval.json" in incomplete["dopr_s1"] and "pending" in incomplete["dopr_s2"]
+    assert [g["n_seeds"] for g in report["groups"]] == [1, 1]
+    assert any("dopr_s1" in w and "incomplete" in w for w in warnings)
+    assert any("metrics.jsonl" in w and "unreadable" in w for w in warnings)  # a cut-off last line
+
+
+def test_suspicious_reports_are_warned_about(tmp_path):
+    root = tmp_path / "runs"
+    run = write_run(root, "adam_s0", "adam", 0, [1, 0, 0])
+    report = json.loads((run / "eval.json").read_text())
+    report["perturbation"]["obs_noise"] = 0.1
+    report["per_episode"][2]["error"] = "MujocoException: unstable simulation"
+    (run / "eval.json").write_text(json.dumps(report))
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "best.json").write_text("{}")
+    _, warnings = compare([root], n_boot=50)
+    assert any("perturbed report" in w for w in warnings)
+    assert any("1 episode(s) failed to run" in w for w in warnings)
+    assert any("--checkpoint best" in w for w in warnings)
+
+
+def test_grid_groups_from_config_diffs_and_best_config(tmp_path):
+    """Without sweep.json: groups come from the keys the configs differ in (AP keys only for AP optimizers)."""
+    root = tmp_path / "runs"
+    for seed in range(3):
+        write_run(root, f"adam_s{seed}", "adam", seed, [1] * 4 + [0] * 6, success_curve=(0.3, 0.4),
+                  config_extra={"train.device": f"cuda:{seed}"})  # bookkeeping keys do not split groups
+        for damping, k, sel in ((0.3, 3, 0.9), (3, 7, 0.5)):  # selection seeds favour 0.3, held-out seeds 3
+            write_run(root, f"dopr_d{damping}_s{seed}", "dopr", seed, [1] * k + [0] * (10 - k),
+                      settings={"optim.ap.damping": damping}, success_curve=(sel - 0.1, sel))
+    report = build_report(discover([root], [])[0], select="best-config", n_boot=500)
+    names = [g["name"] for g in report["groups"]]
+    assert names == ["adam", "dopr_damping-0.3", "dopr_damping-3"]
+    assert report["settings_keys"] == ["optim.ap.damping"]
+    same = {g["name"]: g for g in report["groups"]}
+    assert same["dopr_damping-3"]["diff_vs_baseline"] == pytest.approx(0.3)
+    best = {g["name"]: g for g in report["best_config"]["groups"]}
+    assert set(best) == {"adam", "dopr_damping-0.3"}  # chosen on the selection seeds, not on held-out success
+    assert best["dopr_damping-0.3"]["selection_score"] == pytest.approx(0.85)
+    assert best["dopr_damping-0.3"]["diff_vs_baseline"] == pytest.approx(-0.1)
+    assert best["dopr_damping-0.3"]["candidates"] == pytest.approx({"dopr_damping-0.3": 0.85, "dopr_damping-3": 0.45})
+
+
+def test_best_config_needs_in_training_success(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "adam_s0", "adam", 0, [1, 0])
+    write_run(root, "dopr_s0", "dopr", 0, [1, 1])
+    with pytest.raises(UserError, match="train.eval_every"):
+        build_report(discover([root], [])[0], select="best-config")
+
+
+def test_per_grid_point_baseline_and_explicit_baseline(tmp_path):
+    root = tmp_path / "runs"
+    for lr, k_adam, k_muon in ((1e-4, 2, 4), (3e-4, 5, 9)):
+        for seed in range(2):
+            write_run(root, f"adam_lr{lr}_s{seed}", "adam", seed, [1] * k_adam + [0] * (10 - k_adam),
+                      settings={"optim.lr": lr})
+            write_run(root, f"muon_lr{lr}_s{seed}", "muon", seed, [1] * k_muon + [0] * (10 - k_muon),
+                      settings={"optim.lr": lr})
+    report = build_report(discover([root], [])[0], n_boot=300)
+    by = {g["name"]: g for g in report["groups"]}
+    assert by["muon_lr-0.0003"]["baseline_group"] == "adam_lr-0.0003"
+    assert by["muon_lr-0.0003"]["diff_vs_baseline"] == pytest.approx(0.4)
+    assert by["muon_lr-0.0001"]["diff_vs_baseline"] == pytest.approx(0.2)
+    named = build_report(discover([root], [])[0], baseline="adam_lr-0.0001", n_boot=300)
+    assert {g["baseline_group"] for g in named["groups"]} == {"adam_lr-0.0001"}
+    with pytest.raises(UserError, match="--baseline 'sgd'"):
+        build_report(discover([root], [])[0], baseline="sgd")
+
+
+def test_paired_test_skipped_when_episode_seeds_differ(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "adam_s0", "adam", 0, [1, 0, 0, 0])
+    write_run(root, "dopr_s0", "dopr", 0, [1, 1, 1, 0], seed_start=5)
+    dopr = build_report(discover([root], [])[0], n_boot=100)["groups"][1]
+    assert dopr["p_paired"] is None and "different episode seeds" in dopr["paired"]["skipped"]
+    assert dopr["p_permutation"] == 1.0  # one seed per group: the two labellings are equally extreme
+
+
+def test_perturbation_and_drift_plots(tmp_path):
+    root = tmp_path / "runs"
+    steps = list(range(0, 40, 4))
+    for optim, k, slope in (("adam", 6, 0.05), ("dopr", 8, 0.02)):
+        for seed in range(2):
+            drift = {"steps": steps, "drift_mean": [0.1 + slope * t for t in steps],
+                     "drift_success": [0.1 + 0.5 * slope * t for t in steps],
+                     "drift_failure": [0.1 + 2 * slope * t for t in steps], "demo_band": [0.05, 0.3],
+                     "departure_step": 8 if optim == "adam" else 20}
+            write_run(root, f"{optim}_s{seed}", optim, seed, [1] * k + [0] * (10 - k), drift=drift,
+                      perturbed=[("an1", "action_noise", 0.1, [1] * (k - 2) + [0] * (12 - k)),
+                                 ("an2", "action_noise", 0.3, [1] * (k - 5) + [0] * (15 - k)),
+                                 ("push", "push", 0.5, [1] * (k - 3) + [0] * (13 - k))])
+    (root / "adam_s0" / "eval_an1-20260101-120000.json").write_text("{}")  # archived report: ignored
+    report, _ = compare([root], out=tmp_path / "cmp", n_boot=200)
+    dopr = report["groups"][1]
+    rows = dopr["perturbation"]["action_noise"]
+    assert [r["level"] for r in rows] == [0.0, 0.1, 0.3]
+    assert [r["success_pooled"] for r in rows] == pytest.approx([0.8, 0.6, 0.3])
+    assert list(dopr["perturbation"]) == ["action_noise", "push (magnitude 2)"]
+    for plot in ("drift", "perturbation"):
+        assert (tmp_path / "cmp" / f"{plot}.png").is_file() and report["plots"][plot]
+
+
+def test_bad_inputs_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="no such directory"):
+        compare([tmp_path / "nope"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="neither a run directory"):
+        compare([tmp_path / "empty"])
+    write_run(tmp_path / "a", "r", "adam", 0, None)
+    with pytest.raises(UserError, match="no complete run"):
+        compare([tmp_path / "a"])
+    with pytest.raises(UserError, match="--out"):
+        compare([tmp_path / "a", tmp_path / "empty"])
+    assert not (tmp_path / "a" / "compare").exists()
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_compare_and_plot_on_real_runs(tmp_path, lift_demos):
+    """End to end: `train` (CLI, writes its training-curve PNG) and the Python API train two tiny real runs,
+    `evaluate` plays 2 episodes each, then `compare` and `plot` read them from disk."""
+    from dopr_robot.config import load_config
+    from dopr_robot.evaluation import evaluate
+    from dopr_robot.fileio import write_json
+    from dopr_robot.training import train
+
+    tiny = ["policy.mlp.hidden_dim=32", "policy.mlp.num_layers=2", "train.batch_size=16", "train.log_every=5",
+            "train.val_every=5", "train.warmup_steps=2", "train.steps=10"]
+    root = tmp_path / "runs"
+    args = ["train", "--dataset", str(lift_demos), "--out", str(root / "dopr_s0"), "--optim", "dopr"]
+    result = run_cli(*args, *[a for item in tiny for a in ("--set", item)])
+    assert result.returncode == 0, result.stderr
+    assert _png_size(root / "dopr_s0" / "training_curves.png")[0] > 800
+    train(load_config(None, [f"data.path={lift_demos}", *tiny, "optim.name=adam"]), root / "adam_s0", progress=False)
+    for run in ("adam_s0", "dopr_s0"):
+        write_json(root / run / "eval.json", evaluate(root / run, episodes=2, max_steps=20, workers=1, progress=False))
+    result = run_cli("compare", str(root), "--n-boot", "200")
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((root / "compare" / "compare.json").read_text())
+    assert [g["name"] for g in saved["groups"]] == ["adam", "dopr"]
+    dopr = saved["groups"][1]
+    assert dopr["n_seeds"] == 1 and dopr["runs"] == [str(root / "dopr_s0")]
+    assert math.isfinite(dopr["val_loss_mean"]) and dopr["episodes"] == 2
+    assert dopr["p_paired"] is not None  # both played seeds 100000, 100001
+    assert "| dopr" in result.stdout and "compare.json" in result.stdout
+    assert _png_size(root / "compare" / "success_vs_val_loss.png")[0] > 500
+    bad = run_cli("compare", str(root), "--select", "best-of-all")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --select") and len(bad.stderr.splitlines()) == 1
+    result = run_cli("plot", str(root / "adam_s0"), "--out", str(tmp_path / "adam.png"))
+    assert result.returncode == 0, result.stderr
+    assert _png_size(tmp_path / "adam.png")[0] > 800
+    with pytest.raises(UserError, match="no such run directory"):
+        plot_run(tmp_path / "missing")
+    assert plot_run(tmp_path / "runs" / "compare", missing_ok=True) is None  # a directory without metrics
+
+
+def test_sweep_grid_groups_keep_the_sweep_cell_names(tmp_path):
+    """sweep.json's settings are the grid's value texts, applied to every optimizer (adam too): groups are the
+    cell names without `_s<seed>`, and each is compared with adam at the same grid point."""
+    root = tmp_path / "sweep"
+    cells = []
+    for damping, k_adam, k_dopr in (("0.3", 3, 6), ("3", 4, 9)):
+        for optim, k in (("adam", k_adam), ("dopr", k_dopr)):
+            for seed in range(2):
+                name = f"{optim}_damping-{damping}_s{seed}"
+                write_run(root, name, optim, seed, [1] * k + [0] * (10 - k), settings={"optim.ap.damping": damping})
+                cells.append({"name": name, "dir": str(root / name), "optim": optim, "seed": seed,
+                              "settings": {"optim.ap.damping": damping}, "state": "done"})
+    (root / "sweep.json").write_text(json.dumps({"cells": cells}))
+    report = build_report(discover([root], [])[0], n_boot=200)
+    by = {g["name"]: g for g in report["groups"]}
+    assert sorted(by) == ["adam_damping-0.3", "adam_damping-3", "dopr_damping-0.3", "dopr_damping-3"]
+    assert by["dopr_damping-3"]["baseline_group"] == "adam_damping-3"
+    assert by["dopr_damping-3"]["diff_vs_baseline"] == pytest.approx(0.5)
+    assert by["dopr_damping-0.3"]["settings"] == {"optim.ap.damping": "0.3"} and by["adam_damping-3"]["n_seeds"] == 2

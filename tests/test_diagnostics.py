@@ -1,0 +1,144 @@
+"""Test-time-feedback diagnostics: drift, band and departure on a synthetic case with a known answer, Gaussian KL
+and covariance shift against closed forms, and `dopr-robot diagnose` end to end on a real tiny run."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from dopr_robot.datasets.robomimic_hdf5 import RobomimicFile, write_robomimic
+from dopr_robot.diagnostics import (covariance_shift, demo_band, departure_step, diagnose, distribution_shift,
+                                    drift_curve, fit_gaussian, gaussian_kl, nearest_distances)
+from dopr_robot.diagnostics import drift as drift_module
+from test_cli import assert_user_error
+from test_train_eval import tiny_config
+
+
+# --- drift on a synthetic trajectory with a known answer
+
+def line_demos(n_demos=5, length=50, spacing=0.01, step=0.1):
+    """Demo i runs along x at height y = i * spacing: each demo point's nearest other-demo point is `spacing` away."""
+    x = step * np.arange(length)
+    return [np.stack([x, np.full(length, i * spacing)], axis=1) for i in range(n_demos)]
+
+
+def test_drift_band_and_departure_on_a_rollout_leaving_the_demos_at_a_known_rate():
+    demos = line_demos()
+    rate = 0.003  # the rollout rises above the top demo (y = 0.04) by `rate` per step, moving along x like the demos
+    t = np.arange(30)
+    rollout = np.stack([0.1 * t, 0.04 + rate * t], axis=1)
+    distances = nearest_distances(rollout, np.concatenate(demos))
+    np.testing.assert_allclose(distances, rate * t, atol=1e-12)  # nearest point: the top demo at the same x
+    lo, hi = demo_band(demos)
+    assert lo == pytest.approx(0.01) and hi == pytest.approx(0.01)  # leave-one-demo-out: the neighbour demo
+    curve = drift_curve([distances])
+    assert departure_step(curve, hi) == 4  # 0.003 * 3 = 0.009 <= 0.01 < 0.012 = 0.003 * 4
+    assert departure_step([0.0, 0.005, None, 0.01], hi) is None  # never above the band: no departure
+
+
+def test_drift_curve_averages_running_episodes_and_splits_by_outcome():
+    distances = [np.array([1.0, 2.0, 3.0]), np.array([3.0, 4.0])]
+    assert drift_curve(distances) == [2.0, 3.0, 3.0]  # step 2: only the longer episode is still running
+    assert drift_curve(distances, [True, False]) == [1.0, 2.0, 3.0]
+    assert drift_curve(distances, [False, True]) == [3.0, 4.0, None]
+    assert drift_curve(distances, [False, False]) == [None, None, None]
+
+
+def test_nearest_distances_is_exact_across_blocks_and_leaves_own_group_out(monkeypatch):
+    rng = np.random.default_rng(0)
+    queries, reference = rng.normal(size=(37, 5)), rng.normal(size=(53, 5))
+    brute = np.sqrt(((queries[:, None] - reference[None]) ** 2).sum(-1))
+    monkeypatch.setattr(drift_module, "BLOCK_ENTRIES", 100)  # forces 2-row blocks: block seams must not matter
+    np.testing.assert_allclose(nearest_distances(queries, reference), brute.min(1), rtol=1e-12)
+    q_groups, r_groups = np.arange(37) % 3, np.arange(53) % 3
+    masked = np.where(q_groups[:, None] == r_groups[None], np.inf, brute)
+    np.testing.assert_allclose(nearest_distances(queries, reference, q_groups, r_groups), masked.min(1), rtol=1e-12)
+    assert demo_band([np.zeros((4, 2))]) is None  # one demo has no other demo to be compared with
+
+
+# --- distribution shift against closed forms
+
+def test_kl_of_identical_gaussians_is_zero_and_shifted_ones_match_closed_forms():
+    x = np.random.default_rng(1).normal(size=(500, 4))
+    same = distribution_shift(x, x)
+    assert same["kl_gaussian"] == pytest.approx(0.0, abs=1e-10)
+    assert same["cov_shift"] == pytest.approx(0.0, abs=1e-12) and same["cov_logdet_ratio"] == pytest.approx(0.0, abs=1e-10)
+    k, eye = 3, np.eye(3)
+    mu = np.array([1.0, -2.0, 0.5])
+    assert gaussian_kl(mu, eye, np.zeros(k), eye) == pytest.approx(0.5 * mu @ mu)  # mean shift: |mu|^2 / 2
+    s2 = 4.0
+    assert gaussian_kl(np.zeros(k), s2 * eye, np.zeros(k), eye) == pytest.approx(0.5 * k * (s2 - 1 - np.log(s2)))
+    assert covariance_shift(s2 * eye, eye) == pytest.approx((s2 - 1, k * np.log(s2)))
+    # a full-covariance case against torch's implementation
+    a, b = np.random.default_rng(2).normal(size=(2, k, k))
+    cov_p, cov_q = a @ a.T + 0.5 * eye, b @ b.T + 0.5 * eye
+    mean_p, mean_q = np.array([0.3, 0.1, -0.2]), np.array([-0.1, 0.4, 0.0])
+    reference = torch.distributions.kl_divergence(
+        torch.distributions.MultivariateNormal(torch.tensor(mean_p), torch.tensor(cov_p)),
+        torch.distributions.MultivariateNormal(torch.tensor(mean_q), torch.tensor(cov_q)))
+    assert gaussian_kl(mean_p, cov_p, mean_q, cov_q) == pytest.approx(float(reference), rel=1e-9)
+
+
+def test_ridge_keeps_a_constant_dimension_finite():
+    x = np.random.default_rng(3).normal(size=(100, 2))
+    x[:, 1] = 0.5  # constant in the demos, as a resting object's height is
+    mean, cov = fit_gaussian(x, ridge=1e-3)
+    assert cov[1, 1] == pytest.approx(1e-3) and mean[1] == pytest.approx(0.5)
+    moved = x.copy()
+    moved[:, 1] += np.sqrt(1e-3)  # one ridge standard deviation off along the constant dimension
+    assert distribution_shift(moved, x, ridge=1e-3)["kl_gaussian"] == pytest.approx(0.5, rel=1e-6)
+
+
+# --- end to end on a real tiny run
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory, lift_demos):
+    from dopr_robot.training import train
+
+    run = train(tiny_config(lift_demos), tmp_path_factory.mktemp("diag") / "run", progress=False)
+    result = run_cli("eval", str(run), "--episodes", "2", "--workers", "1", "--max-steps", "30",
+                     "--save-trajectories")
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+def test_diagnose_cli_writes_drift_json_and_png(evaluated_run):
+    run = evaluated_run
+    result = run_cli("diagnose", str(run))
+    assert result.returncode == 0, result.stderr
+    assert "departure step" in result.stdout
+    report = json.loads((run / "drift.json").read_text())
+    eval_report = json.loads((run / "eval.json").read_text())
+    assert report["closed_loop_success"] == eval_report["success_rate"]
+    assert report["n_success"] + report["n_failure"] == 2
+    longest = max(e["steps"] for e in eval_report["per_episode"])
+    assert report["steps"] == list(range(longest)) and len(report["drift_mean"]) == longest
+    assert all(np.isfinite(v) and v >= 0 for v in report["drift_mean"])
+    lo, hi = report["demo_band"]
+    assert 0 <= lo <= hi
+    first_above = next((t for t, v in enumerate(report["drift_mean"]) if v > hi), None)
+    assert report["departure_step"] == first_above
+    assert report["kl_gaussian"] >= 0 and report["cov_shift"] >= 0
+    assert report["open_loop_windows"] > 0 and np.isfinite(report["open_loop_chunk_mse"])
+    assert report["checkpoint"].endswith("final.json") and report["rollouts"].endswith("eval_rollouts.hdf5")
+    assert (run / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the open-loop error is seeded: the same seed gives the same number, in-process as from the CLI
+    again = diagnose(run, out=run / "again.json", seed=0, plot=False)
+    assert again["open_loop_chunk_mse"] == report["open_loop_chunk_mse"]
+    assert again["drift_mean"] == report["drift_mean"]
+
+
+def test_diagnose_bad_input_is_one_line(evaluated_run, tmp_path):
+    before = (evaluated_run / "drift.json").read_bytes() if (evaluated_run / "drift.json").exists() else None
+    assert_user_error(run_cli("diagnose", str(tmp_path)), "rollouts file not found")
+    # rollouts lacking an observation key the checkpoint was trained on
+    with RobomimicFile(evaluated_run / "eval_rollouts.hdf5") as f:
+        env_args, episodes = f.env_args, [f.read(name, ["object", "robot0_eef_pos"]) for name in f.demos]
+    partial = tmp_path / "partial_rollouts.hdf5"
+    write_robomimic(partial, episodes, env_args, attrs={"checkpoint": "final.json"})
+    assert_user_error(run_cli("diagnose", str(evaluated_run), "--rollouts", str(partial)),
+                      "no observation key(s) robot0_eef_quat, robot0_gripper_qpos")
+    after = (evaluated_run / "drift.json").read_bytes() if (evaluated_run / "drift.json").exists() else None
+    assert after == before  # validation fails before anything is written

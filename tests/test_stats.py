@@ -1,0 +1,122 @@
+"""Comparison statistics against cases with a known answer (textbook values, closed forms, brute force)."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from dopr_robot.experiments.stats import (hierarchical_bootstrap_diff, mcnemar_exact, paired_episode_test,
+                                          permutation_test, wilson_interval)
+
+
+@pytest.mark.parametrize("successes, n, lo, hi", [
+    # Newcombe (1998), Stat. Med. 17:857, Table I, method 3 (Wilson score without continuity correction)
+    (81, 263, 0.2553, 0.3662),
+    (15, 148, 0.0624, 0.1605),
+    (0, 10, 0.0, 0.2775),
+    (1, 29, 0.0061, 0.1718),
+])
+def test_wilson_matches_newcombe_table(successes, n, lo, hi):
+    got = wilson_interval(successes, n)
+    assert got == pytest.approx((lo, hi), abs=5e-5)
+
+
+def test_wilson_edges_are_exact():
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(20, 20)[1] == 1.0
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    # at 0 successes the upper bound has the closed form z^2 / (n + z^2)
+    z2 = 1.959963984540054 ** 2
+    assert wilson_interval(0, 20)[1] == pytest.approx(z2 / (20 + z2), rel=1e-12)
+
+
+def test_permutation_perfectly_separated_five_seeds_is_2_over_252():
+    result = permutation_test([0.1, 0.2, 0.15, 0.3, 0.25], [0.6, 0.7, 0.65, 0.9, 0.8])
+    assert result["method"] == "exact" and result["n_permutations"] == math.comb(10, 5) == 252
+    assert result["p"] == pytest.approx(2 / 252)
+
+
+def test_permutation_identical_groups_is_one_and_matches_scipy_exact():
+    assert permutation_test([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])["p"] == 1.0
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(3)
+    x, y = rng.uniform(0.2, 0.6, 6), rng.uniform(0.3, 0.8, 5)
+    ours = permutation_test(x, y)["p"]
+    # our two-sided p is P(|T| >= |t|); scipy's "two-sided" doubles a one-sided tail instead, so ask it for |T|
+    ref = scipy_stats.permutation_test((y, x), lambda a, b: abs(a.mean() - b.mean()),
+                                       permutation_type="independent", n_resamples=np.inf,
+                                       alternative="greater").pvalue
+    assert ours == pytest.approx(ref, rel=1e-9)
+
+
+def test_permutation_falls_back_to_seeded_monte_carlo():
+    # 12 vs 12 seeds: C(24, 12) = 2.7M splits > the exact limit. Perfect separation: no random split is as
+    # extreme as the observed one (probability 2 / 2.7M per draw), so p = (1 + 0) / (1 + R).
+    x, y = np.linspace(0.0, 0.3, 12), np.linspace(0.6, 0.9, 12)
+    a = permutation_test(x, y, n_resamples=20_000, seed=5)
+    b = permutation_test(x, y, n_resamples=20_000, seed=5)
+    assert a["method"] == "monte-carlo" and a["n_permutations"] == 20_000 and a["seed"] == 5
+    assert a["p"] == b["p"] == pytest.approx(1 / 20_001)
+
+
+@pytest.mark.parametrize("b, c, p", [(0, 5, 0.0625), (1, 9, 2 * 11 / 1024), (3, 3, 1.0), (0, 0, 1.0)])
+def test_mcnemar_exact_known_values(b, c, p):
+    assert mcnemar_exact(b, c) == pytest.approx(p)
+
+
+def test_paired_test_with_one_run_per_group_is_exact_mcnemar():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        base, grp = rng.integers(0, 2, 30), rng.integers(0, 2, 30)
+        b = int(((base == 1) & (grp == 0)).sum())
+        c = int(((base == 0) & (grp == 1)).sum())
+        result = paired_episode_test([base], [grp])
+        assert result["n_discordant"] == b + c
+        assert result["p"] == pytest.approx(mcnemar_exact(b, c), rel=1e-12)
+        if b + c:
+            assert result["p"] == pytest.approx(scipy_stats.binomtest(b, b + c, 0.5).pvalue, rel=1e-9)
+
+
+def test_paired_test_matches_brute_force_sign_flips_with_several_runs():
+    rng = np.random.default_rng(1)
+    base, grp = rng.integers(0, 2, (3, 9)), rng.integers(0, 2, (2, 9))
+    d = grp.mean(axis=0) - base.mean(axis=0)
+    observed = abs(d.sum())
+    flips = np.array(list(itertools.product([-1, 1], repeat=9)))
+    brute = np.mean(np.abs(flips @ d) >= observed - 1e-12)
+    assert paired_episode_test(base, grp)["p"] == pytest.approx(brute, rel=1e-12)
+    with pytest.raises(ValueError):
+        paired_episode_test([[1, 0, 1]], [[1, 0]])
+
+
+def _synthetic_group(rng, seeds, episodes, rate, seed_sd=0.1):
+    """Training seeds whose success rates scatter around `rate`; episodes are Bernoulli at the seed's rate."""
+    return [rng.binomial(1, q, episodes) for q in np.clip(rng.normal(rate, seed_sd, seeds), 0, 1)]
+
+
+def test_bootstrap_is_seeded_and_covers_a_known_difference():
+    rng = np.random.default_rng(7)
+    base, grp = _synthetic_group(rng, 5, 50, 0.4), _synthetic_group(rng, 5, 50, 0.6)
+    a = hierarchical_bootstrap_diff(base, grp, n_boot=2000, seed=11)
+    assert a == hierarchical_bootstrap_diff(base, grp, n_boot=2000, seed=11)
+    assert a["ci"] != hierarchical_bootstrap_diff(base, grp, n_boot=2000, seed=12)["ci"]
+    assert a["diff"] == pytest.approx(np.mean([r.mean() for r in grp]) - np.mean([r.mean() for r in base]))
+    assert a["ci"][0] < a["diff"] < a["ci"][1]
+    # frequentist check: over repeated synthetic experiments the 95% interval covers the true 0.2 most times
+    covered, widths = 0, {}
+    for size in [(5, 50), (10, 200)]:
+        w = []
+        for k in range(60):
+            r = hierarchical_bootstrap_diff(_synthetic_group(rng, *size, 0.4), _synthetic_group(rng, *size, 0.6),
+                                            n_boot=1000, seed=k)
+            covered += r["ci"][0] <= 0.2 <= r["ci"][1]
+            w.append(r["ci"][1] - r["ci"][0])
+        widths[size] = np.mean(w)
+    assert covered / 120 >= 0.85
+    assert widths[(10, 200)] < 0.75 * widths[(5, 50)]  # more seeds and episodes -> a narrower interval
+
+
+def test_bootstrap_without_any_variance_is_a_point():
+    result = hierarchical_bootstrap_diff([[1, 1, 1]] * 3, [[0, 0, 0]] * 4, n_boot=100)
+    assert result["diff"] == -1.0 and result["ci"] == [-1.0, -1.0]
