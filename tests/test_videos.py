@@ -2,11 +2,14 @@
 encoded to MP4 and decoded back. Skipped, with the reason printed (`-ra`), where rendering does not work."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 from dopr_robot.checkpoint import load_policy
 from dopr_robot.config import load_config
 from dopr_robot.envs import RobosuiteEnv
@@ -109,24 +112,32 @@ def test_unknown_camera_fails_before_any_episode(tmp_path, rendering, tiny_run):
     assert not (tmp_path / "videos").exists()
 
 
-def test_broken_backend_is_one_error_line_naming_the_fix(tmp_path, tiny_run):
-    # An invalid MUJOCO_GL is what a machine without a working backend looks like to robosuite: it fails
-    # when the renderer starts. No episode runs and the message names the fix.
-    import os
-    import subprocess
-    import sys
+def headless_env(**extra):
+    """This process's environment without a display (as on a server), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    return {**env, **extra}
 
-    from conftest import REPO
 
-    env = {**os.environ, "MUJOCO_GL": "nosuchbackend"}
+def test_unusable_backend_fails_before_any_episode_with_one_line_naming_the_fix(tmp_path, tiny_run):
+    # MUJOCO_GL=glx on a machine without a display: MuJoCo and robosuite import fine, rendering cannot start.
     result = subprocess.run([sys.executable, "-m", "dopr_robot.cli", "eval", str(tiny_run), "--episodes", "1",
                              "--workers", "1", "--out", str(tmp_path / "eval.json"), "--videos", "1"],
-                            capture_output=True, text=True, cwd=REPO, env=env)
+                            capture_output=True, text=True, cwd=REPO, env=headless_env(MUJOCO_GL="glx"))
     assert result.returncode == 2, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert "offscreen rendering does not work here (MUJOCO_GL=nosuchbackend" in result.stderr
-    assert "apt-get install libosmesa6" in result.stderr and "MUJOCO_GL=egl" in result.stderr
-    assert not (tmp_path / "eval.json").exists()
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("error: offscreen rendering does not work here (MUJOCO_GL=glx: ")
+    assert "apt-get install libosmesa6 and MUJOCO_GL=osmesa" in result.stderr and "MUJOCO_GL=egl" in result.stderr
+    assert not (tmp_path / "eval.json").exists() and not (tmp_path / "videos").exists()
+
+
+def test_invalid_mujoco_gl_is_one_error_line_for_any_command(tmp_path):
+    # MuJoCo loads the MUJOCO_GL backend when it is imported, so a bad value breaks every command, not only videos.
+    result = subprocess.run([sys.executable, "-m", "dopr_robot.cli", "collect", "--episodes", "1",
+                             "--out", str(tmp_path / "demos.hdf5")],
+                            capture_output=True, text=True, cwd=REPO, env=headless_env(MUJOCO_GL="nosuchbackend"))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("error: importing MuJoCo/robosuite failed with MUJOCO_GL=nosuchbackend")
+    assert "unset MUJOCO_GL" in result.stderr and not (tmp_path / "demos.hdf5").exists()
 
 
 @pytest.mark.parametrize("text, expected", [("256", (256, 256)), ("320x240", (240, 320)), ("96X64", (64, 96))])

@@ -1,25 +1,32 @@
 """Offscreen rendering of a robosuite camera through MuJoCo's OpenGL backends (OSMesa or EGL).
 
-The backend is MuJoCo's `MUJOCO_GL` environment variable, which robosuite reads once, when it is imported.
-`choose_gl_backend` fills it in when the user left it unset, before robosuite is imported:
+The backend is MuJoCo's `MUJOCO_GL` environment variable, which MuJoCo and robosuite read once, when they are
+imported; MuJoCo then loads that backend's library at import (so `osmesa` without libOSMesa breaks every import
+of robosuite, not only rendering). `choose_gl_backend` fills it in when the user left it unset, before robosuite
+is imported, and only with a backend whose library is installed:
 
-- an NVIDIA GPU is present (`/dev/nvidia0`)  -> `egl` (hardware rendering, also the usual choice in Docker
-  with the NVIDIA container runtime);
-- otherwise libOSMesa is installed           -> `osmesa` (software rendering on any CPU machine);
-- otherwise                                  -> `egl` (Mesa's EGL renders on the CPU too, through llvmpipe).
+- PYOPENGL_PLATFORM is `egl` or `osmesa`          -> the same (MuJoCo refuses a mismatch);
+- an NVIDIA GPU is present and libEGL installed    -> `egl` (hardware rendering; the usual choice in Docker with
+  the NVIDIA container runtime and on cluster GPU nodes);
+- otherwise libOSMesa is installed                 -> `osmesa` (software rendering on any CPU machine);
+- otherwise libEGL is installed                    -> `egl` (Mesa's EGL renders on the CPU too, via llvmpipe);
+- otherwise it stays unset (robosuite's default; `check_rendering` then names the package to install).
 
-robosuite's own default would be `egl` everywhere (its `MUJOCO_GPU_RENDERING` macro). A value the user set is
-never changed. Worker processes inherit the variable, so every process of one evaluation renders alike.
+A value the user set is never changed. Worker processes inherit the variable, so every process of one
+evaluation renders alike.
 `check_rendering` renders one real frame before any episode runs and turns a failure into one line that names
 the fix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes.util
+import gc
 import os
 import sys
 import time
+import warnings
 from typing import Any, NamedTuple
 
 from dopr_robot.errors import UserError
@@ -69,14 +76,27 @@ def choose_gl_backend() -> str:
     chosen = os.environ.get("MUJOCO_GL", "").strip().lower()
     if chosen:
         return chosen
-    if _nvidia_gpu_present():
+    platform = os.environ.get("PYOPENGL_PLATFORM", "").strip().lower()
+    has_egl = ctypes.util.find_library("EGL") is not None
+    if platform in ("egl", "osmesa"):
+        chosen = platform
+    elif has_egl and _nvidia_gpu_present():
         chosen = "egl"
     elif ctypes.util.find_library("OSMesa"):
         chosen = "osmesa"
-    else:
+    elif has_egl:
         chosen = "egl"
+    else:
+        return "(unset)"
     os.environ["MUJOCO_GL"] = chosen
     return chosen
+
+
+def backend_import_error(error: BaseException) -> UserError:
+    """The one-line error for an import of MuJoCo/robosuite that failed under the MUJOCO_GL in effect."""
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return UserError(f"importing MuJoCo/robosuite failed with MUJOCO_GL={os.environ.get('MUJOCO_GL')} "
+                     f"({type(error).__name__}{': ' + detail if detail else ''}); unset MUJOCO_GL, or {RENDERING_FIX}")
 
 
 def active_gl_backend() -> str:
@@ -87,6 +107,21 @@ def active_gl_backend() -> str:
     return os.environ.get("MUJOCO_GL", "") or "(unset)"
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Silence what a failing GL backend prints besides its exception (GLFW/EGL warnings, and the destructor of
+    robosuite's half-built render context), so a failed check is the one line of its UserError."""
+    hook = sys.unraisablehook
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sys.unraisablehook = lambda unraisable: None
+        try:
+            yield
+        finally:
+            gc.collect()  # the half-built context is destroyed here, while its complaints are ignored
+            sys.unraisablehook = hook
+
+
 def check_rendering(env_args: dict[str, Any], spec: RenderSpec, seed: int = 0) -> float:
     """Build the environment with its offscreen renderer and render one frame of `spec.camera`.
 
@@ -95,22 +130,26 @@ def check_rendering(env_args: dict[str, Any], spec: RenderSpec, seed: int = 0) -
     """
     from dopr_robot.envs.robosuite_env import RobosuiteEnv
 
-    env = None
-    try:
-        env = RobosuiteEnv(env_args, render=spec)
-        env.reset(seed)
-        start = time.perf_counter()
-        frame = env.render_frame()
-        seconds = time.perf_counter() - start
-    except UserError:
-        raise
-    except Exception as e:  # ImportError (no libOSMesa/libEGL), GL context errors, mujoco.FatalError, ...
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"offscreen rendering does not work here (MUJOCO_GL={active_gl_backend()}: "
-                        f"{type(e).__name__}{': ' + detail if detail else ''}); {RENDERING_FIX}") from None
-    finally:
-        if env is not None:
-            env.close()
+    env, failure = None, None
+    with _quiet():
+        try:
+            env = RobosuiteEnv(env_args, render=spec)
+            env.reset(seed)
+            start = time.perf_counter()
+            frame = env.render_frame()
+            seconds = time.perf_counter() - start
+        except UserError:
+            raise
+        except Exception as e:  # ImportError (no libOSMesa/libEGL), GL context errors, mujoco.FatalError, ...
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            failure = f"{type(e).__name__}{': ' + detail if detail else ''}"
+        finally:
+            if env is not None:
+                env.close()
+            env = None
+    if failure is not None:
+        raise UserError(f"offscreen rendering does not work here (MUJOCO_GL={active_gl_backend()}: {failure}); "
+                        f"{RENDERING_FIX}")
     if frame.shape != (spec.height, spec.width, 3) or int(frame.max()) == int(frame.min()):
         raise UserError(f"offscreen rendering returned a blank {frame.shape} frame (MUJOCO_GL="
                         f"{active_gl_backend()}); {RENDERING_FIX}")

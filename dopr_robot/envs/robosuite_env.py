@@ -9,11 +9,12 @@ into an offscreen renderer for video frames (`render_frame`), with the observati
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import numpy as np
 
-from dopr_robot.envs.render import RenderSpec, choose_gl_backend
+from dopr_robot.envs.render import RenderSpec, backend_import_error, choose_gl_backend
 from dopr_robot.errors import UserError
 
 # Our task names -> robosuite environment names.
@@ -38,8 +39,13 @@ _DROPPED_KWARGS = ("camera_depths", "camera_heights", "camera_widths", "camera_n
 def import_robosuite():
     """Import robosuite without its import-time console chatter (missing private macro file, optional robots)."""
     logging.getLogger("robosuite_logs").addFilter(lambda record: record.levelno >= logging.ERROR)
-    choose_gl_backend()  # robosuite reads MUJOCO_GL once, at import
-    import robosuite
+    choose_gl_backend()  # MuJoCo and robosuite read MUJOCO_GL once, at import
+    try:
+        import robosuite
+    except (ImportError, AttributeError, RuntimeError) as e:  # MuJoCo loads the MUJOCO_GL backend at import
+        if not os.environ.get("MUJOCO_GL"):
+            raise
+        raise backend_import_error(e) from None
 
     return robosuite
 
