@@ -149,3 +149,17 @@ def test_video_size_parses(text, expected):
 def test_bad_video_size_is_a_user_error(text):
     with pytest.raises(UserError, match="video size"):
         parse_size(text)
+
+
+def test_videos_failed_counts_failures_already_recorded_and_takes_the_rest_in_seed_order(tmp_path):
+    from dopr_robot.evaluation.video import VideoPlan
+
+    results = {s: {"seed": s, "success": s in (11, 14), "steps": 5} for s in range(10, 17)}
+    results[15]["error"] = "episode raised"  # an episode that did not run is not a failure to show
+    seeds = sorted(results)
+    plan = VideoPlan.create(seeds, 2, 3, SPEC, tmp_path / "videos", {"env_kwargs": {"control_freq": 20}})
+    assert plan.first_seeds == {10, 11} and plan.fps == 20.0
+    assert plan.reruns(results) == [12, 13]  # 10 (failed) is recorded already: two more of the three
+    assert VideoPlan.create(seeds, 0, 1, SPEC, tmp_path, {}).reruns(results) == [10]
+    assert VideoPlan.create(seeds, 3, 0, SPEC, tmp_path, {}).reruns(results) == []
+    assert VideoPlan.create(seeds, 0, 0, SPEC, tmp_path, {}) is None
