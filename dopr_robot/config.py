@@ -103,6 +103,7 @@ class TrainConfig:
     eval_every: int = 0
     eval_episodes: int = 20
     eval_seed_start: int = 200000
+    logger: str = "none"  # none | tensorboard | wandb: where metrics.jsonl's records are mirrored (training/loggers.py)
 
 
 @dataclass
@@ -143,6 +144,7 @@ CHOICES = {
     "optim.ap.stats_from": ("batch", "previous_batch"),
     "optim.matrix_layers": ("hidden", "all"),
     "data.task": ("lift", "can", "square"),
+    "train.logger": ("none", "tensorboard", "wandb"),
 }
 POSITIVE = (
     "data.collect_episodes", "data.n_obs_steps", "data.horizon", "data.n_action_steps", "policy.mlp.hidden_dim",

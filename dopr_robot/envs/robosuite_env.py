@@ -1,17 +1,20 @@
 """robosuite 1.5 environments rebuilt from a dataset's `env_args` (robomimic's format), seeded per episode.
 
 A dataset is all a user must supply: its `env_args` JSON names the environment and every keyword it was made
-with, so training and evaluation rebuild exactly that environment. Rendering is always off here (low-dim
-observations need no renderer), which keeps evaluation headless.
+with, so training and evaluation rebuild exactly that environment. Rendering is off (low-dim observations need
+no renderer), which keeps evaluation headless; `render=RenderSpec(camera, height, width)` opts one environment
+into an offscreen renderer for video frames (`render_frame`), with the observations still low-dim.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import numpy as np
 
+from dopr_robot.envs.render import RenderSpec, backend_import_error, choose_gl_backend
 from dopr_robot.errors import UserError
 
 # Our task names -> robosuite environment names.
@@ -20,7 +23,8 @@ TASKS = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare"}
 # robosuite calls the object observation "object-state"; robomimic (and every dataset) calls it "object".
 _ROBOMIMIC_OBS_NAMES = {"object-state": "object"}
 
-# Keyword arguments that must not come from a file: we never render, and our loop decides when an episode ends.
+# Keyword arguments that must not come from a file: we render only on request (`render=`), and our loop decides
+# when an episode ends.
 _HEADLESS_KWARGS = {
     "has_renderer": False,
     "has_offscreen_renderer": False,
@@ -35,7 +39,13 @@ _DROPPED_KWARGS = ("camera_depths", "camera_heights", "camera_widths", "camera_n
 def import_robosuite():
     """Import robosuite without its import-time console chatter (missing private macro file, optional robots)."""
     logging.getLogger("robosuite_logs").addFilter(lambda record: record.levelno >= logging.ERROR)
-    import robosuite
+    choose_gl_backend()  # MuJoCo and robosuite read MUJOCO_GL once, at import
+    try:
+        import robosuite
+    except (ImportError, AttributeError, RuntimeError) as e:  # MuJoCo loads the MUJOCO_GL backend at import
+        if not os.environ.get("MUJOCO_GL"):
+            raise
+        raise backend_import_error(e) from None
 
     return robosuite
 
@@ -65,7 +75,7 @@ def default_env_args(task: str) -> dict[str, Any]:
 class RobosuiteEnv:
     """A robosuite environment with robomimic observation names and per-episode seeding."""
 
-    def __init__(self, env_args: dict[str, Any]):
+    def __init__(self, env_args: dict[str, Any], render: RenderSpec | tuple[str, int, int] | None = None):
         suite = import_robosuite()
         from dopr_robot.envs.compat import upgrade_env_args
 
@@ -80,8 +90,17 @@ class RobosuiteEnv:
         for key in _DROPPED_KWARGS:
             kwargs.pop(key, None)
         kwargs.update(_HEADLESS_KWARGS)
+        if render is not None:
+            kwargs["has_offscreen_renderer"] = True  # frames for videos only: observations stay low-dim
         self.env_args = env_args
         self.env = suite.make(env_args["env_name"], **kwargs)
+        self.render_spec = RenderSpec(*render) if render is not None else None
+        if self.render_spec is not None:
+            cameras = list(self.env.sim.model.camera_names)
+            if self.render_spec.camera not in cameras:
+                self.env.close()
+                raise UserError(f"camera {self.render_spec.camera!r} is not in {env_args['env_name']} "
+                                f"(cameras: {', '.join(cameras)})")
 
     @property
     def action_dim(self) -> int:
@@ -124,6 +143,18 @@ class RobosuiteEnv:
             raise UserError(f"pushes are not supported for {self.env_args['env_name']} (no single task object)")
         start = self.env.sim.model.get_joint_qvel_addr(obj.joints[0])[0]
         self.env.sim.data.qvel[start:start + 3] += np.asarray(velocity, dtype=np.float64)
+
+    def render_frame(self) -> np.ndarray:
+        """The current scene seen by the render camera: (height, width, 3) uint8, top row first.
+
+        Rendering reads the simulation state and writes only the renderer's own scene buffers, so it changes
+        neither the physics nor any random generator: a recorded episode is the episode without recording.
+        """
+        if self.render_spec is None:
+            raise RuntimeError("this environment was built without render=RenderSpec(...)")
+        camera, height, width = self.render_spec
+        frame = self.env.sim.render(camera_name=camera, height=height, width=width)
+        return np.ascontiguousarray(frame[::-1])  # OpenGL's rows run bottom-up
 
     def model_xml(self) -> str:
         return self.env.sim.model.get_xml()

@@ -9,6 +9,11 @@ starts the worker pool at once, and lets the workers load the policy and build t
 It imports neither torch nor robosuite. Every finished episode is journaled (see `journal`), and the report
 is written atomically at the end; an earlier report of the same name is first renamed
 `<stem>-<YYYYmmdd-HHMMSS>.json` (its modification time, UTC), and its journal with it.
+
+Videos (`videos` / `videos_failed`, see `video`): rendering and MP4 encoding are checked in the main process
+before the pool starts (this imports robosuite here, and only then; the MUJOCO_GL backend it settles on is
+inherited by the workers). The first N seeds are recorded as they run; the failed seeds to show are run again,
+with recording, after all episodes have ended (not journaled: they repeat episodes already recorded).
 """
 
 from __future__ import annotations
@@ -19,15 +24,18 @@ import os
 import re
 import tempfile
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from dopr_robot.envs.render import RenderSpec
 from dopr_robot.errors import UserError
 from dopr_robot.evaluation.journal import Journal, check_resumable, journal_path, read_journal
 from dopr_robot.evaluation.perturb import Perturbation
 from dopr_robot.evaluation.pool import EpisodeSettings, EvalPool, Outcome
 from dopr_robot.evaluation.stats import wilson_interval
+from dopr_robot.evaluation.video import VideoPlan, videos_dir_for
 from dopr_robot.progress import progress_bar
 
 DEFAULT_EPISODE_TIMEOUT_S = 600.0
@@ -142,12 +150,17 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
              save_trajectories: Path | None = None, progress: bool = True, *, checkpoint_name: str | None = None,
              perturbation: Perturbation | dict[str, float] | None = None, journal: Path | None = None,
              resume: bool = False, pool: EvalPool | None = None,
-             episode_timeout_s: float = DEFAULT_EPISODE_TIMEOUT_S, tag: str | None = None) -> dict[str, Any]:
+             episode_timeout_s: float = DEFAULT_EPISODE_TIMEOUT_S, tag: str | None = None,
+             videos: int = 0, videos_failed: int = 0, video_spec: RenderSpec | None = None,
+             videos_dir: Path | None = None) -> dict[str, Any]:
     """Evaluate one checkpoint; returns the report (a dict, not yet written).
 
     Arguments left as None come from the `eval` section of the checkpoint's training config. `journal`: append
     each finished episode there; with `resume`, episodes already in it (same checkpoint and settings) are not
     run again. `pool`: an `EvalPool` to use (and leave open); without one, a pool is started here.
+    `videos` / `videos_failed`: record the first N episodes (by seed) / up to N failed ones as MP4s in
+    `videos_dir` (default: beside the default report, `videos_dir_for`), listed in the report's `videos`;
+    `wall_s` and `episodes_per_s` are those of the evaluation, without the re-runs for failed-episode videos.
     """
     ckpt = resolve_checkpoint(checkpoint, checkpoint_name)
     meta = read_checkpoint_meta(ckpt)
@@ -168,12 +181,18 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
     if not isinstance(perturbation, Perturbation):  # None or {level: value} overrides of the eval config
         levels = {k: defaults[k] for k in ("action_noise", "obs_noise", "push", "push_magnitude") if k in defaults}
         perturbation = Perturbation(**{**levels, **(perturbation or {})})
+    if videos < 0 or videos_failed < 0:
+        raise UserError("need --videos >= 0 and --videos-failed >= 0")
     if resume and save_trajectories is not None:
         raise UserError("--resume cannot be combined with --save-trajectories (trajectories are not journaled); "
                         "rerun without --resume")
     settings = EpisodeSettings(max_steps=max_steps, n_action_steps=n_action_steps,
                                record=save_trajectories is not None, perturbation=perturbation)
     seeds = [seed_start + i for i in range(episodes)]
+    video_plan = VideoPlan.create(seeds, videos, videos_failed, video_spec or RenderSpec(),
+                                  videos_dir or videos_dir_for(default_report_path(ckpt, tag)), meta["env_args"])
+    if video_plan is not None:
+        settings = replace(settings, video=video_plan, video_seeds=video_plan.first_seeds)
 
     header = None
     done: dict[int, dict[str, Any]] = {}
@@ -191,6 +210,8 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
     if header is not None:  # a resume is checked before anything starts
         expected = journal_header()
         check_resumable(journal, header, expected)
+    if video_plan is not None:  # rendering and encoding work here, or one line naming the fix; before any worker
+        video_plan.preflight(meta["env_args"], seed_start)
     workers = max(1, min(workers or os.cpu_count() or 1, max(1, len(missing))))
     own_pool = pool is None and bool(missing)
     if own_pool:
@@ -224,6 +245,14 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
             if log is not None:
                 log.close()
         wall = time.time() - start
+        reruns: list[dict[str, Any]] = []
+        rerun_seeds = video_plan.reruns({s: o.record for s, o in outcomes.items()}) if video_plan else []
+        if rerun_seeds:  # failed episodes to show: the same episodes again, now recorded
+            if pool is None:  # every episode came from the journal
+                pool, own_pool = EvalPool(max(1, min(workers, len(rerun_seeds))), episode_timeout_s,
+                                          preload=ckpt), True
+            rerun_settings = replace(settings, record=False, video_seeds=frozenset(rerun_seeds))
+            reruns = [o.record for o in pool.evaluate(ckpt, rerun_seeds, rerun_settings).values()]
     finally:
         if own_pool:
             pool.close()
@@ -257,6 +286,8 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
         write_robomimic(save_trajectories, trajectories, meta["env_args"],
                         attrs={"source": "dopr-robot eval", "checkpoint": str(ckpt)}, compression="gzip")
         report["trajectories"] = str(save_trajectories)
+    if video_plan is not None:
+        report["videos"] = video_plan.listing({s: o.record for s, o in outcomes.items()}, reruns)
     return report
 
 
@@ -273,6 +304,7 @@ def run_eval(run: str | Path, checkpoint_name: str | None = None, out: Path | No
     out = Path(out) if out is not None else default_report_path(ckpt, tag)
     check_report_path(out)
     trajectories = out.with_name(out.stem + "_rollouts.hdf5") if save_trajectories else None
+    kwargs.setdefault("videos_dir", videos_dir_for(out))  # RUN/eval_<tag>.json -> RUN/videos_<tag>
     report = evaluate(ckpt, save_trajectories=trajectories, journal=journal_path(out), resume=resume, tag=tag,
                       **kwargs)
     if out.exists():
@@ -314,6 +346,8 @@ def format_report(report: dict[str, Any]) -> str:
     if report.get("errors"):
         rows.append(("errors", f"{report['errors']} episodes failed to run (counted as failures; see "
                                f"per_episode[].error)"))
+    if "videos" in report:
+        rows.append(("videos", f"{len(report['videos'])} recorded"))
     resumed = f", {report['resumed_episodes']} from the journal" if report.get("resumed_episodes") else ""
     rows.append(("speed", f"{report['episodes_per_s']:.2f} episodes/s with {report['workers']} workers "
                           f"({report['wall_s']:.0f} s{resumed})"))

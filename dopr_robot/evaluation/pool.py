@@ -32,10 +32,13 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from dopr_robot.errors import UserError
 from dopr_robot.evaluation.perturb import Perturbation
+
+if TYPE_CHECKING:
+    from dopr_robot.evaluation.video import VideoPlan
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,10 @@ class EpisodeSettings:
     n_action_steps: int
     record: bool = False
     perturbation: Perturbation = field(default_factory=Perturbation)
+    # Videos: the episodes of `video_seeds` run in the worker's rendering environment with a recorder (see
+    # evaluation/video.py); rendering only reads the simulation, so they are the same episodes.
+    video: VideoPlan | None = None
+    video_seeds: frozenset[int] = frozenset()
 
 
 def checkpoint_token(checkpoint: Path) -> str:
@@ -59,7 +66,7 @@ def checkpoint_token(checkpoint: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- worker side
-_worker: dict[str, Any] = {"token": None, "env_key": None}
+_worker: dict[str, Any] = {"token": None, "env_key": None, "rendering": None}
 
 
 def _describe(error: BaseException) -> str:
@@ -120,9 +127,21 @@ def _episode_task(token: str, checkpoint: str, settings: EpisodeSettings, seed: 
     try:
         from dopr_robot.evaluation.rollout import run_episode
 
-        result, trajectory = run_episode(policy, env, seed, settings.max_steps, settings.n_action_steps,
-                                         meta["obs_keys"], record=settings.record,
-                                         perturbation=settings.perturbation)
+        if settings.video is None or seed not in settings.video_seeds:
+            result, trajectory = run_episode(policy, env, seed, settings.max_steps, settings.n_action_steps,
+                                             meta["obs_keys"], record=settings.record,
+                                             perturbation=settings.perturbation)
+            return ("ok", result, trajectory)
+        from dopr_robot.evaluation.video import RenderingEnvironment
+
+        if _worker["rendering"] is None:
+            _worker["rendering"] = RenderingEnvironment()
+        with _worker["rendering"].recorder(settings.video, meta["env_args"], seed) as recorder:
+            # a partial video is removed if the episode raises
+            result, trajectory = run_episode(policy, recorder.env, seed, settings.max_steps,
+                                             settings.n_action_steps, meta["obs_keys"], record=settings.record,
+                                             perturbation=settings.perturbation, recorder=recorder)
+            recorder.finish(result["success"])
         return ("ok", result, trajectory)
     except Exception as e:  # noqa: BLE001 - the episode is lost, the worker and the run go on
         where = traceback.extract_tb(e.__traceback__)[-1]

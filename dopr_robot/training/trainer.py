@@ -22,7 +22,7 @@ from dopr_robot.config import Config, dump_config
 from dopr_robot.datasets import WindowDataset, flatten_obs, open_demos
 from dopr_robot.envs.compat import action_mode, version_warning
 from dopr_robot.errors import UserError
-from dopr_robot.fileio import append_jsonl, atomic_path, write_json, write_text
+from dopr_robot.fileio import atomic_path, write_json, write_text
 from dopr_robot.optim import build_optimizer, clip_grad_norm_, optimizer_health
 from dopr_robot.progress import progress_bar
 from dopr_robot.policies import RangeNormalizer, build_policy
@@ -32,6 +32,7 @@ from dopr_robot.rundir import check_run_dir, clear_run_dir, run_lock
 from dopr_robot.training.distributed import init_distributed
 from dopr_robot.training.ema import EMA
 from dopr_robot.training.selection import RolloutSelector
+from dopr_robot.training.loggers import check_logger_available, open_logger
 
 VALID_NOISE_SEED = 1234567  # validation noise is the same at every evaluation, so the curve is comparable
 
@@ -98,6 +99,7 @@ def _train(cfg: Config, run_dir: Path, collect_if_missing: bool, progress: bool,
         say(f"warning: train.warmup_steps ({t.warmup_steps}) >= train.steps ({t.steps}): "
             f"the learning rate never reaches optim.lr")
     # --- the output first: a bad --out fails before any work (and before a missing dataset is collected)
+    check_logger_available(t.logger)  # a missing tensorboard/wandb package, too
     check_run_dir(run_dir, resume, overwrite, protected=[cfg.data.path])
     if ddp.is_writer:
         prepare_dataset(cfg, collect_if_missing, progress)
@@ -161,6 +163,9 @@ def _train(cfg: Config, run_dir: Path, collect_if_missing: bool, progress: bool,
             clear_run_dir(run_dir)  # empty, or (check_run_dir) an earlier run of ours that --overwrite replaces
         write_text(run_dir / "config.yaml", dump_config(cfg))
         write_json(run_dir / "provenance.json", provenance(d.path))
+    # metrics.jsonl (+ TensorBoard / W&B); closed however training ends
+    logger = cleanup.enter_context(open_logger(t.logger, run_dir, cfg.to_dict(), start_step if resume else None)) \
+        if ddp.is_writer else None
 
     # --- the loop
     bar = progress_bar(range(start_step, until), initial=start_step, total=t.steps, desc="train",
@@ -204,7 +209,7 @@ def _train(cfg: Config, run_dir: Path, collect_if_missing: bool, progress: bool,
                 record.update(selector.evaluate(done, lambda: save_checkpoint(
                     run_dir / "checkpoints", "last", ema.model, {**meta, "step": done})))
             record.update(optimizer_health(optimizer, spectrum="val_loss" in record))
-            append_jsonl(run_dir / "metrics.jsonl", record)
+            logger.log(record)
             postfix = {"loss": f"{record['loss']:.4f}"}
             if "val_loss" in record:
                 postfix["val"] = f"{record['val_loss']:.4f}"

@@ -1,0 +1,156 @@
+"""Offscreen rendering of a robosuite camera through MuJoCo's OpenGL backends (OSMesa or EGL).
+
+The backend is MuJoCo's `MUJOCO_GL` environment variable, which MuJoCo and robosuite read once, when they are
+imported; MuJoCo then loads that backend's library at import (so `osmesa` without libOSMesa breaks every import
+of robosuite, not only rendering). `choose_gl_backend` fills it in when the user left it unset, before robosuite
+is imported, and only with a backend whose library is installed:
+
+- PYOPENGL_PLATFORM is `egl` or `osmesa`          -> the same (MuJoCo refuses a mismatch);
+- an NVIDIA GPU is present and libEGL installed    -> `egl` (hardware rendering; the usual choice in Docker with
+  the NVIDIA container runtime and on cluster GPU nodes);
+- otherwise libOSMesa is installed                 -> `osmesa` (software rendering on any CPU machine);
+- otherwise libEGL is installed                    -> `egl` (Mesa's EGL renders on the CPU too, via llvmpipe);
+- otherwise it stays unset (robosuite's default; `check_rendering` then names the package to install).
+
+A value the user set is never changed. Worker processes inherit the variable, so every process of one
+evaluation renders alike.
+`check_rendering` renders one real frame before any episode runs and turns a failure into one line that names
+the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes.util
+import gc
+import os
+import sys
+import time
+import warnings
+from typing import Any, NamedTuple
+
+from dopr_robot.errors import UserError
+
+DEFAULT_CAMERA = "agentview"
+DEFAULT_HEIGHT = 256
+DEFAULT_WIDTH = 256
+MAX_SIDE = 2048
+
+RENDERING_FIX = ("on a Debian/Ubuntu CPU machine: apt-get install libosmesa6 and MUJOCO_GL=osmesa; "
+                 "on a GPU machine or in Docker with the NVIDIA runtime: MUJOCO_GL=egl")
+
+
+class RenderSpec(NamedTuple):
+    """What to render: a camera of the robosuite model and the frame size in pixels."""
+
+    camera: str = DEFAULT_CAMERA
+    height: int = DEFAULT_HEIGHT
+    width: int = DEFAULT_WIDTH
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """`N` (square) or `WxH` (width x height, as video sizes are written) -> (height, width).
+
+    Both sides must be even: MP4's usual yuv420p pixel format halves the chroma resolution.
+    """
+    parts = text.lower().split("x")
+    try:
+        sides = [int(p) for p in parts]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2):
+        raise UserError(f"video size {text!r} is not N or WIDTHxHEIGHT (e.g. 256 or 320x240)")
+    width, height = sides[0], sides[-1]
+    for side in (width, height):
+        if not (16 <= side <= MAX_SIDE and side % 2 == 0):
+            raise UserError(f"video size {text!r}: each side must be an even number of pixels in 16..{MAX_SIDE}")
+    return height, width
+
+
+def _nvidia_gpu_present() -> bool:
+    return os.path.exists("/dev/nvidia0") or os.path.isdir("/proc/driver/nvidia/gpus")
+
+
+def choose_gl_backend() -> str:
+    """Set `MUJOCO_GL` when it is unset (see the module docstring) and return the backend in effect."""
+    chosen = os.environ.get("MUJOCO_GL", "").strip().lower()
+    if chosen:
+        return chosen
+    platform = os.environ.get("PYOPENGL_PLATFORM", "").strip().lower()
+    has_egl = ctypes.util.find_library("EGL") is not None
+    if platform in ("egl", "osmesa"):
+        chosen = platform
+    elif has_egl and _nvidia_gpu_present():
+        chosen = "egl"
+    elif ctypes.util.find_library("OSMesa"):
+        chosen = "osmesa"
+    elif has_egl:
+        chosen = "egl"
+    else:
+        return "(unset)"
+    os.environ["MUJOCO_GL"] = chosen
+    return chosen
+
+
+def backend_import_error(error: BaseException) -> UserError:
+    """The one-line error for an import of MuJoCo/robosuite that failed under the MUJOCO_GL in effect."""
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return UserError(f"importing MuJoCo/robosuite failed with MUJOCO_GL={os.environ.get('MUJOCO_GL')} "
+                     f"({type(error).__name__}{': ' + detail if detail else ''}); unset MUJOCO_GL, or {RENDERING_FIX}")
+
+
+def active_gl_backend() -> str:
+    """The backend robosuite actually uses: the one it read at import, else the one it will read."""
+    binding = sys.modules.get("robosuite.utils.binding_utils")
+    if binding is not None:
+        return getattr(binding, "_MUJOCO_GL", "") or "egl"
+    return os.environ.get("MUJOCO_GL", "") or "(unset)"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence what a failing GL backend prints besides its exception (GLFW/EGL warnings, and the destructor of
+    robosuite's half-built render context), so a failed check is the one line of its UserError."""
+    hook = sys.unraisablehook
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sys.unraisablehook = lambda unraisable: None
+        try:
+            yield
+        finally:
+            gc.collect()  # the half-built context is destroyed here, while its complaints are ignored
+            sys.unraisablehook = hook
+
+
+def check_rendering(env_args: dict[str, Any], spec: RenderSpec, seed: int = 0) -> float:
+    """Build the environment with its offscreen renderer and render one frame of `spec.camera`.
+
+    Returns the seconds that frame took. Raises UserError (one line naming the fix) when rendering does not
+    work here, or when the frame is blank (a context that renders nothing), and for an unknown camera.
+    """
+    from dopr_robot.envs.robosuite_env import RobosuiteEnv
+
+    env, failure = None, None
+    with _quiet():
+        try:
+            env = RobosuiteEnv(env_args, render=spec)
+            env.reset(seed)
+            start = time.perf_counter()
+            frame = env.render_frame()
+            seconds = time.perf_counter() - start
+        except UserError:
+            raise
+        except Exception as e:  # ImportError (no libOSMesa/libEGL), GL context errors, mujoco.FatalError, ...
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            failure = f"{type(e).__name__}{': ' + detail if detail else ''}"
+        finally:
+            if env is not None:
+                env.close()
+            env = None
+    if failure is not None:
+        raise UserError(f"offscreen rendering does not work here (MUJOCO_GL={active_gl_backend()}: {failure}); "
+                        f"{RENDERING_FIX}")
+    if frame.shape != (spec.height, spec.width, 3) or int(frame.max()) == int(frame.min()):
+        raise UserError(f"offscreen rendering returned a blank {frame.shape} frame (MUJOCO_GL="
+                        f"{active_gl_backend()}); {RENDERING_FIX}")
+    return seconds
