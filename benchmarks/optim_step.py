@@ -5,7 +5,8 @@ Run:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/optim_step.py [--threads 1] 
                                                                  [--profile VARIANT] [--variants a,b]
 Interleaved A/B: in every repeat each optimizer's steps alternate with AdamW's (same policy, same batch), its ratio
 to AdamW is taken within that repeat, and the table shows the median ratio over repeats (and median ms/step).
-Policies: the default Lift policy (diffusion, MLP denoiser, batch 256) and the full-size ConditionalUnet1D (down_dims 256/512/1024, kernel 5, batch 64). The step is the trainer's: gradients clipped by
+Policies: the default Lift policy (diffusion, MLP denoiser, batch 256) and the full-size ConditionalUnet1D
+(down_dims 256/512/1024, kernel 5, batch 64). The step is the trainer's: gradients clipped by
 `dopr_robot.optim.clip_grad_norm_` (which measures DoPr's in-backward layers by their true gradient).
 """
 
