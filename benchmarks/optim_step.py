@@ -2,17 +2,20 @@
 
 Run:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/optim_step.py [--threads 1] [--repeats 3] [--steps 7]
                                                                  [--device cpu|cuda] [--only mlp|unet] [--full]
-                                                                 [--profile VARIANT]
+                                                                 [--profile VARIANT] [--variants a,b]
 Interleaved A/B: in every repeat each optimizer's steps alternate with AdamW's (same policy, same batch), its ratio
-to AdamW is taken within that repeat, and the table shows the median ratio over repeats (and median ms/step). Policies: the default Lift policy (diffusion, MLP denoiser, batch 256) and the full-size
-ConditionalUnet1D (down_dims 256/512/1024, kernel 5, batch 64). The step is the trainer's: gradients clipped by
+to AdamW is taken within that repeat, and the table shows the median ratio over repeats (and median ms/step).
+Policies: the default Lift policy (diffusion, MLP denoiser, batch 256) and the full-size ConditionalUnet1D
+(down_dims 256/512/1024, kernel 5, batch 64). The step is the trainer's: gradients clipped by
 `dopr_robot.optim.clip_grad_norm_` (which measures DoPr's in-backward layers by their true gradient).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
+import sys
 import time
 
 import torch
@@ -100,7 +103,7 @@ def benchmark(backbone: str, batch: int, variants, args, device) -> None:
     ms = {name: [] for name, _, _ in variants}
     ratios = {name: [] for name, _, _ in variants}
     paths = {}
-    for _ in range(args.repeats):
+    for repeat in range(args.repeats):
         base = Bench(backbone, base_cfg, base_extra, batch, device)
         base.run(args.warmup)
         for name, cfg, extra in variants[1:]:
@@ -113,11 +116,14 @@ def benchmark(backbone: str, batch: int, variants, args, device) -> None:
             ms[base_name].append(statistics.median(a) * 1000)
             ms[name].append(statistics.median(b) * 1000)
             ratios[name].append(statistics.median(b) / statistics.median(a))
+            print(f"    repeat {repeat + 1}: {name} {ratios[name][-1]:.2f}x", file=sys.stderr, flush=True)
             if isinstance(bench.optimizer, DoPr) and bench.optimizer.ap:
                 h = bench.optimizer.health()
                 paths[name] = ", ".join(f"{h[f'ap_layers_{p}']} {p}" for p in ("primal", "dual", "backward"))
             del bench
+            gc.collect()  # the hooks make optimizer <-> module cycles: free the model before the next one
         del base
+        gc.collect()
     ratios[base_name] = [1.0]
     print(f"  {'optimizer':<26} {'ms/step':>9} {'/ AdamW':>8}   per repeat        AP paths (layers)")
     for name, _, _ in variants:
@@ -148,6 +154,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["mlp", "unet"], default=None)
     parser.add_argument("--full", action="store_true", help="also conv_mode full on the UNet (slow)")
     parser.add_argument("--profile", metavar="VARIANT", default=None, help="profile one optimizer instead")
+    parser.add_argument("--variants", default=None, help="comma-separated optimizer names (AdamW always runs)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -158,6 +165,9 @@ def main() -> None:
         if args.only and backbone != args.only:
             continue
         variants = VARIANTS + (FULL_VARIANTS if backbone == "unet" and args.full else [])
+        if args.variants:
+            keep = set(args.variants.split(","))
+            variants = [v for i, v in enumerate(variants) if i == 0 or v[0] in keep]
         if args.profile:
             profile(backbone, batch, args.profile, variants, args, device)
         else:
