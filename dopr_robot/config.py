@@ -142,6 +142,7 @@ CHOICES = {
     "optim.ap.damping_form": ("mean", "trace"),
     "optim.ap.conv_mode": ("channel", "full"),
     "optim.ap.stats_from": ("batch", "previous_batch"),
+    "optim.ap.path": ("auto", "primal", "dual", "backward"),
     "optim.matrix_layers": ("hidden", "all"),
     "data.task": ("lift", "can", "square"),
     "train.logger": ("none", "tensorboard", "wandb"),

@@ -629,3 +629,24 @@ def test_bias_augment_on_channel_mode_convs_is_refused():
     load_config(None, ["optim.name=dopr", "optim.ap.bias_augment=true"])  # the MLP has no convs
     with pytest.raises(UserError, match="stats_from"):
         load_config(None, ["optim.ap.stats_from=next_batch"])
+
+
+def test_ap_path_config_key_forces_the_path():
+    """optim.ap.path reaches DoPr: a forced path is the one every layer takes (auto picks by flops)."""
+    from dopr_robot.config import load_config
+    from dopr_robot.errors import UserError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))  # batch 8 < d_in: auto avoids primal
+    x = torch.randn(8, 32)
+    for path in ("auto", "primal"):
+        cfg = load_config(None, ["optim.name=dopr", f"optim.ap.path={path}"]).optim
+        opt = build_optimizer(model, cfg)
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        used = set(opt.last_paths.values())
+        assert used == {"primal"} if path == "primal" else "primal" not in used
+        opt.remove_hooks()
+    with pytest.raises(UserError, match="optim.ap.path"):
+        load_config(None, ["optim.ap.path=fastest"])

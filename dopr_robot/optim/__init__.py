@@ -35,7 +35,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, io_layers=()) -> torch.o
         model, lr=cfg.lr, base="adam" if cfg.name == "dopr" else "muon", ap=cfg.name != "muon",
         damping=ap.damping, damping_form=ap.damping_form, damping_eps=ap.eps, ema_decay=ap.ema_decay,
         refresh_every=ap.refresh_every, conv_mode=ap.conv_mode, bias_augment=ap.bias_augment,
-        stats_from=ap.stats_from, adam_layers=tuple(io_layers) if cfg.matrix_layers == "hidden" else (),
+        stats_from=ap.stats_from, path=ap.path,
+        adam_layers=tuple(io_layers) if cfg.matrix_layers == "hidden" else (),
         weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=cfg.eps, momentum=cfg.momentum,
         nesterov=cfg.nesterov, ns_steps=cfg.ns_steps, adjust_lr=cfg.adjust_lr,
     )

@@ -17,6 +17,9 @@ class APConfig:
     conv_mode: str = "channel"  # "channel" (invariant, C_in x C_in) or "full" (unfolded patches, KFC-style)
     bias_augment: bool = False  # precondition [W | b] with a constant-1 input (Linear, Conv1d in full mode only)
     stats_from: str = "batch"  # "batch" | "previous_batch" (S from the minibatch before the one it preconditions)
+    # How M is computed (all exact): "auto" = fewest flops per layer and step; "primal" | "dual" | "backward" force
+    # one where it is exact. Flops predict CPU time; on a GPU small factorizations are latency-bound (see README).
+    path: str = "auto"
 
 
 @dataclass
