@@ -11,10 +11,8 @@ Output: RUN/drift.json (keys in `diagnose`'s docstring) and RUN/drift.png beside
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from dopr_robot.diagnostics.openloop import open_loop_chunk_mse
 from dopr_robot.diagnostics.shift import DEFAULT_RIDGE, distribution_shift
 from dopr_robot.errors import UserError
 from dopr_robot.fileio import write_json
+from dopr_robot.provenance import provenance
 
 BAND_PERCENTILES = (5.0, 95.0)
 
@@ -119,7 +118,7 @@ def diagnose(run: str | Path, rollouts: str | Path | None = None, out: str | Pat
         "train_demos": len(train_eps), "valid_demos": len(valid_eps),
         "space": "per-frame observation, flatten_obs over obs_keys, then the checkpoint's obs normalizer",
         "obs_keys": obs_keys,
-        "provenance": _provenance(dataset, rollouts),
+        "provenance": provenance(dataset, files={"rollouts": rollouts}, run_dir=run),
     }
     try:
         write_json(out, report)
@@ -192,22 +191,3 @@ def _check_writable(out: Path) -> None:
         raise UserError(f"cannot write {out}: {parent} is not a directory")
     if not os.access(parent, os.W_OK):
         raise UserError(f"cannot write {out}: {parent} is not writable")
-
-
-def _provenance(dataset: Path, rollouts: Path) -> dict[str, Any]:
-    versions = {}
-    for package in ("dopr-robot", "torch", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return {"versions": versions, "dataset_sha256": _sha256(dataset) if dataset.is_file() else None,
-            "rollouts_sha256": _sha256(rollouts)}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -18,7 +18,6 @@ with recording, after all episodes have ended (not journaled: they repeat episod
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -37,6 +36,7 @@ from dopr_robot.evaluation.pool import EpisodeSettings, EvalPool, Outcome
 from dopr_robot.evaluation.stats import wilson_interval
 from dopr_robot.evaluation.video import VideoPlan, videos_dir_for
 from dopr_robot.progress import progress_bar
+from dopr_robot.provenance import file_sha256, provenance
 
 DEFAULT_EPISODE_TIMEOUT_S = 600.0
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -91,14 +91,6 @@ def read_checkpoint_meta(path: Path) -> dict[str, Any]:
     if not path.with_suffix(".safetensors").is_file():
         raise UserError(f"checkpoint weights not found: {path.with_suffix('.safetensors')}")
     return meta
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------- report locations
@@ -202,7 +194,7 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
 
     def journal_header() -> dict[str, Any]:
         return json.loads(json.dumps({
-            "checkpoint": str(ckpt.resolve()), "weights_sha256": _sha256(ckpt.with_suffix(".safetensors")),
+            "checkpoint": str(ckpt.resolve()), "weights_sha256": file_sha256(ckpt.with_suffix(".safetensors")),
             "step": meta.get("step"), "max_steps": max_steps, "n_action_steps": n_action_steps,
             "perturbation": perturbation.report()}))
 
@@ -276,7 +268,7 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
         "resumed_episodes": len(seeds) - len(missing),
         "wall_s": wall, "episodes_per_s": len(missing) / wall if wall > 0 else 0.0,
         "perturbation": perturbation.report(), "tag": tag,
-        "provenance": provenance(_run_dir_of(ckpt)),
+        "provenance": provenance(run_dir=_run_dir_of(ckpt)),
         "per_episode": per_episode,
     }
     if save_trajectories is not None:
@@ -311,18 +303,6 @@ def run_eval(run: str | Path, checkpoint_name: str | None = None, out: Path | No
         _archive(out, _stamp(out), ".json")
     write_json(out, report)
     return report, out
-
-
-def provenance(run_dir: Path) -> dict[str, Any]:
-    """Where this report came from: this code's git state and the package versions now (shared
-    `dopr_robot.provenance`), and the run's own RUN/provenance.json (training's, with the dataset's sha256)."""
-    from dopr_robot.provenance import provenance as current
-
-    try:
-        run_provenance = json.loads((run_dir / "provenance.json").read_text())
-    except (OSError, ValueError):
-        run_provenance = None
-    return {**current(), "run": run_provenance}
 
 
 def format_report(report: dict[str, Any]) -> str:

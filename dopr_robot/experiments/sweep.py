@@ -9,7 +9,6 @@ the same; optimizers, seeds and grid values may differ: new cells are added, cel
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -27,6 +26,7 @@ from dopr_robot.experiments.grid import (PERTURBATIONS, Cell, cell_config, check
                                          parse_grid, parse_optims, parse_perturb, parse_seeds, perturb_tag)
 from dopr_robot.experiments.launchers import check_available, launch
 from dopr_robot.fileio import write_json
+from dopr_robot.provenance import file_sha256
 
 SWEEP_FILE = "sweep.json"
 LOCK_FILE = ".sweep.lock"
@@ -69,7 +69,7 @@ def run_sweep(config: Path, out: Path, optims: str, seeds: str, grid: list[str],
     configs = {cell.name: cell_config(config, sets, cell) for cell in cells}
     out = out.absolute()
     previous = _existing_sweep(out)
-    identity = {"config": str(config.resolve()), "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
+    identity = {"config": str(config.resolve()), "config_sha256": file_sha256(config),
                 "set": sets, "grid_keys": list(grid_values), "episodes": episodes, "perturb": perturb_levels}
     if previous is not None:
         for key in IDENTITY:
