@@ -33,8 +33,8 @@ from dopr_robot.errors import UserError
 from dopr_robot.evaluation.journal import Journal, check_resumable, journal_path, read_journal
 from dopr_robot.evaluation.perturb import Perturbation
 from dopr_robot.evaluation.pool import EpisodeSettings, EvalPool, Outcome
-from dopr_robot.evaluation.stats import wilson_interval
 from dopr_robot.evaluation.video import VideoPlan, videos_dir_for
+from dopr_robot.experiments.stats import wilson_interval
 from dopr_robot.progress import progress_bar
 from dopr_robot.provenance import file_sha256, provenance
 
