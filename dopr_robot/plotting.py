@@ -321,33 +321,26 @@ def compare_plots(groups: list, report: dict[str, Any], out: Path) -> tuple[dict
 
     points = {g.name: [(r.val_losses()[-1], float(r.eval["success_rate"])) for r in g.runs if r.val_losses()]
               for g in groups}
-    if any(points.values()):
-        plots["success_vs_val_loss"] = str(success_vs_val_loss(points, colors, out / "success_vs_val_loss.png"))
-    else:
-        plots["success_vs_val_loss"] = None
-        notes.append("plot (a) left out: no run has a validation loss (no `valid` demos?)")
-
     curves = {g.name: [r.metrics for r in g.runs if r.metrics] for g in groups}
-    if any(curves.values()):
-        plots["training_curves"] = str(group_training_curves(curves, colors, out / "training_curves.png"))
-    else:
-        plots["training_curves"] = None
-        notes.append("plot (b) left out: no metrics.jsonl in any run")
-
     drifts = {g.name: [r.drift for r in g.runs if _valid_drift(r.drift)] for g in groups}
     drifts = {k: v for k, v in drifts.items() if v}
-    if drifts:
-        plots["drift"] = str(drift_curves(drifts, colors, out / "drift.png"))
-    else:
-        plots["drift"] = None
-        notes.append("plot (c) left out: no RUN/drift.json (run `dopr-robot diagnose RUN` first)")
-
     perturbed = [g for g in report["groups"] if g.get("perturbation")]
-    if perturbed:
-        plots["perturbation"] = str(perturbation_curves(perturbed, colors, out / "perturbation.png"))
-    else:
-        plots["perturbation"] = None
-        notes.append("plot (d) left out: no perturbed eval reports (eval_<tag>.json with a perturbation)")
+    plans = [  # (plot, its data, how to draw it, why it is left out when there is no data)
+        ("success_vs_val_loss", points if any(points.values()) else None, success_vs_val_loss,
+         "plot (a) left out: no run has a validation loss (no `valid` demos?)"),
+        ("training_curves", curves if any(curves.values()) else None, group_training_curves,
+         "plot (b) left out: no metrics.jsonl in any run"),
+        ("drift", drifts or None, drift_curves,
+         "plot (c) left out: no RUN/drift.json (run `dopr-robot diagnose RUN` first)"),
+        ("perturbation", perturbed or None, perturbation_curves,
+         "plot (d) left out: no perturbed eval reports (eval_<tag>.json with a perturbation)"),
+    ]
+    for name, data, draw, missing in plans:
+        if data is None:
+            plots[name] = None
+            notes.append(missing)
+        else:
+            plots[name] = str(draw(data, colors, out / f"{name}.png"))
     return plots, notes
 
 
