@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 
 from dopr_robot.errors import UserError
 from dopr_robot.fileio import atomic_path
+from dopr_robot.rundir import read_metrics
 
 DPI = 110
 AXIS_LABELS = {"action_noise": "action noise (std, env action units)",
@@ -184,8 +185,6 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, missing_ok: boo
     """Write RUN/training_curves.png (or `out`) from RUN/metrics.jsonl. With `missing_ok`, a run without records
     returns None instead of raising (the end of a `train --until` slice shorter than one log window)."""
     import yaml
-
-    from dopr_robot.experiments.compare import read_metrics
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

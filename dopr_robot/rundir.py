@@ -7,6 +7,7 @@
   run fails with one line. The kernel drops an flock when its process dies (kill -9 included), so a stale lock
   file never blocks anyone.
 - `clear_run_dir(run_dir)`: empties a run directory under its lock (the lock file itself stays).
+- `read_metrics(RUN/metrics.jsonl)`: its records, one per step, for everything that reads a run's metrics.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from dopr_robot.errors import UserError
 
@@ -145,3 +147,23 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             path.unlink()
         os.close(fd)
+
+
+def read_metrics(path: Path, warnings: list[str] | None = None) -> list[dict[str, Any]]:
+    """metrics.jsonl records sorted by step, one per step (the last wins); unparsable lines are skipped and
+    reported (a crash can cut the last line short)."""
+    if not path.is_file():
+        return []
+    by_step: dict[int, dict] = {}
+    bad = 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            by_step[int(record["step"])] = record
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            bad += 1
+    if bad and warnings is not None:
+        warnings.append(f"{path}: {bad} unreadable line(s) skipped")
+    return [by_step[s] for s in sorted(by_step)]

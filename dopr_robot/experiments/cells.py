@@ -27,6 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from dopr_robot.rundir import read_metrics
+
 LOG_NAME = "sweep.log"
 
 
@@ -110,13 +112,8 @@ def summary(run_dir: Path) -> dict[str, Any]:
         except (OSError, ValueError):
             return None
 
-    val_loss = None
-    try:
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            record = json.loads(line) if line.strip() else {}
-            val_loss = record.get("val_loss", val_loss)
-    except (OSError, ValueError):
-        pass
+    val_losses = [r["val_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "val_loss" in r]
+    val_loss = val_losses[-1] if val_losses else None
     return {"success_rate": success("eval.json"), "best_success_rate": success("eval_best.json"), "val_loss": val_loss}
 
 

@@ -30,6 +30,7 @@ from dopr_robot.errors import UserError
 from dopr_robot.experiments import stats
 from dopr_robot.fileio import write_json, write_text
 from dopr_robot.provenance import provenance
+from dopr_robot.rundir import read_metrics
 
 # Config keys that do not define a group: the seed is the replicate, the rest is bookkeeping or evaluation.
 IGNORED_KEYS = {"optim.name", "train.seed", "train.device", "train.threads", "train.logger",
@@ -100,26 +101,6 @@ def _read_json(path: Path, warnings: list[str]) -> dict | None:
         warnings.append(f"{path}: not a JSON object; ignored")
         return None
     return data
-
-
-def read_metrics(path: Path, warnings: list[str] | None = None) -> list[dict[str, Any]]:
-    """metrics.jsonl records sorted by step, one per step (the last wins); unparsable lines are skipped and
-    reported (a crash can cut the last line short)."""
-    if not path.is_file():
-        return []
-    by_step: dict[int, dict] = {}
-    bad = 0
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            by_step[int(record["step"])] = record
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            bad += 1
-    if bad and warnings is not None:
-        warnings.append(f"{path}: {bad} unreadable line(s) skipped")
-    return [by_step[s] for s in sorted(by_step)]
 
 
 def _is_run_dir(path: Path) -> bool:
