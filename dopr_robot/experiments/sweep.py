@@ -21,7 +21,7 @@ import yaml
 
 from dopr_robot.config import load_config
 from dopr_robot.errors import UserError
-from dopr_robot.experiments.cells import CellJob, cli_options, is_done, summary
+from dopr_robot.experiments.cells import CellJob, is_done, summary
 from dopr_robot.experiments.grid import (PERTURBATIONS, Cell, cell_config, check_overrides, enumerate_cells,
                                          parse_grid, parse_optims, parse_perturb, parse_seeds, perturb_tag)
 from dopr_robot.experiments.launchers import check_available, launch
@@ -56,10 +56,6 @@ def run_sweep(config: Path, out: Path, optims: str, seeds: str, grid: list[str],
     check_overrides(sets)
     check_available(launcher)
     options = _parse_options(launcher_options)
-    eval_options = cli_options("eval")
-    for name in perturb_levels:
-        if PERTURBATIONS[name] not in eval_options:
-            raise UserError(f"--perturb {name}: this dopr-robot's eval has no {PERTURBATIONS[name]} option")
     for key, values in grid_values.items():  # a key error names the key, not the first cell
         try:
             load_config(config, [*sets, f"{key}={values[0]}"])
