@@ -1,4 +1,5 @@
-"""The `dopr-robot` command line: a thin layer over collect, training and evaluation.
+"""The `dopr-robot` command line: a thin layer over collect, inspect/convert, train, eval, diagnose, plot, sweep
+and compare. Each command parses its options, calls one function of a sub-package and prints its result.
 
 Bad input (missing or corrupt files, unknown keys, invalid values) ends with one line on stderr and exit code 2.
 """
