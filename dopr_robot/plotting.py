@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from dopr_robot.errors import UserError
 from dopr_robot.fileio import atomic_path
-from dopr_robot.rundir import read_metrics
+from dopr_robot.rundir import check_output_file, read_metrics
 
 DPI = 110
 AXIS_LABELS = {"action_noise": "action noise (std, env action units)",
@@ -194,6 +194,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, missing_ok: boo
         if missing_ok:
             return None
         raise UserError(f"{run_dir / 'metrics.jsonl'}: missing or without records, nothing to plot")
+    what = "--out" if out else "plot file"
+    out = Path(out) if out else run_dir / "training_curves.png"
+    check_output_file(out, overwrite=True, suffixes=(".png",), what=what)  # before any drawing
     title = run_dir.name
     try:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -201,7 +204,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, missing_ok: boo
                  f"seed {cfg['train']['seed']})"
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         pass
-    return training_curves(records, Path(out) if out else run_dir / "training_curves.png", title)
+    return training_curves(records, out, title)
 
 
 # ---------------------------------------------------------------- a comparison
