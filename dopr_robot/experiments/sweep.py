@@ -56,6 +56,7 @@ def run_sweep(config: Path, out: Path, optims: str, seeds: str, grid: list[str],
     check_overrides(sets)
     check_available(launcher)
     options = _parse_options(launcher_options)
+    load_config(config, sets)  # the file and --set on their own: their errors name no cell
     for key, values in grid_values.items():  # a key error names the key, not the first cell
         try:
             load_config(config, [*sets, f"{key}={values[0]}"])
