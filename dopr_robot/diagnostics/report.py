@@ -132,7 +132,7 @@ def diagnose(run: str | Path, rollouts: str | Path | None = None, out: str | Pat
 
 
 def _rollout_header(path: Path) -> tuple[dict[str, Any], str | None, list[str]]:
-    with RobomimicFile(path) as f:
+    with RobomimicFile(path, what="rollouts") as f:
         return f.env_args, f.attrs.get("checkpoint"), list(f.demos)
 
 
@@ -150,7 +150,7 @@ def _choose_checkpoint(run: Path, explicit: str | Path | None, recorded: str | N
 
 def _read_rollouts(path: Path, names: list[str], obs_keys: list[str], obs_dim: int) -> list[Episode]:
     episodes = []
-    with RobomimicFile(path) as f:
+    with RobomimicFile(path, what="rollouts") as f:
         for name in names:
             group = f.data[name]
             have = sorted(group["obs"].keys()) if "obs" in group else []
