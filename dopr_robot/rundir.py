@@ -7,6 +7,7 @@
   run fails with one line. The kernel drops an flock when its process dies (kill -9 included), so a stale lock
   file never blocks anyone.
 - `clear_run_dir(run_dir)`: empties a run directory under its lock (the lock file itself stays).
+- `resolve_checkpoint(RUN, name)`: RUN/checkpoints/<name>.json (default `final`, else the newest); no torch.
 - `read_metrics(RUN/metrics.jsonl)`: its records, one per step, for everything that reads a run's metrics.
 """
 
@@ -167,3 +168,32 @@ def read_metrics(path: Path, warnings: list[str] | None = None) -> list[dict[str
     if bad and warnings is not None:
         warnings.append(f"{path}: {bad} unreadable line(s) skipped")
     return [by_step[s] for s in sorted(by_step)]
+
+
+def resolve_checkpoint(run: str | Path, name: str | None = None) -> Path:
+    """RUN (a run directory) + `name` (final|best|last|step_NNNNNNN|...) -> RUN/checkpoints/<name>.json.
+
+    Without a name: `final`, else the newest checkpoint. A checkpoint file (.json/.safetensors) names itself.
+    """
+    run = Path(run)
+    if run.is_dir():
+        ckpt_dir = run / "checkpoints"
+        if name is not None:
+            path = ckpt_dir / f"{name}.json"
+            if not path.is_file():
+                have = sorted(p.stem for p in ckpt_dir.glob("*.json")) if ckpt_dir.is_dir() else []
+                raise UserError(f"{run} has no checkpoint {name!r} (it has: {', '.join(have) or 'none'})")
+            return path
+        if (ckpt_dir / "final.json").is_file():
+            return ckpt_dir / "final.json"
+        candidates = sorted(ckpt_dir.glob("*.json"), key=lambda p: p.stat().st_mtime) if ckpt_dir.is_dir() else []
+        if not candidates:
+            raise UserError(f"{run} holds no checkpoints (expected {ckpt_dir}/final.json)")
+        return candidates[-1]
+    if name is not None:
+        raise UserError("--checkpoint names a checkpoint of a run directory; give the run directory")
+    if run.suffix == ".safetensors":
+        run = run.with_suffix(".json")
+    if not run.is_file():
+        raise UserError(f"checkpoint not found: {run}")
+    return run

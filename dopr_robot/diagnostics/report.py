@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from dopr_robot.checkpoint import load_policy, resolve_checkpoint
+from dopr_robot.checkpoint import load_policy
 from dopr_robot.datasets import flatten_obs, open_demos
 from dopr_robot.datasets.robomimic_hdf5 import Episode, RobomimicFile
 from dopr_robot.diagnostics.drift import demo_band, departure_step, drift_curve, episodes_running, nearest_distances
@@ -27,6 +27,7 @@ from dopr_robot.diagnostics.shift import DEFAULT_RIDGE, distribution_shift
 from dopr_robot.errors import UserError
 from dopr_robot.fileio import write_json
 from dopr_robot.provenance import provenance
+from dopr_robot.rundir import resolve_checkpoint
 
 BAND_PERCENTILES = (5.0, 95.0)
 

@@ -37,41 +37,13 @@ from dopr_robot.evaluation.video import VideoPlan, videos_dir_for
 from dopr_robot.experiments.stats import wilson_interval
 from dopr_robot.progress import progress_bar
 from dopr_robot.provenance import file_sha256, provenance
+from dopr_robot.rundir import resolve_checkpoint
 
 DEFAULT_EPISODE_TIMEOUT_S = 600.0
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 # ------------------------------------------------------------------------------------- checkpoints, cheaply
-def resolve_checkpoint(run: str | Path, name: str | None = None) -> Path:
-    """RUN (a run directory) + `name` (final|best|last|step_NNNNNNN|...) -> RUN/checkpoints/<name>.json.
-
-    Without a name: `final`, else the newest checkpoint. A checkpoint file (.json/.safetensors) names itself.
-    """
-    run = Path(run)
-    if run.is_dir():
-        ckpt_dir = run / "checkpoints"
-        if name is not None:
-            path = ckpt_dir / f"{name}.json"
-            if not path.is_file():
-                have = sorted(p.stem for p in ckpt_dir.glob("*.json")) if ckpt_dir.is_dir() else []
-                raise UserError(f"{run} has no checkpoint {name!r} (it has: {', '.join(have) or 'none'})")
-            return path
-        if (ckpt_dir / "final.json").is_file():
-            return ckpt_dir / "final.json"
-        candidates = sorted(ckpt_dir.glob("*.json"), key=lambda p: p.stat().st_mtime) if ckpt_dir.is_dir() else []
-        if not candidates:
-            raise UserError(f"{run} holds no checkpoints (expected {ckpt_dir}/final.json)")
-        return candidates[-1]
-    if name is not None:
-        raise UserError("--checkpoint names a checkpoint of a run directory; give the run directory")
-    if run.suffix == ".safetensors":
-        run = run.with_suffix(".json")
-    if not run.is_file():
-        raise UserError(f"checkpoint not found: {run}")
-    return run
-
-
 def read_checkpoint_meta(path: Path) -> dict[str, Any]:
     """The checkpoint's JSON, checked for what evaluation needs (no torch: workers build the policy)."""
     try:
