@@ -12,7 +12,6 @@ Output: RUN/drift.json (keys in `diagnose`'s docstring) and RUN/drift.png beside
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from dopr_robot.diagnostics.shift import DEFAULT_RIDGE, distribution_shift
 from dopr_robot.errors import UserError
 from dopr_robot.fileio import write_json
 from dopr_robot.provenance import provenance
-from dopr_robot.rundir import resolve_checkpoint
+from dopr_robot.rundir import check_writable_dir, resolve_checkpoint
 
 BAND_PERCENTILES = (5.0, 95.0)
 
@@ -78,7 +77,7 @@ def diagnose(run: str | Path, rollouts: str | Path | None = None, out: str | Pat
     if demo_flat[0].shape[1] != obs_dim:
         raise UserError(f"dataset {dataset} observations have {demo_flat[0].shape[1]} dims, checkpoint expects "
                         f"{obs_dim} (obs_keys {obs_keys})")
-    _check_writable(out)
+    check_writable_dir(out.parent, what="directory of --out")
 
     # --- the policy's input space
     center = policy.obs_normalizer.center.cpu().numpy().astype(np.float64)
@@ -182,13 +181,3 @@ def _closed_loop_success(rollouts: Path, success: list[bool]) -> tuple[float, st
         except (ValueError, KeyError, TypeError):
             pass  # a damaged report: fall back to the rollouts, which hold the same outcomes
     return sum(success) / len(success), str(rollouts)
-
-
-def _check_writable(out: Path) -> None:
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"cannot write {out}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"cannot write {out}: {parent} is not writable")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -37,7 +36,7 @@ from dopr_robot.evaluation.video import VideoPlan, videos_dir_for
 from dopr_robot.experiments.stats import wilson_interval
 from dopr_robot.progress import progress_bar
 from dopr_robot.provenance import file_sha256, provenance
-from dopr_robot.rundir import resolve_checkpoint
+from dopr_robot.rundir import check_writable_dir, resolve_checkpoint
 
 DEFAULT_EPISODE_TIMEOUT_S = 600.0
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -82,13 +81,8 @@ def check_report_path(out: Path) -> None:
         raise UserError(f"--out {out} is a directory; give a .json file path")
     if out.suffix != ".json":
         raise UserError(f"--out {out}: the report is JSON; give a path ending in .json")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out.parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    check_writable_dir(out.parent, what="directory of --out")
+    out.parent.mkdir(parents=True, exist_ok=True)  # the journal is appended there as episodes end
 
 
 def _archive(path: Path, stamp: str, insert_before: str) -> Path | None:
