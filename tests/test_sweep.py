@@ -27,6 +27,14 @@ def sweep_args(out, demos, *extra, sets=()):
     return [*args, *extra]
 
 
+def one_new_cell_args(out, demos, seed, *launcher):
+    """The finished sweep's command narrowed to one new cell, adam_lr-1e-3_s<seed>, run through `launcher`."""
+    args = sweep_args(out, demos, *launcher)
+    for flag, value in (("--seeds", str(seed)), ("--optims", "adam"), ("--grid", "optim.lr=1e-3")):
+        args[args.index(flag) + 1] = value
+    return args
+
+
 def cell_files(out):
     """Every file of every cell with its mtime (ns)."""
     return {str(p.relative_to(out)): p.stat().st_mtime_ns
@@ -181,11 +189,7 @@ def test_submitit_launcher_extends_the_sweep(finished, lift_demos):
     """A new seed added to the finished sweep, run through submitit (its local executor where there is no SLURM)."""
     pytest.importorskip("submitit", reason="optional extra: pip install 'dopr-robot[slurm]'")
     out, _ = finished
-    args = sweep_args(out, lift_demos, "--launcher", "submitit")
-    args[args.index("--seeds") + 1] = "1"
-    args[args.index("--optims") + 1] = "adam"
-    args[args.index("--grid") + 1] = "optim.lr=1e-3"
-    result = run_cli(*args)
+    result = run_cli(*one_new_cell_args(out, lift_demos, 1, "--launcher", "submitit"))
     assert result.returncode == 0, result.stderr + result.stdout
     record = json.loads((out / "sweep.json").read_text())
     assert [c["name"] for c in record["cells"]][-1] == "adam_lr-1e-3_s1" and len(record["cells"]) == 5
@@ -216,11 +220,8 @@ def test_best_checkpoint_and_perturbation_reports(tmp_path, lift_demos):
 def test_ray_launcher_extends_the_sweep(finished, lift_demos):
     pytest.importorskip("ray", reason="optional extra: pip install 'dopr-robot[ray]'")
     out, _ = finished
-    args = sweep_args(out, lift_demos, "--launcher", "ray", "--launcher-opt", "include_dashboard=false")
-    args[args.index("--seeds") + 1] = "2"
-    args[args.index("--optims") + 1] = "adam"
-    args[args.index("--grid") + 1] = "optim.lr=1e-3"
-    result = run_cli(*args)
+    result = run_cli(*one_new_cell_args(out, lift_demos, 2, "--launcher", "ray", "--launcher-opt",
+                                        "include_dashboard=false"))
     assert result.returncode == 0, result.stderr + result.stdout
     cell = next(c for c in json.loads((out / "sweep.json").read_text())["cells"] if c["name"] == "adam_lr-1e-3_s2")
     assert cell["state"] == "done"
