@@ -79,7 +79,8 @@ def main() -> None:
         floor(spec["env_args"], {int(k): v for k, v in spec["lengths"].items()}, spec["workers"])
         return
 
-    from dopr_robot.evaluation.evaluate import read_checkpoint_meta, resolve_checkpoint
+    from dopr_robot.evaluation.evaluate import read_checkpoint_meta
+    from dopr_robot.rundir import resolve_checkpoint
 
     ckpt = resolve_checkpoint(args.run).resolve()
     env_args = read_checkpoint_meta(ckpt)["env_args"]

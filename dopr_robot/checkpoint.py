@@ -18,6 +18,7 @@ from dopr_robot.config import config_from_dict
 from dopr_robot.errors import UserError
 from dopr_robot.fileio import atomic_path, write_json
 from dopr_robot.policies import ActionChunkPolicy, RangeNormalizer, build_policy
+from dopr_robot.rundir import resolve_checkpoint
 
 FORMAT_VERSION = 1
 
@@ -34,24 +35,6 @@ def save_checkpoint(directory: Path, name: str, policy: ActionChunkPolicy, meta:
     }}
     write_json(directory / f"{name}.json", meta)
     return directory / f"{name}.json"
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run directory (its `checkpoints/final.json`, else the newest) or a checkpoint's .json/.safetensors."""
-    path = Path(path)
-    if path.is_dir():
-        ckpt_dir = path / "checkpoints"
-        if (ckpt_dir / "final.json").is_file():
-            return ckpt_dir / "final.json"
-        candidates = sorted(ckpt_dir.glob("*.json"), key=lambda p: p.stat().st_mtime) if ckpt_dir.is_dir() else []
-        if not candidates:
-            raise UserError(f"{path} holds no checkpoints (expected {ckpt_dir}/final.json)")
-        return candidates[-1]
-    if path.suffix == ".safetensors":
-        path = path.with_suffix(".json")
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    return path
 
 
 def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[ActionChunkPolicy, dict[str, Any]]:

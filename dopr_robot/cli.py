@@ -1,4 +1,5 @@
-"""The `dopr-robot` command line: a thin layer over collect, training and evaluation.
+"""The `dopr-robot` command line: a thin layer over collect, inspect/convert, train, eval, diagnose, plot, sweep
+and compare. Each command parses its options, calls one function of a sub-package and prints its result.
 
 Bad input (missing or corrupt files, unknown keys, invalid values) ends with one line on stderr and exit code 2.
 """
@@ -222,8 +223,6 @@ def plot_cmd(
     """Training curves of a run as a PNG: loss, validation loss, lr, step time, DoPr health, in-training success."""
     from dopr_robot.plotting import plot_run
 
-    if out is not None and out.suffix.lower() != ".png":
-        raise UserError(f"--out {out}: must be a .png file")
     typer.echo(f"training curves -> {plot_run(run, out)}")
 
 

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 
 from dopr_robot.errors import UserError
 from dopr_robot.fileio import atomic_path
+from dopr_robot.rundir import check_output_file, read_metrics
 
 DPI = 110
 AXIS_LABELS = {"action_noise": "action noise (std, env action units)",
@@ -185,8 +186,6 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, missing_ok: boo
     returns None instead of raising (the end of a `train --until` slice shorter than one log window)."""
     import yaml
 
-    from dopr_robot.experiments.compare import read_metrics
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
@@ -195,6 +194,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, missing_ok: boo
         if missing_ok:
             return None
         raise UserError(f"{run_dir / 'metrics.jsonl'}: missing or without records, nothing to plot")
+    what = "--out" if out else "plot file"
+    out = Path(out) if out else run_dir / "training_curves.png"
+    check_output_file(out, overwrite=True, suffixes=(".png",), what=what)  # before any drawing
     title = run_dir.name
     try:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -202,7 +204,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, missing_ok: boo
                  f"seed {cfg['train']['seed']})"
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         pass
-    return training_curves(records, Path(out) if out else run_dir / "training_curves.png", title)
+    return training_curves(records, out, title)
 
 
 # ---------------------------------------------------------------- a comparison
@@ -321,33 +323,26 @@ def compare_plots(groups: list, report: dict[str, Any], out: Path) -> tuple[dict
 
     points = {g.name: [(r.val_losses()[-1], float(r.eval["success_rate"])) for r in g.runs if r.val_losses()]
               for g in groups}
-    if any(points.values()):
-        plots["success_vs_val_loss"] = str(success_vs_val_loss(points, colors, out / "success_vs_val_loss.png"))
-    else:
-        plots["success_vs_val_loss"] = None
-        notes.append("plot (a) left out: no run has a validation loss (no `valid` demos?)")
-
     curves = {g.name: [r.metrics for r in g.runs if r.metrics] for g in groups}
-    if any(curves.values()):
-        plots["training_curves"] = str(group_training_curves(curves, colors, out / "training_curves.png"))
-    else:
-        plots["training_curves"] = None
-        notes.append("plot (b) left out: no metrics.jsonl in any run")
-
     drifts = {g.name: [r.drift for r in g.runs if _valid_drift(r.drift)] for g in groups}
     drifts = {k: v for k, v in drifts.items() if v}
-    if drifts:
-        plots["drift"] = str(drift_curves(drifts, colors, out / "drift.png"))
-    else:
-        plots["drift"] = None
-        notes.append("plot (c) left out: no RUN/drift.json (run `dopr-robot diagnose RUN` first)")
-
     perturbed = [g for g in report["groups"] if g.get("perturbation")]
-    if perturbed:
-        plots["perturbation"] = str(perturbation_curves(perturbed, colors, out / "perturbation.png"))
-    else:
-        plots["perturbation"] = None
-        notes.append("plot (d) left out: no perturbed eval reports (eval_<tag>.json with a perturbation)")
+    plans = [  # (plot, its data, how to draw it, why it is left out when there is no data)
+        ("success_vs_val_loss", points if any(points.values()) else None, success_vs_val_loss,
+         "plot (a) left out: no run has a validation loss (no `valid` demos?)"),
+        ("training_curves", curves if any(curves.values()) else None, group_training_curves,
+         "plot (b) left out: no metrics.jsonl in any run"),
+        ("drift", drifts or None, drift_curves,
+         "plot (c) left out: no RUN/drift.json (run `dopr-robot diagnose RUN` first)"),
+        ("perturbation", perturbed or None, perturbation_curves,
+         "plot (d) left out: no perturbed eval reports (eval_<tag>.json with a perturbation)"),
+    ]
+    for name, data, draw, missing in plans:
+        if data is None:
+            plots[name] = None
+            notes.append(missing)
+        else:
+            plots[name] = str(draw(data, colors, out / f"{name}.png"))
     return plots, notes
 
 

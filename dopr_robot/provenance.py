@@ -1,28 +1,57 @@
-"""Where a result came from: code version, package versions, platform and the exact dataset bytes.
+"""Where a result came from: code version, package versions, platform and the exact bytes of its inputs.
 
-`provenance(dataset_path)` is written by training to RUN/provenance.json and embedded by eval / compare reports.
+One record shape for every file this tool writes: `provenance()` gives {git, packages, python, platform} plus,
+when asked, the command (argv, cwd, UTC time), the dataset's path and sha256, other input files' sha256 and the
+run's own RUN/provenance.json. Training writes it to RUN/provenance.json; eval, diagnose and compare embed it
+in their reports. `file_sha256` is the one file hash (checkpoint weights in the eval journal, sweep configs).
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import importlib
+import importlib.util
+import json
+import os
 import platform
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-PACKAGES = ("torch", "mujoco", "robosuite", "diffusers", "numpy", "h5py", "zarr")
+PACKAGES = ("dopr-robot", "torch", "mujoco", "robosuite", "diffusers", "numpy", "h5py", "zarr", "matplotlib")
+
+
+def _module_version(package: str) -> str | None:
+    """`module.__version__`, for a package importable without dist-info (e.g. a source checkout on PYTHONPATH).
+    Imported only in that case; robosuite through `import_robosuite` (it must choose MUJOCO_GL first)."""
+    module_name = package.replace("-", "_")
+    try:
+        if importlib.util.find_spec(module_name) is None:
+            return None
+        if module_name == "robosuite" and module_name not in sys.modules:
+            from dopr_robot.envs.robosuite_env import import_robosuite
+
+            module = import_robosuite()
+        else:
+            module = importlib.import_module(module_name)
+    except Exception:  # a package that cannot import has no version to record; provenance must not fail
+        return None
+    version = getattr(module, "__version__", None)
+    return str(version) if version is not None else None
 
 
 def package_versions() -> dict[str, str | None]:
+    """{package: version or None}: the installed distribution's version, else the module's `__version__`."""
     versions: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            versions[name] = None
+            versions[name] = _module_version(name)
     return versions
 
 
@@ -44,31 +73,55 @@ def git_state(directory: str | Path | None = None) -> dict[str, Any]:
     return {"commit": commit.strip(), "dirty": None if status is None else bool(status.strip())}
 
 
-def dataset_sha256(path: str | Path) -> str:
-    """sha256 of a dataset file; for a directory store (zarr), of every file's relative path and bytes in
-    sorted order, so the same store gives the same hash wherever it lies."""
-    path = Path(path)
+def file_sha256(path: str | Path) -> str:
+    """sha256 (hex) of one file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dataset_sha256(path: str | Path) -> str:
+    """sha256 of a dataset file (= `file_sha256`); for a directory store (zarr), of every file's relative path
+    and bytes in sorted order, so the same store gives the same hash wherever it lies."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
         with open(file, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
 
 
-def provenance(dataset_path: str | Path | None = None) -> dict[str, Any]:
-    """Git commit (+ dirty flag), package versions, python, platform and the dataset's path and sha256."""
+def provenance(dataset_path: str | Path | None = None, *, command: Sequence[str] | None = None,
+               files: Mapping[str, str | Path] | None = None, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Git commit (+ dirty flag), package versions, python and platform; with the optional arguments also
+    `dataset` {path, sha256 (None when missing)}, `command` {argv, cwd, time_utc}, `files` {name: {path,
+    sha256}} for other inputs, and `run`: RUN/provenance.json as training wrote it (None when unreadable)."""
     record: dict[str, Any] = {
         "git": git_state(),
         "packages": package_versions(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
     }
+    if command is not None:
+        record["command"] = {"argv": list(command), "cwd": os.getcwd(),
+                             "time_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     if dataset_path is not None:
         path = Path(dataset_path)
         record["dataset"] = {"path": str(path.resolve()),
                              "sha256": dataset_sha256(path) if path.exists() else None}
+    if files:
+        record["files"] = {name: {"path": str(Path(p).resolve()),
+                                  "sha256": file_sha256(p) if Path(p).is_file() else None}
+                           for name, p in files.items()}
+    if run_dir is not None:
+        try:
+            record["run"] = json.loads((Path(run_dir) / "provenance.json").read_text())
+        except (OSError, ValueError):
+            record["run"] = None
     return record

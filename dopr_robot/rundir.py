@@ -7,6 +7,8 @@
   run fails with one line. The kernel drops an flock when its process dies (kill -9 included), so a stale lock
   file never blocks anyone.
 - `clear_run_dir(run_dir)`: empties a run directory under its lock (the lock file itself stays).
+- `resolve_checkpoint(RUN, name)`: RUN/checkpoints/<name>.json (default `final`, else the newest); no torch.
+- `read_metrics(RUN/metrics.jsonl)`: its records, one per step, for everything that reads a run's metrics.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from dopr_robot.errors import UserError
 
@@ -145,3 +148,52 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             path.unlink()
         os.close(fd)
+
+
+def read_metrics(path: Path, warnings: list[str] | None = None) -> list[dict[str, Any]]:
+    """metrics.jsonl records sorted by step, one per step (the last wins); unparsable lines are skipped and
+    reported (a crash can cut the last line short)."""
+    if not path.is_file():
+        return []
+    by_step: dict[int, dict] = {}
+    bad = 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            by_step[int(record["step"])] = record
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            bad += 1
+    if bad and warnings is not None:
+        warnings.append(f"{path}: {bad} unreadable line(s) skipped")
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def resolve_checkpoint(run: str | Path, name: str | None = None) -> Path:
+    """RUN (a run directory) + `name` (final|best|last|step_NNNNNNN|...) -> RUN/checkpoints/<name>.json.
+
+    Without a name: `final`, else the newest checkpoint. A checkpoint file (.json/.safetensors) names itself.
+    """
+    run = Path(run)
+    if run.is_dir():
+        ckpt_dir = run / "checkpoints"
+        if name is not None:
+            path = ckpt_dir / f"{name}.json"
+            if not path.is_file():
+                have = sorted(p.stem for p in ckpt_dir.glob("*.json")) if ckpt_dir.is_dir() else []
+                raise UserError(f"{run} has no checkpoint {name!r} (it has: {', '.join(have) or 'none'})")
+            return path
+        if (ckpt_dir / "final.json").is_file():
+            return ckpt_dir / "final.json"
+        candidates = sorted(ckpt_dir.glob("*.json"), key=lambda p: p.stat().st_mtime) if ckpt_dir.is_dir() else []
+        if not candidates:
+            raise UserError(f"{run} holds no checkpoints (expected {ckpt_dir}/final.json)")
+        return candidates[-1]
+    if name is not None:
+        raise UserError("--checkpoint names a checkpoint of a run directory; give the run directory")
+    if run.suffix == ".safetensors":
+        run = run.with_suffix(".json")
+    if not run.is_file():
+        raise UserError(f"checkpoint not found: {run}")
+    return run

@@ -243,6 +243,13 @@ def test_bad_inputs_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="--out"):
         compare([tmp_path / "a", tmp_path / "empty"])
     assert not (tmp_path / "a" / "compare").exists()
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    with pytest.raises(UserError, match="is not writable"):  # checked before drawing (was a traceback)
+        plot_run(tmp_path / "m", "/proc/no/such/curves.png")
+    with pytest.raises(UserError, match="must end in .png"):
+        plot_run(tmp_path / "m", tmp_path / "m" / "curves.txt")
+    assert [p.name for p in (tmp_path / "m").iterdir()] == ["metrics.jsonl"]
 
 
 def _png_size(path):

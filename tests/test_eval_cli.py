@@ -64,7 +64,7 @@ def test_tag_and_checkpoint_name_the_report_and_n_action_steps_is_recorded(run):
     (["--n-action-steps", "99"], "--n-action-steps must be in 1..15"),
     (["--checkpoint", "best"], "no checkpoint 'best'"),
     (["--tag", "a/b"], "--tag"),
-    (["--out", "/proc/no/such/report.json"], "cannot write there"),
+    (["--out", "/proc/no/such/report.json"], "is not writable"),
     (["--out", "REPORT_DIR"], "is a directory"),
     (["--out", "report.txt"], "ending in .json"),
     (["--push", "2"], "probability"),

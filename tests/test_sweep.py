@@ -27,6 +27,14 @@ def sweep_args(out, demos, *extra, sets=()):
     return [*args, *extra]
 
 
+def one_new_cell_args(out, demos, seed, *launcher):
+    """The finished sweep's command narrowed to one new cell, adam_lr-1e-3_s<seed>, run through `launcher`."""
+    args = sweep_args(out, demos, *launcher)
+    for flag, value in (("--seeds", str(seed)), ("--optims", "adam"), ("--grid", "optim.lr=1e-3")):
+        args[args.index(flag) + 1] = value
+    return args
+
+
 def cell_files(out):
     """Every file of every cell with its mtime (ns)."""
     return {str(p.relative_to(out)): p.stat().st_mtime_ns
@@ -101,9 +109,7 @@ def test_interrupted_cell_resumes_to_the_uninterrupted_result(finished, lift_dem
 
 
 def test_interrupted_eval_is_finished_with_the_same_episodes(finished, lift_demos):
-    """A report missing (eval killed): the re-run evaluates again, from the episode journal where eval has one."""
-    from dopr_robot.experiments.cells import cli_options
-
+    """A report missing (eval killed): the re-run evaluates again, from the episode journal (`eval --resume`)."""
     out, _ = finished
     run = out / "adam_lr-3e-4_s0"
     full = json.loads((run / "eval.json").read_text())
@@ -116,8 +122,7 @@ def test_interrupted_eval_is_finished_with_the_same_episodes(finished, lift_demo
     assert strip(report["per_episode"]) == strip(full["per_episode"])
     assert (run / "checkpoints" / "final.safetensors").stat().st_mtime_ns == weights  # not trained again
     last_command = [l for l in (run / "sweep.log").read_text().splitlines() if l.startswith("$ dopr-robot")][-1]
-    assert last_command.startswith("$ dopr-robot eval")
-    assert ("--resume" in last_command) == ("--resume" in cli_options("eval"))
+    assert last_command.startswith("$ dopr-robot eval") and "--resume" in last_command
 
 
 def test_failed_cell_is_recorded_and_retried(tmp_path, lift_demos):
@@ -184,11 +189,7 @@ def test_submitit_launcher_extends_the_sweep(finished, lift_demos):
     """A new seed added to the finished sweep, run through submitit (its local executor where there is no SLURM)."""
     pytest.importorskip("submitit", reason="optional extra: pip install 'dopr-robot[slurm]'")
     out, _ = finished
-    args = sweep_args(out, lift_demos, "--launcher", "submitit")
-    args[args.index("--seeds") + 1] = "1"
-    args[args.index("--optims") + 1] = "adam"
-    args[args.index("--grid") + 1] = "optim.lr=1e-3"
-    result = run_cli(*args)
+    result = run_cli(*one_new_cell_args(out, lift_demos, 1, "--launcher", "submitit"))
     assert result.returncode == 0, result.stderr + result.stdout
     record = json.loads((out / "sweep.json").read_text())
     assert [c["name"] for c in record["cells"]][-1] == "adam_lr-1e-3_s1" and len(record["cells"]) == 5
@@ -198,32 +199,20 @@ def test_submitit_launcher_extends_the_sweep(finished, lift_demos):
 
 def test_best_checkpoint_and_perturbation_reports(tmp_path, lift_demos):
     """eval_best.json when training keeps a best checkpoint; one eval_<tag>.json per perturbation level."""
-    from dataclasses import fields
-
-    from dopr_robot.config import TrainConfig
-    from dopr_robot.experiments.cells import cli_options
-
-    options = cli_options("eval")
-    best = "eval_every" in {f.name for f in fields(TrainConfig)} and "--checkpoint" in options
-    perturb = {"--action-noise", "--tag"} <= options
-    if not (best or perturb):
-        pytest.skip("needs in-training evaluation (train.eval_every) or eval --action-noise/--tag")
     out = tmp_path / "extra"
     args = ["sweep", CONFIG, "--out", str(out), "--optims", "adam", "--seeds", "0", "--episodes", "2", "--workers", "1"]
-    for item in [f"data.path={lift_demos}", *TINY, *(["train.eval_every=10", "train.eval_episodes=1"] if best else [])]:
+    for item in [f"data.path={lift_demos}", *TINY, "train.eval_every=10", "train.eval_episodes=1"]:
         args += ["--set", item]
-    args += ["--perturb", "action_noise=0.5"] if perturb else []
+    args += ["--perturb", "action_noise=0.5"]
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr + result.stdout
     run = out / "adam_s0"
     cell = json.loads((out / "sweep.json").read_text())["cells"][0]
-    if best:
-        report = json.loads((run / "eval_best.json").read_text())
-        assert report["checkpoint_name"] == "best" and report["episodes"] == 2
-        assert cell["best_success_rate"] == report["success_rate"] and "(best ckpt" in result.stdout
-    if perturb:
-        report = json.loads((run / "eval_action_noise0.5.json").read_text())
-        assert report["perturbation"]["action_noise"] == 0.5 and report["episodes"] == 2
+    report = json.loads((run / "eval_best.json").read_text())
+    assert report["checkpoint_name"] == "best" and report["episodes"] == 2
+    assert cell["best_success_rate"] == report["success_rate"] and "(best ckpt" in result.stdout
+    report = json.loads((run / "eval_action_noise0.5.json").read_text())
+    assert report["perturbation"]["action_noise"] == 0.5 and report["episodes"] == 2
     again = run_cli(*args)
     assert again.returncode == 0 and "(1 done, 0 to run)" in again.stdout
 
@@ -231,11 +220,8 @@ def test_best_checkpoint_and_perturbation_reports(tmp_path, lift_demos):
 def test_ray_launcher_extends_the_sweep(finished, lift_demos):
     pytest.importorskip("ray", reason="optional extra: pip install 'dopr-robot[ray]'")
     out, _ = finished
-    args = sweep_args(out, lift_demos, "--launcher", "ray", "--launcher-opt", "include_dashboard=false")
-    args[args.index("--seeds") + 1] = "2"
-    args[args.index("--optims") + 1] = "adam"
-    args[args.index("--grid") + 1] = "optim.lr=1e-3"
-    result = run_cli(*args)
+    result = run_cli(*one_new_cell_args(out, lift_demos, 2, "--launcher", "ray", "--launcher-opt",
+                                        "include_dashboard=false"))
     assert result.returncode == 0, result.stderr + result.stdout
     cell = next(c for c in json.loads((out / "sweep.json").read_text())["cells"] if c["name"] == "adam_lr-1e-3_s2")
     assert cell["state"] == "done"

@@ -92,22 +92,24 @@ def _shift(x: np.ndarray) -> np.ndarray:
 class RobomimicFile:
     """A validated, read-only view of a robomimic HDF5 file. Every problem is a one-line UserError."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, what: str = "dataset"):
+        """`what` names the file in error messages (e.g. "rollouts" for `eval --save-trajectories` output)."""
         self.path = Path(path)
+        self.what = what
         if not self.path.is_file():
-            raise UserError(f"dataset not found: {self.path}")
+            raise UserError(f"{self.what} not found: {self.path}")
         try:
             self._f = h5py.File(self.path, "r")
         except OSError:
-            raise UserError(f"dataset {self.path} is not a readable HDF5 file") from None
+            raise UserError(f"{self.what} {self.path} is not a readable HDF5 file") from None
         if "data" not in self._f or not isinstance(self._f["data"], h5py.Group):
             self.close()
-            raise UserError(f"dataset {self.path} has no 'data' group: not a robomimic-layout file")
+            raise UserError(f"{self.what} {self.path} has no 'data' group: not a robomimic-layout file")
         self.data = self._f["data"]
         self.demos = sorted((k for k in self.data.keys() if isinstance(self.data[k], h5py.Group)), key=demo_sort_key)
         if not self.demos:
             self.close()
-            raise UserError(f"dataset {self.path} holds no demonstrations under 'data'")
+            raise UserError(f"{self.what} {self.path} holds no demonstrations under 'data'")
 
     def __enter__(self) -> "RobomimicFile":
         return self
@@ -122,11 +124,11 @@ class RobomimicFile:
     def env_args(self) -> dict[str, Any]:
         raw = self.data.attrs.get("env_args")
         if raw is None:
-            raise UserError(f"dataset {self.path} has no data.attrs['env_args']: cannot rebuild its environment")
+            raise UserError(f"{self.what} {self.path} has no data.attrs['env_args']: cannot rebuild its environment")
         try:
             return json.loads(raw)
         except (TypeError, ValueError):
-            raise UserError(f"dataset {self.path}: data.attrs['env_args'] is not valid JSON") from None
+            raise UserError(f"{self.what} {self.path}: data.attrs['env_args'] is not valid JSON") from None
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -141,7 +143,7 @@ class RobomimicFile:
     def read(self, demo: str, obs_keys: list[str] | None = None) -> Episode:
         """One demo, validated; `obs_keys=None` reads every observation key."""
         g = self.data[demo]
-        where = f"dataset {self.path}, {demo}"
+        where = f"{self.what} {self.path}, {demo}"
         if obs_keys is None:
             obs_keys = sorted(g["obs"].keys()) if "obs" in g else []
         if "actions" not in g:

@@ -11,16 +11,13 @@ Output: RUN/drift.json (keys in `diagnose`'s docstring) and RUN/drift.png beside
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dopr_robot.checkpoint import load_policy, resolve_checkpoint
+from dopr_robot.checkpoint import load_policy
 from dopr_robot.datasets import flatten_obs, open_demos
 from dopr_robot.datasets.robomimic_hdf5 import Episode, RobomimicFile
 from dopr_robot.diagnostics.drift import demo_band, departure_step, drift_curve, episodes_running, nearest_distances
@@ -28,6 +25,8 @@ from dopr_robot.diagnostics.openloop import open_loop_chunk_mse
 from dopr_robot.diagnostics.shift import DEFAULT_RIDGE, distribution_shift
 from dopr_robot.errors import UserError
 from dopr_robot.fileio import write_json
+from dopr_robot.provenance import provenance
+from dopr_robot.rundir import check_writable_dir, resolve_checkpoint
 
 BAND_PERCENTILES = (5.0, 95.0)
 
@@ -78,7 +77,7 @@ def diagnose(run: str | Path, rollouts: str | Path | None = None, out: str | Pat
     if demo_flat[0].shape[1] != obs_dim:
         raise UserError(f"dataset {dataset} observations have {demo_flat[0].shape[1]} dims, checkpoint expects "
                         f"{obs_dim} (obs_keys {obs_keys})")
-    _check_writable(out)
+    check_writable_dir(out.parent, what="directory of --out")
 
     # --- the policy's input space
     center = policy.obs_normalizer.center.cpu().numpy().astype(np.float64)
@@ -119,7 +118,7 @@ def diagnose(run: str | Path, rollouts: str | Path | None = None, out: str | Pat
         "train_demos": len(train_eps), "valid_demos": len(valid_eps),
         "space": "per-frame observation, flatten_obs over obs_keys, then the checkpoint's obs normalizer",
         "obs_keys": obs_keys,
-        "provenance": _provenance(dataset, rollouts),
+        "provenance": provenance(dataset, files={"rollouts": rollouts}, run_dir=run),
     }
     try:
         write_json(out, report)
@@ -133,7 +132,7 @@ def diagnose(run: str | Path, rollouts: str | Path | None = None, out: str | Pat
 
 
 def _rollout_header(path: Path) -> tuple[dict[str, Any], str | None, list[str]]:
-    with RobomimicFile(path) as f:
+    with RobomimicFile(path, what="rollouts") as f:
         return f.env_args, f.attrs.get("checkpoint"), list(f.demos)
 
 
@@ -151,7 +150,7 @@ def _choose_checkpoint(run: Path, explicit: str | Path | None, recorded: str | N
 
 def _read_rollouts(path: Path, names: list[str], obs_keys: list[str], obs_dim: int) -> list[Episode]:
     episodes = []
-    with RobomimicFile(path) as f:
+    with RobomimicFile(path, what="rollouts") as f:
         for name in names:
             group = f.data[name]
             have = sorted(group["obs"].keys()) if "obs" in group else []
@@ -182,32 +181,3 @@ def _closed_loop_success(rollouts: Path, success: list[bool]) -> tuple[float, st
         except (ValueError, KeyError, TypeError):
             pass  # a damaged report: fall back to the rollouts, which hold the same outcomes
     return sum(success) / len(success), str(rollouts)
-
-
-def _check_writable(out: Path) -> None:
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"cannot write {out}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"cannot write {out}: {parent} is not writable")
-
-
-def _provenance(dataset: Path, rollouts: Path) -> dict[str, Any]:
-    versions = {}
-    for package in ("dopr-robot", "torch", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return {"versions": versions, "dataset_sha256": _sha256(dataset) if dataset.is_file() else None,
-            "rollouts_sha256": _sha256(rollouts)}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

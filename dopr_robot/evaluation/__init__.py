@@ -6,7 +6,5 @@ Importing this package is cheap (no torch, no robosuite): the workers import tho
 from dopr_robot.evaluation.evaluate import evaluate, format_report, run_eval
 from dopr_robot.evaluation.perturb import Perturbation
 from dopr_robot.evaluation.pool import EpisodeSettings, EvalPool
-from dopr_robot.evaluation.stats import wilson_interval
 
-__all__ = ["EpisodeSettings", "EvalPool", "Perturbation", "evaluate", "format_report", "run_eval",
-           "wilson_interval"]
+__all__ = ["EpisodeSettings", "EvalPool", "Perturbation", "evaluate", "format_report", "run_eval"]

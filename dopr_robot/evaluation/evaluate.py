@@ -18,11 +18,9 @@ with recording, after all episodes have ended (not journaled: they repeat episod
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -34,44 +32,17 @@ from dopr_robot.errors import UserError
 from dopr_robot.evaluation.journal import Journal, check_resumable, journal_path, read_journal
 from dopr_robot.evaluation.perturb import Perturbation
 from dopr_robot.evaluation.pool import EpisodeSettings, EvalPool, Outcome
-from dopr_robot.evaluation.stats import wilson_interval
 from dopr_robot.evaluation.video import VideoPlan, videos_dir_for
+from dopr_robot.experiments.stats import wilson_interval
 from dopr_robot.progress import progress_bar
+from dopr_robot.provenance import file_sha256, provenance
+from dopr_robot.rundir import check_writable_dir, resolve_checkpoint
 
 DEFAULT_EPISODE_TIMEOUT_S = 600.0
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 # ------------------------------------------------------------------------------------- checkpoints, cheaply
-def resolve_checkpoint(run: str | Path, name: str | None = None) -> Path:
-    """RUN (a run directory) + `name` (final|best|last|step_NNNNNNN|...) -> RUN/checkpoints/<name>.json.
-
-    Without a name: `final`, else the newest checkpoint. A checkpoint file (.json/.safetensors) names itself.
-    """
-    run = Path(run)
-    if run.is_dir():
-        ckpt_dir = run / "checkpoints"
-        if name is not None:
-            path = ckpt_dir / f"{name}.json"
-            if not path.is_file():
-                have = sorted(p.stem for p in ckpt_dir.glob("*.json")) if ckpt_dir.is_dir() else []
-                raise UserError(f"{run} has no checkpoint {name!r} (it has: {', '.join(have) or 'none'})")
-            return path
-        if (ckpt_dir / "final.json").is_file():
-            return ckpt_dir / "final.json"
-        candidates = sorted(ckpt_dir.glob("*.json"), key=lambda p: p.stat().st_mtime) if ckpt_dir.is_dir() else []
-        if not candidates:
-            raise UserError(f"{run} holds no checkpoints (expected {ckpt_dir}/final.json)")
-        return candidates[-1]
-    if name is not None:
-        raise UserError("--checkpoint names a checkpoint of a run directory; give the run directory")
-    if run.suffix == ".safetensors":
-        run = run.with_suffix(".json")
-    if not run.is_file():
-        raise UserError(f"checkpoint not found: {run}")
-    return run
-
-
 def read_checkpoint_meta(path: Path) -> dict[str, Any]:
     """The checkpoint's JSON, checked for what evaluation needs (no torch: workers build the policy)."""
     try:
@@ -93,14 +64,6 @@ def read_checkpoint_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------- report locations
 def _run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
@@ -118,13 +81,8 @@ def check_report_path(out: Path) -> None:
         raise UserError(f"--out {out} is a directory; give a .json file path")
     if out.suffix != ".json":
         raise UserError(f"--out {out}: the report is JSON; give a path ending in .json")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out.parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    check_writable_dir(out.parent, what="directory of --out")
+    out.parent.mkdir(parents=True, exist_ok=True)  # the journal is appended there as episodes end
 
 
 def _archive(path: Path, stamp: str, insert_before: str) -> Path | None:
@@ -202,7 +160,7 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
 
     def journal_header() -> dict[str, Any]:
         return json.loads(json.dumps({
-            "checkpoint": str(ckpt.resolve()), "weights_sha256": _sha256(ckpt.with_suffix(".safetensors")),
+            "checkpoint": str(ckpt.resolve()), "weights_sha256": file_sha256(ckpt.with_suffix(".safetensors")),
             "step": meta.get("step"), "max_steps": max_steps, "n_action_steps": n_action_steps,
             "perturbation": perturbation.report()}))
 
@@ -276,7 +234,7 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
         "resumed_episodes": len(seeds) - len(missing),
         "wall_s": wall, "episodes_per_s": len(missing) / wall if wall > 0 else 0.0,
         "perturbation": perturbation.report(), "tag": tag,
-        "provenance": provenance(_run_dir_of(ckpt)),
+        "provenance": provenance(run_dir=_run_dir_of(ckpt)),
         "per_episode": per_episode,
     }
     if save_trajectories is not None:
@@ -311,18 +269,6 @@ def run_eval(run: str | Path, checkpoint_name: str | None = None, out: Path | No
         _archive(out, _stamp(out), ".json")
     write_json(out, report)
     return report, out
-
-
-def provenance(run_dir: Path) -> dict[str, Any]:
-    """Where this report came from: this code's git state and the package versions now (shared
-    `dopr_robot.provenance`), and the run's own RUN/provenance.json (training's, with the dataset's sha256)."""
-    from dopr_robot.provenance import provenance as current
-
-    try:
-        run_provenance = json.loads((run_dir / "provenance.json").read_text())
-    except (OSError, ValueError):
-        run_provenance = None
-    return {**current(), "run": run_provenance}
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -12,7 +12,6 @@ takes a picklable `CellJob`, so Ray or submitit can run it on another machine th
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shlex
@@ -26,6 +25,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+from dopr_robot.rundir import read_metrics
 
 LOG_NAME = "sweep.log"
 
@@ -59,17 +60,6 @@ def terminate_running() -> None:
             proc.terminate()
 
 
-@functools.cache
-def cli_options(command: str) -> frozenset[str]:
-    """The options `dopr-robot COMMAND` accepts in this installation (flags other branches add may be missing)."""
-    import typer.main
-
-    from dopr_robot.cli import app
-
-    group = typer.main.get_command(app)
-    return frozenset(opt for param in group.commands[command].params for opt in getattr(param, "opts", []))
-
-
 def report_complete(path: Path, episodes: int, checkpoint_name: str) -> bool:
     try:
         report = json.loads(path.read_text())
@@ -82,17 +72,12 @@ def report_complete(path: Path, episodes: int, checkpoint_name: str) -> bool:
 def planned_reports(job: CellJob) -> list[tuple[str, str, list[str]]]:
     """(report stem, checkpoint name, eval arguments) of every report the cell needs, given what training kept."""
     run = Path(job.run_dir)
-    options = cli_options("eval")
     common = ["--episodes", str(job.episodes), "--workers", str(job.eval_workers)]
     reports = [("eval", "final", ["eval", str(run), *common])]
     if (run / "checkpoints" / "best.json").is_file():
-        target = ["eval", str(run), "--checkpoint", "best"] if "--checkpoint" in options else \
-            ["eval", str(run / "checkpoints" / "best.json"), "--out", str(run / "eval_best.json")]
-        reports.append(("eval_best", "best", [*target, *common]))
+        reports.append(("eval_best", "best", ["eval", str(run), "--checkpoint", "best", *common]))
     for tag, flag, level in job.perturb:
-        name = "--tag" if "--tag" in options else "--out"
-        value = tag if name == "--tag" else str(run / f"eval_{tag}.json")
-        reports.append((f"eval_{tag}", "final", ["eval", str(run), name, value, flag, f"{level:g}", *common]))
+        reports.append((f"eval_{tag}", "final", ["eval", str(run), "--tag", tag, flag, f"{level:g}", *common]))
     return reports
 
 
@@ -110,13 +95,8 @@ def summary(run_dir: Path) -> dict[str, Any]:
         except (OSError, ValueError):
             return None
 
-    val_loss = None
-    try:
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            record = json.loads(line) if line.strip() else {}
-            val_loss = record.get("val_loss", val_loss)
-    except (OSError, ValueError):
-        pass
+    val_losses = [r["val_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "val_loss" in r]
+    val_loss = val_losses[-1] if val_losses else None
     return {"success_rate": success("eval.json"), "best_success_rate": success("eval_best.json"), "val_loss": val_loss}
 
 
@@ -135,7 +115,7 @@ def run_cell(job: CellJob, on_state: Optional[Callable[[str, str], None]] = None
             if report_complete(run / f"{stem}.json", job.episodes, checkpoint_name):
                 continue
             journal = run / f"{stem}_episodes.jsonl"
-            if journal.is_file() and "--resume" in cli_options("eval"):
+            if journal.is_file():
                 rc, _ = _run_logged(job, [*args, "--resume"])
                 if rc == 0:
                     continue  # otherwise (e.g. the journal is for other settings) run it from the start

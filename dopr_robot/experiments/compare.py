@@ -15,13 +15,9 @@ incomplete and left out of the statistics, never an error.
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
-import os
-import platform
 import re
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +29,8 @@ import yaml
 from dopr_robot.errors import UserError
 from dopr_robot.experiments import stats
 from dopr_robot.fileio import write_json, write_text
+from dopr_robot.provenance import provenance
+from dopr_robot.rundir import read_metrics
 
 # Config keys that do not define a group: the seed is the replicate, the rest is bookkeeping or evaluation.
 IGNORED_KEYS = {"optim.name", "train.seed", "train.device", "train.threads", "train.logger",
@@ -103,26 +101,6 @@ def _read_json(path: Path, warnings: list[str]) -> dict | None:
         warnings.append(f"{path}: not a JSON object; ignored")
         return None
     return data
-
-
-def read_metrics(path: Path, warnings: list[str] | None = None) -> list[dict[str, Any]]:
-    """metrics.jsonl records sorted by step, one per step (the last wins); unparsable lines are skipped and
-    reported (a crash can cut the last line short)."""
-    if not path.is_file():
-        return []
-    by_step: dict[int, dict] = {}
-    bad = 0
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            by_step[int(record["step"])] = record
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            bad += 1
-    if bad and warnings is not None:
-        warnings.append(f"{path}: {bad} unreadable line(s) skipped")
-    return [by_step[s] for s in sorted(by_step)]
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -448,29 +426,6 @@ def select_best_config(groups: list[Group], summaries: dict[str, dict]) -> dict[
 
 # ---------------------------------------------------------------- the report
 
-def provenance(command: Sequence[str] | None) -> dict[str, Any]:
-    """The compare command itself: argv, directory, time, code version (git), library versions."""
-    import matplotlib
-
-    import dopr_robot
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], cwd=Path(dopr_robot.__file__).parent, capture_output=True,
-                                  text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD") or None
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    versions = {"dopr_robot": dopr_robot.__version__, "numpy": np.__version__, "matplotlib": matplotlib.__version__,
-                "python": platform.python_version()}
-    return {"command": list(command) if command is not None else None, "cwd": os.getcwd(),
-            "time_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "git_commit": commit, "git_dirty": None if status is None else bool(status), "versions": versions}
-
-
 def build_report(runs: list[Run], baseline: str | None = None, select: str = "same-config", last_n: int = 5,
                  n_boot: int = 10_000, seed: int = 0) -> dict[str, Any]:
     """compare.json's content from loaded runs (no file is read or written; fills each run's settings/group)."""
@@ -636,7 +591,7 @@ def compare(paths: Sequence[Path], baseline: str | None = None, select: str = "s
         if not run.complete:
             warnings.append(f"{run.dir}: incomplete ({'; '.join(run.problems)}), left out")
     report["inputs"] = {"paths": [str(p) for p in paths], "sweeps": sweeps}
-    report["provenance"] = provenance(command if command is not None else sys.argv)
+    report["provenance"] = provenance(command=command if command is not None else sys.argv)
     groups = make_groups(runs)
     report["plots"], plot_notes = plotting.compare_plots(groups, report, out)
     report["notes"] += plot_notes

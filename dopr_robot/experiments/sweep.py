@@ -9,7 +9,6 @@ the same; optimizers, seeds and grid values may differ: new cells are added, cel
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -22,11 +21,12 @@ import yaml
 
 from dopr_robot.config import load_config
 from dopr_robot.errors import UserError
-from dopr_robot.experiments.cells import CellJob, cli_options, is_done, summary
+from dopr_robot.experiments.cells import CellJob, is_done, summary
 from dopr_robot.experiments.grid import (PERTURBATIONS, Cell, cell_config, check_overrides, enumerate_cells,
                                          parse_grid, parse_optims, parse_perturb, parse_seeds, perturb_tag)
 from dopr_robot.experiments.launchers import check_available, launch
 from dopr_robot.fileio import write_json
+from dopr_robot.provenance import file_sha256
 
 SWEEP_FILE = "sweep.json"
 LOCK_FILE = ".sweep.lock"
@@ -56,10 +56,7 @@ def run_sweep(config: Path, out: Path, optims: str, seeds: str, grid: list[str],
     check_overrides(sets)
     check_available(launcher)
     options = _parse_options(launcher_options)
-    eval_options = cli_options("eval")
-    for name in perturb_levels:
-        if PERTURBATIONS[name] not in eval_options:
-            raise UserError(f"--perturb {name}: this dopr-robot's eval has no {PERTURBATIONS[name]} option")
+    load_config(config, sets)  # the file and --set on their own: their errors name no cell
     for key, values in grid_values.items():  # a key error names the key, not the first cell
         try:
             load_config(config, [*sets, f"{key}={values[0]}"])
@@ -69,7 +66,7 @@ def run_sweep(config: Path, out: Path, optims: str, seeds: str, grid: list[str],
     configs = {cell.name: cell_config(config, sets, cell) for cell in cells}
     out = out.absolute()
     previous = _existing_sweep(out)
-    identity = {"config": str(config.resolve()), "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
+    identity = {"config": str(config.resolve()), "config_sha256": file_sha256(config),
                 "set": sets, "grid_keys": list(grid_values), "episodes": episodes, "perturb": perturb_levels}
     if previous is not None:
         for key in IDENTITY:

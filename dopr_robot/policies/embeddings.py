@@ -1,3 +1,5 @@
+"""Sinusoidal embedding of the diffusion step or flow time, shared by the MLP and UNet backbones."""
+
 from __future__ import annotations
 
 import math

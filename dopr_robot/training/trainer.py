@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -162,7 +163,7 @@ def _train(cfg: Config, run_dir: Path, collect_if_missing: bool, progress: bool,
         else:
             clear_run_dir(run_dir)  # empty, or (check_run_dir) an earlier run of ours that --overwrite replaces
         write_text(run_dir / "config.yaml", dump_config(cfg))
-        write_json(run_dir / "provenance.json", provenance(d.path))
+        write_json(run_dir / "provenance.json", provenance(d.path, command=sys.argv))
     # metrics.jsonl (+ TensorBoard / W&B); closed however training ends
     logger = cleanup.enter_context(open_logger(t.logger, run_dir, cfg.to_dict(), start_step if resume else None)) \
         if ddp.is_writer else None
