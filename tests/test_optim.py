@@ -455,6 +455,25 @@ def test_auto_path_follows_the_flop_count():
     assert opt.health()["ap_layers_backward"] == 1
 
 
+def test_auto_path_on_cpu_lets_a_wide_conv_skip_primal():
+    conv = nn.Conv1d(1024, 64, 5, padding=2)  # a UNet coarse level: few rows, many input channels
+    opt = DoPr(conv, base="sgd")
+    conv(torch.randn(4, 1024, 4)).sum().backward()
+    opt.step()
+    assert opt.last_paths[""] != "primal"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_path_on_cuda_keeps_convs_on_primal_and_linears_on_the_flop_count():
+    model = nn.Sequential(nn.Conv1d(1024, 64, 5, padding=2), nn.Flatten(), nn.Linear(256, 512),
+                          nn.Linear(512, 512)).cuda()
+    opt = DoPr(model, base="sgd")
+    model(torch.randn(4, 1024, 4, device="cuda")).sum().backward()
+    opt.step()
+    assert opt.last_paths["0"] == "primal"
+    assert opt.last_paths["3"] == "backward"  # 4 rows for 512 inputs: the flop count still decides
+
+
 def test_bias_augment_linear_is_exact_on_primal_and_dual():
     steps = {}
     for path in ("primal", "dual", "backward"):

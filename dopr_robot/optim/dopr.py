@@ -14,7 +14,8 @@ and weight gradient G = D^T Z:
 Why: with z' = A z and W' = W A^{-1} (the same network), G' = G A^T and S' = A S A^T, so M' = M A^{-1} and an
 AP-SGD step moves the network function identically in both parametrizations.
 
-Three exact ways to compute the same M (chosen per layer and step by flop count in `ap_costs`/`choose_path`):
+Three exact ways to compute the same M (chosen per layer and step by flop count in `ap_costs`/`choose_path`;
+on a GPU, conv layers always take primal, see `choose_path`):
 
     primal    M = G S_d^{-1}: Cholesky of S_d, cholesky_inverse, one GEMM.
     dual      Woodbury, with c = n lambda and K = Z Z^T + c I (n x n):  S_d^{-1} = n (I - Z^T K^{-1} Z) / c, so
@@ -379,6 +380,12 @@ class DoPr(torch.optim.Optimizer):
             backward = "linear" if layer.mode == "linear" else "conv"
         if self.path != "auto":
             return self.path if (self.path != "backward" or backward) else "primal"
+        if layer.mode != "linear" and layer.weight.device.type == "cuda":
+            # On a GPU the flop count is the wrong model for convs: their dual/backward paths are many small
+            # n x n factorizations and per-tap products, latency-bound there. Measured on an H200 (README,
+            # Benchmarks): ConditionalUnet1D 5.94x AdamW with flop-chosen paths, 3.25x all primal; the MLP's
+            # Linear layers still gain from the flop choice (2.79x against 3.11x), so they keep it.
+            return "primal"
         costs = ap_costs(n, layer.d_in, layer.r, backward, n_out, d_out)
         return min(costs, key=costs.get)
 
