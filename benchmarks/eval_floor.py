@@ -11,6 +11,12 @@ For each episode count N, `repeats` interleaved pairs of
          actions and no policy;
 then prints the median wall of each, the ratio of medians and the per-pair ratios, and the machine's load.
 The floor is what evaluation would cost if the policy were free and start-up were only the simulator's.
+
+    python benchmarks/eval_floor.py RUN --startup [--repeats 3]
+
+profiles what an eval worker does before its first episode against a floor worker, phase by phase, in fresh
+interpreters (median of `repeats`, alternating): import torch, import diffusers (the policy's schedulers),
+import robosuite, load the checkpoint, build the environment, one policy call.
 """
 
 from __future__ import annotations
@@ -56,6 +62,41 @@ def floor(env_args: dict, lengths: dict[int, int], workers: int) -> None:
         pool.map(_floor_worker, [(env_args, share) for share in shares], chunksize=1)
 
 
+_STARTUP_PHASES = {
+    "eval": [("import torch", "import torch; torch.set_num_threads(1)"),
+             ("import diffusers", "import diffusers.schedulers.scheduling_ddim"),
+             ("import robosuite", "from dopr_robot.envs.robosuite_env import RobosuiteEnv"),
+             ("load checkpoint", "from dopr_robot.checkpoint import load_policy; policy, meta = load_policy(CKPT)"),
+             ("build env", "env = RobosuiteEnv(meta['env_args'])"),
+             ("first policy call", "policy.predict_action(torch.zeros(1, policy.n_obs_steps, meta['obs_dim']), "
+                                   "torch.Generator().manual_seed(0))")],
+    "floor": [("import robosuite", "from dopr_robot.envs.robosuite_env import RobosuiteEnv"),
+              ("build env", "import json; env = RobosuiteEnv(json.load(open(CKPT))['env_args'])")],
+}
+
+
+def _phase_times(kind: str, ckpt: str) -> list[float]:
+    """One fresh interpreter (as a spawn worker is) running the phases of `kind`; seconds per phase."""
+    lines = ["import time, sys", f"CKPT = {ckpt!r}", "_t = [time.perf_counter()]"]
+    for _, code in _STARTUP_PHASES[kind]:
+        lines += [code, "_t.append(time.perf_counter())"]
+    lines.append("print(' '.join(f'{b - a:.4f}' for a, b in zip(_t, _t[1:])))")
+    out = subprocess.run([sys.executable, "-c", "\n".join(lines)], capture_output=True, text=True, cwd=REPO, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}).stdout
+    return [float(x) for x in out.split()]
+
+
+def startup(ckpt: Path, repeats: int) -> None:
+    runs: dict[str, list[list[float]]] = {"eval": [], "floor": []}
+    for _ in range(repeats):
+        for kind in runs:
+            runs[kind].append(_phase_times(kind, str(ckpt)))
+    for kind, samples in runs.items():
+        medians = [statistics.median(column) for column in zip(*samples)]
+        phases = ", ".join(f"{name} {t:.2f} s" for (name, _), t in zip(_STARTUP_PHASES[kind], medians))
+        print(f"{kind} worker start-up {sum(medians):.2f} s (medians of {repeats}): {phases}")
+
+
 def _timed(cmd: list[str]) -> float:
     start = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
@@ -72,6 +113,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--startup", action="store_true", help="profile worker start-up phases instead")
     parser.add_argument("--floor-only", type=Path, default=None, help=argparse.SUPPRESS)  # internal: a spec file
     args = parser.parse_args()
     if args.floor_only is not None:
@@ -86,6 +128,9 @@ def main() -> None:
     env_args = read_checkpoint_meta(ckpt)["env_args"]
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start; checkpoint {ckpt}; "
           f"{args.workers} workers, 1 thread each")
+    if args.startup:
+        startup(ckpt, args.repeats)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.episodes:
             report = Path(tmp) / f"eval_{n}.json"
