@@ -2,7 +2,8 @@
 
 One record shape for every file this tool writes: `provenance()` gives {git, packages, python, platform} plus,
 when asked, the command (argv, cwd, UTC time), the dataset's path and sha256, other input files' sha256 and the
-run's own RUN/provenance.json. Training writes it to RUN/provenance.json; eval, diagnose and compare embed it
+run's own RUN/provenance.json. Training writes it to RUN/provenance.json (`run_provenance`: a resumed start is
+appended to the original record's "resumes", never written over it); eval, diagnose and compare embed it
 in their reports. `file_sha256` is the one file hash (checkpoint weights in the eval journal, sweep configs).
 """
 
@@ -125,3 +126,24 @@ def provenance(dataset_path: str | Path | None = None, *, command: Sequence[str]
         except (OSError, ValueError):
             record["run"] = None
     return record
+
+
+def run_provenance(run_dir: str | Path, dataset_path: str | Path, command: Sequence[str],
+                   resume_step: int | None = None) -> dict[str, Any]:
+    """The RUN/provenance.json a training start writes. A fresh run: `provenance(dataset, command=...)`. A resume
+    (`resume_step`: the step it continues from): the run's original record, unchanged, with this start's record
+    plus {"step": resume_step} appended to its "resumes" list (oldest first), so the commit, packages, dataset
+    hash and command the run was started with are never lost. An original that is missing or unreadable is
+    recorded as {"original": None, "resumes": [...]} rather than guessed."""
+    record = provenance(dataset_path, command=command)
+    if resume_step is None:
+        return record
+    try:
+        original = json.loads((Path(run_dir) / "provenance.json").read_text())
+    except (OSError, ValueError):
+        original = None
+    if not isinstance(original, dict):
+        original = {"original": None}
+    resumes = original.get("resumes")
+    resumes = list(resumes) if isinstance(resumes, list) else []
+    return {**original, "resumes": [*resumes, {**record, "step": int(resume_step)}]}

@@ -28,7 +28,7 @@ from dopr_robot.optim import build_optimizer, clip_grad_norm_, optimizer_health
 from dopr_robot.progress import progress_bar
 from dopr_robot.policies import RangeNormalizer, build_policy
 from dopr_robot.checkpoint import save_checkpoint
-from dopr_robot.provenance import provenance
+from dopr_robot.provenance import run_provenance
 from dopr_robot.rundir import check_run_dir, clear_run_dir, run_lock
 from dopr_robot.training.distributed import init_distributed
 from dopr_robot.training.ema import EMA
@@ -163,7 +163,9 @@ def _train(cfg: Config, run_dir: Path, collect_if_missing: bool, progress: bool,
         else:
             clear_run_dir(run_dir)  # empty, or (check_run_dir) an earlier run of ours that --overwrite replaces
         write_text(run_dir / "config.yaml", dump_config(cfg))
-        write_json(run_dir / "provenance.json", provenance(d.path, command=sys.argv))
+        # a resume keeps the run's original record and appends its own to "resumes" (with the step it resumed from)
+        write_json(run_dir / "provenance.json",
+                   run_provenance(run_dir, d.path, sys.argv, resume_step=start_step if resume else None))
     # metrics.jsonl (+ TensorBoard / W&B); closed however training ends
     logger = cleanup.enter_context(open_logger(t.logger, run_dir, cfg.to_dict(), start_step if resume else None)) \
         if ddp.is_writer else None
