@@ -189,3 +189,63 @@ def test_pool_workers_record_only_the_planned_seeds_with_the_unrecorded_outcomes
                                                                      (102, "failed")]
     frames = decode(tiny_run / resumed["videos"][2]["path"])
     assert frames.shape == (resumed["videos"][2]["steps"] + 1, SPEC.height, SPEC.width, 3)
+
+
+def test_archiving_a_report_moves_its_journal_and_videos_under_one_suffix_and_rewrites_its_paths(tmp_path):
+    from dopr_robot.evaluation.evaluate import archive_report
+
+    report = tmp_path / "eval_t.json"
+    (tmp_path / "videos_t").mkdir()
+    (tmp_path / "videos_t" / "7_failure.mp4").write_bytes(b"mp4")
+    report.write_text(json.dumps({"videos": [{"seed": 7, "path": "videos_t/7_failure.mp4"},
+                                             {"seed": 8, "path": "elsewhere/8_success.mp4"}], "success_rate": 0.5}))
+    (tmp_path / "eval_t_episodes.jsonl").write_text("{}\n")
+    os.utime(report, (1767268800, 1767268800))  # 2026-01-01 12:00:00 UTC
+    (tmp_path / "videos_t-20260101-120000").mkdir()  # the stamp is taken for the videos only: all members get -1
+    archived = archive_report(report)
+    assert archived == tmp_path / "eval_t-20260101-120000-1.json"
+    assert (tmp_path / "eval_t-20260101-120000-1_episodes.jsonl").read_text() == "{}\n"
+    assert (tmp_path / "videos_t-20260101-120000-1" / "7_failure.mp4").read_bytes() == b"mp4"
+    assert not report.exists() and not (tmp_path / "eval_t_episodes.jsonl").exists()
+    assert not (tmp_path / "videos_t").exists()
+    data = json.loads(archived.read_text())
+    assert [v["path"] for v in data["videos"]] == ["videos_t-20260101-120000-1/7_failure.mp4",
+                                                   "elsewhere/8_success.mp4"]  # a video elsewhere stays
+    assert data["success_rate"] == 0.5 and archived.stat().st_mtime == 1767268800
+    # a report replaced at the end of a resume goes alone: its journal and videos are continued
+    report.write_text(json.dumps({"videos": [{"seed": 9, "path": "videos_t/9_success.mp4"}]}))
+    (tmp_path / "eval_t_episodes.jsonl").write_text("{}\n")
+    (tmp_path / "videos_t").mkdir()
+    alone = archive_report(report, with_journal_and_videos=False)
+    assert json.loads(alone.read_text())["videos"][0]["path"] == "videos_t/9_success.mp4"
+    assert (tmp_path / "eval_t_episodes.jsonl").exists() and (tmp_path / "videos_t").is_dir()
+    # an interrupted fresh eval leaves a journal and videos without a report: they still go aside together
+    assert archive_report(report) is None
+    assert not (tmp_path / "eval_t_episodes.jsonl").exists() and not (tmp_path / "videos_t").exists()
+    assert len(list(tmp_path.glob("videos_t-*"))) == 3 and len(list(tmp_path.glob("eval_t-*_episodes.jsonl"))) == 2
+
+
+def test_a_second_eval_archives_the_first_reports_videos_and_a_resume_does_not(rendering, tiny_run):
+    from dopr_robot.evaluation import run_eval
+
+    args = dict(episodes=2, max_steps=8, workers=1, progress=False, tag="twice", video_spec=SPEC)
+    first, path = run_eval(tiny_run, seed_start=100, videos=1, **args)
+    second, _ = run_eval(tiny_run, seed_start=200, videos=1, **args)
+    assert [v["path"] for v in second["videos"]] == ["videos_twice/200_failure.mp4"]
+    assert [p.name for p in (tiny_run / "videos_twice").iterdir()] == ["200_failure.mp4"]
+    [archived] = tiny_run.glob("eval_twice-*.json")  # the first report
+    suffix = archived.stem.removeprefix("eval_twice")
+    assert (tiny_run / f"eval_twice{suffix}_episodes.jsonl").is_file()
+    old = json.loads(archived.read_text())
+    assert old["per_episode"] == first["per_episode"]
+    assert [v["path"] for v in old["videos"]] == [f"videos_twice{suffix}/100_failure.mp4"]
+    assert all((archived.parent / v["path"]).is_file() for v in old["videos"])
+    assert decode(archived.parent / old["videos"][0]["path"]).shape[0] == old["videos"][0]["steps"] + 1
+    # a resume (every episode in the journal: nothing runs) continues the report: no videos are archived
+    resumed, _ = run_eval(tiny_run, seed_start=200, resume=True, **{**args, "video_spec": None})
+    assert resumed["resumed_episodes"] == 2
+    assert sorted(p.name for p in tiny_run.glob("videos_twice*")) == ["videos_twice", f"videos_twice{suffix}"]
+    assert [p.name for p in (tiny_run / "videos_twice").iterdir()] == ["200_failure.mp4"]
+    replaced = [p for p in tiny_run.glob("eval_twice-*.json") if p != archived]
+    assert len(replaced) == 1 and json.loads(replaced[0].read_text())["videos"] == second["videos"]
+    assert json.loads(path.read_text())["resumed_episodes"] == 2

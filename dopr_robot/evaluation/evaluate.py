@@ -7,8 +7,9 @@ interrupted and resumed.
 The main process stays light: it reads the checkpoint's JSON (and checks that its weights file is there),
 starts the worker pool at once, and lets the workers load the policy and build the environment (see `pool`).
 It imports neither torch nor robosuite. Every finished episode is journaled (see `journal`), and the report
-is written atomically at the end; an earlier report of the same name is first renamed
-`<stem>-<YYYYmmdd-HHMMSS>.json` (its modification time, UTC), and its journal with it.
+is written atomically at the end. An earlier report of the same name is renamed `<stem>-<YYYYmmdd-HHMMSS>.json`
+(its modification time, UTC) with its journal and videos directory under the same suffix, when a fresh
+evaluation starts (see `archive_report`).
 
 Videos (`videos` / `videos_failed`, see `video`): rendering and MP4 encoding are checked in the main process
 before the pool starts (this imports robosuite here, and only then; the MUJOCO_GL backend it settles on is
@@ -85,17 +86,83 @@ def check_report_path(out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)  # the journal is appended there as episodes end
 
 
-def _archive(path: Path, stamp: str, insert_before: str) -> Path | None:
-    """Rename `path` to its stem + `-stamp` (+ `-N` if taken): nothing is ever overwritten."""
-    if not path.exists():
+# ------------------------------------------------------------------------------------------------ archiving
+# An earlier report is never overwritten and nothing of it is deleted: it is renamed aside as one *set* with one
+# suffix, `-<YYYYmmdd-HHMMSS>` (the report's modification time, UTC; `-N` appended when that is taken by any
+# member of the set):
+#     eval.json -> eval-S.json,   eval_episodes.jsonl -> eval-S_episodes.jsonl,   videos/ -> videos-S/
+#     (eval_T.json, eval_T_episodes.jsonl, videos_T/ alike: eval_T-S.json, eval_T-S_episodes.jsonl, videos_T-S/)
+# A fresh evaluation archives the set when it starts (after every check, before the first episode), because its
+# journal and videos are written as episodes run; until then the old files stay where they are. A `--resume` that
+# continues a journal archives nothing then: it continues the same journal and videos directory, and at its end
+# the report it replaces is archived alone (its videos are in the directory the resume continued).
+# The report's `videos[].path` are relative to the report's directory, so an archived report would point into
+# the new evaluation's videos directory; they are rewritten to the archived directory. The rewritten report is
+# computed (and so validated) before anything moves, written atomically under its archived name with the
+# original's modification time and mode, and only then is the original removed. A report that is not JSON, or
+# has no `videos`, is renamed as it is.
+def archive_report(report: Path, *, with_journal_and_videos: bool = True) -> Path | None:
+    """Rename an earlier report (with its journal and videos directory, unless told not to) aside under one
+    free `-<stamp>` suffix; returns the archived report's path (None if there was no report)."""
+    from dopr_robot.fileio import atomic_path
+
+    journal, videos = journal_path(report), videos_dir_for(report)
+    moving = [report, journal, videos] if with_journal_and_videos else [report]
+    present = [p for p in moving if p.exists()]
+    if not present:
         return None
-    stem = path.name[: len(path.name) - len(insert_before)]
+    stamp = _stamp(present[0])  # the report's time when there is one (else the journal's, else the videos')
     for n in range(1000):
-        target = path.with_name(f"{stem}-{stamp}{'-' + str(n) if n else ''}{insert_before}")
-        if not target.exists():
-            os.replace(path, target)
-            return target
-    raise UserError(f"cannot archive {path}: too many archived copies")
+        suffix = f"-{stamp}{'-' + str(n) if n else ''}"
+        target = {report: _suffixed(report, suffix, ".json"),
+                  journal: _suffixed(journal, suffix, "_episodes.jsonl"), videos: _suffixed(videos, suffix, "")}
+        if not any(os.path.lexists(t) for t in target.values()):  # every member free: the names pair up
+            break
+    else:
+        raise UserError(f"cannot archive {report}: too many archived copies")
+    moved_videos = videos in present
+    rewritten = _retarget_videos(report, videos, target[videos]) if moved_videos and report in present else None
+    if rewritten is not None:
+        st = report.stat()
+        with atomic_path(target[report]) as tmp:
+            tmp.write_text(rewritten)
+            os.chmod(tmp, st.st_mode & 0o7777)
+            os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    for path in present:
+        if path != report or rewritten is None:
+            os.rename(path, target[path])
+    if rewritten is not None:
+        report.unlink()  # its rewritten copy is in place
+    return target[report] if report in present else None
+
+
+def _suffixed(path: Path, suffix: str, tail: str) -> Path:
+    """eval.json + -S -> eval-S.json (the suffix goes before `tail`, the part of the name that says what it is)."""
+    return path.with_name(path.name[: len(path.name) - len(tail)] + suffix + tail)
+
+
+def _retarget_videos(report: Path, videos: Path, archived: Path) -> str | None:
+    """The report's text with its `videos[].path` inside `videos` moved into `archived` (still relative to the
+    report's directory); None when there is nothing to rewrite."""
+    try:
+        data = json.loads(report.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    entries = data.get("videos") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        return None
+    base, old = Path(os.path.abspath(report.parent)), Path(os.path.abspath(videos))
+    changed = False
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            continue
+        try:
+            inside = Path(os.path.abspath(base / entry["path"])).relative_to(old)
+        except ValueError:  # a video elsewhere (an explicit videos_dir) does not move
+            continue
+        entry["path"] = os.path.relpath(Path(os.path.abspath(archived)) / inside, base)
+        changed = True
+    return json.dumps(data, indent=2) + "\n" if changed else None
 
 
 def _stamp(path: Path) -> str:
@@ -175,13 +242,10 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
     if own_pool:
         pool = EvalPool(workers, episode_timeout_s, preload=ckpt)  # workers start loading now
     try:
-        if journal is not None and expected is None:
+        if journal is not None and expected is None:  # a fresh evaluation (or a resume with no journal)
             expected = journal_header()  # hashing the weights overlaps the workers' start-up
-            if not resume:
-                report_file = journal.with_name(journal.name[: -len("_episodes.jsonl")] + ".json")
-                stamp_from = report_file if report_file.exists() else journal
-                if journal.exists():
-                    _archive(journal, _stamp(stamp_from), "_episodes.jsonl")
+            # the earlier report, its journal and its videos directory go aside together (`archive_report`)
+            archive_report(journal.with_name(journal.name[: -len("_episodes.jsonl")] + ".json"))
         start = time.time()
         outcomes: dict[int, Outcome] = {s: Outcome(r) for s, r in done.items() if s in seeds}
         bar = progress_bar(total=episodes, initial=len(outcomes), desc="eval", unit="ep", enabled=progress)
@@ -253,7 +317,8 @@ def run_eval(run: str | Path, checkpoint_name: str | None = None, out: Path | No
              tag: str | None = None, resume: bool = False, save_trajectories: bool = False,
              **kwargs: Any) -> tuple[dict[str, Any], Path]:
     """The `eval` command: pick the report path, check it is writable, evaluate with a journal beside it,
-    keep any earlier report (renamed), write the new one atomically. Returns (report, its path)."""
+    keep any earlier report (renamed, see `archive_report`), write the new one atomically. Returns (report, its
+    path)."""
     from dopr_robot.fileio import write_json
 
     if tag is not None and not _TAG.match(tag):
@@ -265,8 +330,8 @@ def run_eval(run: str | Path, checkpoint_name: str | None = None, out: Path | No
     kwargs.setdefault("videos_dir", videos_dir_for(out))  # RUN/eval_<tag>.json -> RUN/videos_<tag>
     report = evaluate(ckpt, save_trajectories=trajectories, journal=journal_path(out), resume=resume, tag=tag,
                       **kwargs)
-    if out.exists():
-        _archive(out, _stamp(out), ".json")
+    if out.exists():  # only after a resume: a fresh evaluation archived the earlier report when it started
+        archive_report(out, with_journal_and_videos=False)
     write_json(out, report)
     return report, out
 
