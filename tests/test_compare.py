@@ -220,7 +220,11 @@ def test_perturbation_and_drift_plots(tmp_path):
                       perturbed=[("an1", "action_noise", 0.1, [1] * (k - 2) + [0] * (12 - k)),
                                  ("an2", "action_noise", 0.3, [1] * (k - 5) + [0] * (15 - k)),
                                  ("push", "push", 0.5, [1] * (k - 3) + [0] * (13 - k))])
-    (root / "adam_s0" / "eval_an1-20260101-120000.json").write_text("{}")  # archived report: ignored
+    (root / "adam_s0" / "eval_an1-20260101-120000.json").write_text("{}")  # archived reports: ignored
+    for run in ("adam_s0", "dopr_s0"):  # a complete report at another level, archived under a clashing stamp
+        archived = json.loads((root / run / "eval_an1.json").read_text())
+        archived["perturbation"]["action_noise"] = 0.2
+        (root / run / "eval_an1-20260101-120000-1.json").write_text(json.dumps(archived))
     report, _ = compare([root], out=tmp_path / "cmp", n_boot=200)
     dopr = report["groups"][1]
     rows = dopr["perturbation"]["action_noise"]

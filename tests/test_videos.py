@@ -225,6 +225,21 @@ def test_archiving_a_report_moves_its_journal_and_videos_under_one_suffix_and_re
     assert len(list(tmp_path.glob("videos_t-*"))) == 3 and len(list(tmp_path.glob("eval_t-*_episodes.jsonl"))) == 2
 
 
+def test_archiving_moves_the_saved_rollouts_and_retargets_the_report(tmp_path):
+    from dopr_robot.evaluation.evaluate import archive_report
+
+    report = tmp_path / "eval_traj.json"
+    (tmp_path / "eval_traj_rollouts.hdf5").write_bytes(b"hdf5")
+    report.write_text(json.dumps({"trajectories": "runs/x/eval_traj_rollouts.hdf5", "success_rate": 0.25}))
+    os.utime(report, (1767268800, 1767268800))
+    archived = archive_report(report)
+    assert archived == tmp_path / "eval_traj-20260101-120000.json"
+    assert (tmp_path / "eval_traj-20260101-120000_rollouts.hdf5").read_bytes() == b"hdf5"
+    assert not (tmp_path / "eval_traj_rollouts.hdf5").exists()
+    data = json.loads(archived.read_text())
+    assert data["trajectories"] == "runs/x/eval_traj-20260101-120000_rollouts.hdf5" and data["success_rate"] == 0.25
+
+
 def test_a_second_eval_archives_the_first_reports_videos_and_a_resume_does_not(rendering, tiny_run):
     from dopr_robot.evaluation import run_eval
 

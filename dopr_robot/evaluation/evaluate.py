@@ -90,14 +90,16 @@ def check_report_path(out: Path) -> None:
 # An earlier report is never overwritten and nothing of it is deleted: it is renamed aside as one *set* with one
 # suffix, `-<YYYYmmdd-HHMMSS>` (the report's modification time, UTC; `-N` appended when that is taken by any
 # member of the set):
-#     eval.json -> eval-S.json,   eval_episodes.jsonl -> eval-S_episodes.jsonl,   videos/ -> videos-S/
+#     eval.json -> eval-S.json,   eval_episodes.jsonl -> eval-S_episodes.jsonl,   videos/ -> videos-S/,
+#     eval_rollouts.hdf5 -> eval-S_rollouts.hdf5 (--save-trajectories)
 #     (eval_T.json, eval_T_episodes.jsonl, videos_T/ alike: eval_T-S.json, eval_T-S_episodes.jsonl, videos_T-S/)
 # A fresh evaluation archives the set when it starts (after every check, before the first episode), because its
 # journal and videos are written as episodes run; until then the old files stay where they are. A `--resume` that
 # continues a journal archives nothing then: it continues the same journal and videos directory, and at its end
 # the report it replaces is archived alone (its videos are in the directory the resume continued).
 # The report's `videos[].path` are relative to the report's directory, so an archived report would point into
-# the new evaluation's videos directory; they are rewritten to the archived directory. The rewritten report is
+# the new evaluation's videos directory; they are rewritten to the archived directory, and its `trajectories`
+# to the archived rollouts file. The rewritten report is
 # computed (and so validated) before anything moves, written atomically under its archived name with the
 # original's modification time and mode, and only then is the original removed. A report that is not JSON, or
 # has no `videos`, is renamed as it is.
@@ -107,7 +109,8 @@ def archive_report(report: Path, *, with_journal_and_videos: bool = True) -> Pat
     from dopr_robot.fileio import atomic_path
 
     journal, videos = journal_path(report), videos_dir_for(report)
-    moving = [report, journal, videos] if with_journal_and_videos else [report]
+    rollouts = report.with_name(report.stem + "_rollouts.hdf5")
+    moving = [report, journal, videos, rollouts] if with_journal_and_videos else [report]
     present = [p for p in moving if p.exists()]
     if not present:
         return None
@@ -115,13 +118,14 @@ def archive_report(report: Path, *, with_journal_and_videos: bool = True) -> Pat
     for n in range(1000):
         suffix = f"-{stamp}{'-' + str(n) if n else ''}"
         target = {report: _suffixed(report, suffix, ".json"),
-                  journal: _suffixed(journal, suffix, "_episodes.jsonl"), videos: _suffixed(videos, suffix, "")}
+                  journal: _suffixed(journal, suffix, "_episodes.jsonl"), videos: _suffixed(videos, suffix, ""),
+                  rollouts: _suffixed(rollouts, suffix, "_rollouts.hdf5")}
         if not any(os.path.lexists(t) for t in target.values()):  # every member free: the names pair up
             break
     else:
         raise UserError(f"cannot archive {report}: too many archived copies")
-    moved_videos = videos in present
-    rewritten = _retarget_videos(report, videos, target[videos]) if moved_videos and report in present else None
+    moved = {p: target[p] for p in (videos, rollouts) if p in present}
+    rewritten = _retarget(report, moved) if moved and report in present else None
     if rewritten is not None:
         st = report.stat()
         with atomic_path(target[report]) as tmp:
@@ -141,18 +145,28 @@ def _suffixed(path: Path, suffix: str, tail: str) -> Path:
     return path.with_name(path.name[: len(path.name) - len(tail)] + suffix + tail)
 
 
-def _retarget_videos(report: Path, videos: Path, archived: Path) -> str | None:
-    """The report's text with its `videos[].path` inside `videos` moved into `archived` (still relative to the
-    report's directory); None when there is nothing to rewrite."""
+def _retarget(report: Path, moved: dict[Path, Path]) -> str | None:
+    """The report's text with its `videos[].path` inside a moved videos directory pointing into the archived one
+    (still relative to the report's directory) and its `trajectories` at the moved rollouts file; None when there
+    is nothing to rewrite."""
     try:
         data = json.loads(report.read_text())
     except (OSError, UnicodeDecodeError, ValueError):
         return None
-    entries = data.get("videos") if isinstance(data, dict) else None
-    if not isinstance(entries, list):
+    if not isinstance(data, dict):
         return None
-    base, old = Path(os.path.abspath(report.parent)), Path(os.path.abspath(videos))
     changed = False
+    trajectories = data.get("trajectories")
+    rollouts = next((p for p in moved if p.suffix == ".hdf5"), None)
+    if rollouts is not None and isinstance(trajectories, str) and Path(trajectories).name == rollouts.name:
+        # written as `out` was given (relative or absolute): only the file name changes
+        data["trajectories"] = str(Path(trajectories).with_name(moved[rollouts].name))
+        changed = True
+    videos = next((p for p in moved if p.suffix != ".hdf5"), None)
+    entries = data.get("videos")
+    if videos is None or not isinstance(entries, list):
+        return json.dumps(data, indent=2) + "\n" if changed else None
+    base, old, archived = Path(os.path.abspath(report.parent)), Path(os.path.abspath(videos)), moved[videos]
     for entry in entries:
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
             continue

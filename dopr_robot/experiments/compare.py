@@ -37,7 +37,7 @@ IGNORED_KEYS = {"optim.name", "train.seed", "train.device", "train.threads", "tr
                 "train.checkpoint_every", "train.log_every", "train.val_every"}
 IGNORED_PREFIXES = ("eval.",)
 PERTURBATION_KINDS = ("action_noise", "obs_noise", "push")
-ARCHIVED_REPORT = re.compile(r"-\d{8}-\d{6}$")  # eval*.json renamed aside by a later eval (kept, not current)
+ARCHIVED_REPORT = re.compile(r"-\d{8}-\d{6}(-\d+)?$")  # eval*.json renamed aside by a later eval (kept, not current)
 SELECTIONS = ("same-config", "best-config")
 
 
