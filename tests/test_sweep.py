@@ -197,15 +197,25 @@ def test_submitit_launcher_extends_the_sweep(finished, lift_demos):
     assert json.loads((out / "adam_lr-1e-3_s1" / "eval.json").read_text())["train_seed"] == 1
 
 
-def test_best_checkpoint_and_perturbation_reports(tmp_path, lift_demos):
-    """eval_best.json when training keeps a best checkpoint; one eval_<tag>.json per perturbation level."""
-    out = tmp_path / "extra"
+def extra_args(out, demos):
     args = ["sweep", CONFIG, "--out", str(out), "--optims", "adam", "--seeds", "0", "--episodes", "2", "--workers", "1"]
-    for item in [f"data.path={lift_demos}", *TINY, "train.eval_every=10", "train.eval_episodes=1"]:
+    for item in [f"data.path={demos}", *TINY, "train.eval_every=10", "train.eval_episodes=1"]:
         args += ["--set", item]
-    args += ["--perturb", "action_noise=0.5"]
-    result = run_cli(*args)
+    return [*args, "--perturb", "action_noise=0.5"]
+
+
+@pytest.fixture(scope="module")
+def extra(tmp_path_factory, lift_demos):
+    """A one-cell sweep whose training keeps a best checkpoint, with one perturbation level: three reports."""
+    out = tmp_path_factory.mktemp("sweep") / "extra"
+    result = run_cli(*extra_args(out, lift_demos))
     assert result.returncode == 0, result.stderr + result.stdout
+    return out, result
+
+
+def test_best_checkpoint_and_perturbation_reports(extra, lift_demos):
+    """eval_best.json when training keeps a best checkpoint; one eval_<tag>.json per perturbation level."""
+    out, result = extra
     run = out / "adam_s0"
     cell = json.loads((out / "sweep.json").read_text())["cells"][0]
     report = json.loads((run / "eval_best.json").read_text())
@@ -213,8 +223,41 @@ def test_best_checkpoint_and_perturbation_reports(tmp_path, lift_demos):
     assert cell["best_success_rate"] == report["success_rate"] and "(best ckpt" in result.stdout
     report = json.loads((run / "eval_action_noise0.5.json").read_text())
     assert report["perturbation"]["action_noise"] == 0.5 and report["episodes"] == 2
-    again = run_cli(*args)
+    again = run_cli(*extra_args(out, lift_demos))
     assert again.returncode == 0 and "(1 done, 0 to run)" in again.stdout
+
+
+STANDALONE = {"eval": [], "eval_best": ["--checkpoint", "best"], "eval_action_noise0.5": ["--action-noise", "0.5"]}
+
+
+def test_cell_reports_run_in_one_pool_and_match_standalone_evals(extra, lift_demos, tmp_path):
+    """A cell's reports are evaluated in one worker pool (one worker here: every episode of every report ran in
+    the same process) with the same episodes as `dopr-robot eval` of each on its own; a journal that cannot be
+    resumed is run again from the start."""
+    out, _ = extra
+    run = out / "adam_s0"
+    strip = lambda report: [{k: e[k] for k in ("seed", "success", "steps", "return")} for e in report["per_episode"]]
+    reports = {stem: json.loads((run / f"{stem}.json").read_text()) for stem in STANDALONE}
+    assert len({e["worker_pid"] for report in reports.values() for e in report["per_episode"]}) == 1
+    log = (run / "sweep.log").read_text()
+    assert log.count("in one worker pool") == 1 and log.count("$ dopr-robot eval") == 3
+    for stem, flags in STANDALONE.items():
+        alone = run_cli("eval", str(run), *flags, "--episodes", "2", "--workers", "1",
+                        "--out", str(tmp_path / f"{stem}.json"))
+        assert alone.returncode == 0, alone.stderr
+        assert strip(json.loads((tmp_path / f"{stem}.json").read_text())) == strip(reports[stem])
+
+    # eval_best killed before its report, its journal from other settings: refused, then run from the start
+    journal = run / "eval_best_episodes.jsonl"
+    lines = journal.read_text().splitlines()
+    journal.write_text("\n".join([json.dumps({**json.loads(lines[0]), "max_steps": 99}), *lines[1:]]) + "\n")
+    (run / "eval_best.json").unlink()
+    again = run_cli(*extra_args(out, lift_demos))
+    assert again.returncode == 0 and "(0 done, 1 to run)" in again.stdout, again.stderr + again.stdout
+    assert strip(json.loads((run / "eval_best.json").read_text())) == strip(reports["eval_best"])
+    log = (run / "sweep.log").read_text()
+    assert log.count("in one worker pool") == 2 and "cannot resume (--resume:" in log
+    assert log.splitlines()[-1] == "# exit code 0"
 
 
 def test_ray_launcher_extends_the_sweep(finished, lift_demos):

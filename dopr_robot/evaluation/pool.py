@@ -131,7 +131,7 @@ def _episode_task(token: str, checkpoint: str, settings: EpisodeSettings, seed: 
             result, trajectory = run_episode(policy, env, seed, settings.max_steps, settings.n_action_steps,
                                              meta["obs_keys"], record=settings.record,
                                              perturbation=settings.perturbation)
-            return ("ok", result, trajectory)
+            return ("ok", {**result, "worker_pid": os.getpid()}, trajectory)
         from dopr_robot.evaluation.video import RenderingEnvironment
 
         if _worker["rendering"] is None:
@@ -142,7 +142,7 @@ def _episode_task(token: str, checkpoint: str, settings: EpisodeSettings, seed: 
                                              settings.n_action_steps, meta["obs_keys"], record=settings.record,
                                              perturbation=settings.perturbation, recorder=recorder)
             recorder.finish(result["success"])
-        return ("ok", result, trajectory)
+        return ("ok", {**result, "worker_pid": os.getpid()}, trajectory)
     except Exception as e:  # noqa: BLE001 - the episode is lost, the worker and the run go on
         where = traceback.extract_tb(e.__traceback__)[-1]
         return ("episode_error", f"{_describe(e)} (at {Path(where.filename).name}:{where.lineno})")

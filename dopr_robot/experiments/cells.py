@@ -1,32 +1,43 @@
-"""One sweep cell, start to finish, as subprocesses of the CLI: `train`, then `eval` of the final checkpoint, of
-`best` when training kept one, and once per perturbation level.
+"""One sweep cell, start to finish: `train` as a subprocess of the CLI, then every eval report in one more
+subprocess that runs them all in one worker pool: the final checkpoint, `best` when training kept one, and once per
+perturbation level.
 
 Each step is skipped when its output is complete, so running a cell again only does what is missing:
 - training is done when `checkpoints/final.json` exists; with `trainer_state.pt` and no final checkpoint it continues
   with `train --resume` (bit-exact; a failed resume, e.g. a corrupt state, starts the cell afresh);
 - a report is done when it exists with the requested number of episodes; an interrupted one continues from its
-  per-episode journal with `eval --resume` where this CLI has that flag (else it is run again).
-A cell is *done* when all of its reports are. Subprocess output is appended to RUN/sweep.log. `run_cell` only
-takes a picklable `CellJob`, so Ray or submitit can run it on another machine that shares the file system.
+  per-episode journal (as `eval --resume`; a journal that cannot be resumed, e.g. of other settings, is run again).
+The reports share one `EvalPool` (`evaluate_reports`, in `python -m dopr_robot.experiments.child PID --cell-reports
+JOB`): its workers import torch/robosuite and build the environment once per cell rather than once per report.
+The first report that fails stops the others and fails the cell with its one-line error.
+A cell is *done* when all of its reports are. Subprocess output is appended to RUN/sweep.log, with a `$ ...` line
+per subprocess and per report (the equivalent `dopr-robot eval` command). `run_cell` only takes a picklable
+`CellJob`, so Ray or submitit can run it on another machine that shares the file system.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from dopr_robot.errors import UserError
 from dopr_robot.rundir import read_metrics
+
+if TYPE_CHECKING:
+    from dopr_robot.evaluation.pool import EvalPool
 
 LOG_NAME = "sweep.log"
 
@@ -41,7 +52,15 @@ class CellJob:
     episodes: int                # episodes of every report
     eval_workers: int
     threads: int                 # CPU threads for this cell (OMP_NUM_THREADS of its subprocesses)
-    perturb: list[tuple[str, str, float]] = field(default_factory=list)  # (tag, eval flag, level)
+    perturb: list[tuple[str, str, float]] = field(default_factory=list)  # (tag, Perturbation field, level)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "CellJob":
+        spec = json.loads(text)
+        return cls(**{**spec, "perturb": [tuple(p) for p in spec["perturb"]]})
 
 
 class CellFailed(Exception):
@@ -69,22 +88,37 @@ def report_complete(path: Path, episodes: int, checkpoint_name: str) -> bool:
     return report.get("episodes") == episodes and isinstance(report.get("successes"), int) and name == checkpoint_name
 
 
-def planned_reports(job: CellJob) -> list[tuple[str, str, list[str]]]:
-    """(report stem, checkpoint name, eval arguments) of every report the cell needs, given what training kept."""
+def planned_reports(job: CellJob) -> list[tuple[str, str, dict[str, Any]]]:
+    """(report stem, checkpoint name, `run_eval` keyword arguments) of every report the cell needs, given what
+    training kept; the reports of one checkpoint are next to each other (a pool worker keeps the last one loaded)."""
     run = Path(job.run_dir)
-    common = ["--episodes", str(job.episodes), "--workers", str(job.eval_workers)]
-    reports = [("eval", "final", ["eval", str(run), *common])]
+    common = {"run": str(run), "episodes": job.episodes}
+    reports = [("eval", "final", {**common, "checkpoint_name": "final"})]
+    for tag, name, level in job.perturb:
+        reports.append((f"eval_{tag}", "final",
+                        {**common, "checkpoint_name": "final", "tag": tag, "perturbation": {name: level}}))
     if (run / "checkpoints" / "best.json").is_file():
-        reports.append(("eval_best", "best", ["eval", str(run), "--checkpoint", "best", *common]))
-    for tag, flag, level in job.perturb:
-        reports.append((f"eval_{tag}", "final", ["eval", str(run), "--tag", tag, flag, f"{level:g}", *common]))
+        reports.append(("eval_best", "best", {**common, "checkpoint_name": "best"}))
     return reports
 
 
-def is_done(job: CellJob) -> bool:
+def eval_command(kwargs: dict[str, Any]) -> list[str]:
+    """The `dopr-robot eval` arguments equivalent to `run_eval(**kwargs)` of a planned report (for the log)."""
+    args = ["eval", kwargs["run"], "--checkpoint", kwargs["checkpoint_name"]]
+    if "tag" in kwargs:
+        args += ["--tag", kwargs["tag"]]
+    for name, level in kwargs.get("perturbation", {}).items():
+        args += ["--" + name.replace("_", "-"), f"{level:g}"]
+    return [*args, "--episodes", str(kwargs["episodes"])]
+
+
+def _missing_reports(job: CellJob) -> list[tuple[str, str, dict[str, Any]]]:
     run = Path(job.run_dir)
-    return (run / "checkpoints" / "final.json").is_file() and all(
-        report_complete(run / f"{stem}.json", job.episodes, ckpt) for stem, ckpt, _ in planned_reports(job))
+    return [r for r in planned_reports(job) if not report_complete(run / f"{r[0]}.json", job.episodes, r[1])]
+
+
+def is_done(job: CellJob) -> bool:
+    return (Path(job.run_dir) / "checkpoints" / "final.json").is_file() and not _missing_reports(job)
 
 
 def summary(run_dir: Path) -> dict[str, Any]:
@@ -111,17 +145,13 @@ def run_cell(job: CellJob, on_state: Optional[Callable[[str, str], None]] = None
             notify(job.name, "training")
             _train(job)
         notify(job.name, "evaluating")
-        for stem, checkpoint_name, args in planned_reports(job):
-            if report_complete(run / f"{stem}.json", job.episodes, checkpoint_name):
-                continue
-            journal = run / f"{stem}_episodes.jsonl"
-            if journal.is_file():
-                rc, _ = _run_logged(job, [*args, "--resume"])
-                if rc == 0:
-                    continue  # otherwise (e.g. the journal is for other settings) run it from the start
-            rc, error = _run_logged(job, args)
-            if rc != 0:
-                raise CellFailed(f"{stem}: {error}")
+        missing = [stem for stem, _, _ in _missing_reports(job)]
+        if missing:
+            rc, error = _run_logged(job, ["--cell-reports", job.to_json()],
+                                    shown=f"evaluate {', '.join(missing)} in one worker pool")
+            if rc != 0:  # the reports run in order and stop at the first failure: the first missing one failed
+                failed = next((stem for stem, _, _ in _missing_reports(job)), missing[0])
+                raise CellFailed(f"{failed}: {error}")
         result = {"state": "done", "error": None}
     except CellFailed as e:
         result = {"state": "failed", "error": str(e)}
@@ -148,15 +178,59 @@ def _train(job: CellJob) -> None:
         raise CellFailed(f"train: {error}")
 
 
-def _run_logged(job: CellJob, args: list[str], carried: str = "", wait_for_run_dir: bool = False) -> tuple[int, str]:
-    """Run `dopr-robot ARGS`, appending its output to RUN/sweep.log; returns (exit code, its error line).
+def evaluate_reports(job: CellJob) -> int:
+    """Write every missing report of the cell, in order, all in one `EvalPool`; returns the exit code (0; 2 after
+    one `error: ...` line; 130 when interrupted). Runs in the cell's eval subprocess (see `child`)."""
+    from dopr_robot.evaluation.evaluate import DEFAULT_EPISODE_TIMEOUT_S
+    from dopr_robot.evaluation.pool import EvalPool
+
+    run = Path(job.run_dir)
+    missing = _missing_reports(job)
+    if not missing:
+        return 0
+    first = run / "checkpoints" / f"{missing[0][1]}.json"  # loaded by the workers as they start
+    preload = first if first.is_file() and first.with_suffix(".safetensors").is_file() else None
+    try:
+        with EvalPool(max(1, min(job.eval_workers, job.episodes)), DEFAULT_EPISODE_TIMEOUT_S, preload) as pool:
+            for stem, _, kwargs in missing:
+                if (run / f"{stem}_episodes.jsonl").is_file():
+                    try:
+                        _write_report(kwargs, pool, resume=True)
+                        continue
+                    except UserError as e:  # e.g. the journal is for other settings: run it from the start
+                        print(f"cannot resume ({e}); running {stem} from the start", flush=True)
+                _write_report(kwargs, pool, resume=False)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
+    return 0
+
+
+def _write_report(kwargs: dict[str, Any], pool: EvalPool, resume: bool) -> None:
+    """`dopr-robot eval` in `pool`: its command line (as a log header), then the report as the CLI prints it."""
+    from dopr_robot.evaluation.evaluate import format_report, run_eval
+
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    args = [*eval_command(kwargs), "--workers", str(pool.workers), *(["--resume"] if resume else [])]
+    print(f"\n$ dopr-robot {shlex.join(args)}    # {stamp}", flush=True)
+    report, path = run_eval(**kwargs, resume=resume, pool=pool)
+    print(f"{format_report(report)}\nreport -> {path}", flush=True)
+
+
+def _run_logged(job: CellJob, args: list[str], carried: str = "", wait_for_run_dir: bool = False,
+                shown: Optional[str] = None) -> tuple[int, str]:
+    """Run `dopr-robot ARGS` (or the child's other mode, `--cell-reports`, with `shown` as its log header),
+    appending its output to RUN/sweep.log; returns (exit code, its error line).
 
     A fresh `train` refuses a non-empty run directory, so with `wait_for_run_dir` the log is opened only once
     training has created the directory (output until then is kept in memory)."""
     run = Path(job.run_dir)
     log_path = run / LOG_NAME
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    pending = [carried, f"\n$ dopr-robot {shlex.join(args)}    # {stamp}\n"]
+    pending = [carried, f"\n$ {shown or 'dopr-robot ' + shlex.join(args)}    # {stamp}\n"]
     tail: deque[str] = deque(maxlen=50)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(job.threads)}
     command = [job.python, "-m", "dopr_robot.experiments.child", str(os.getpid()), *args]

@@ -22,8 +22,8 @@ import yaml
 from dopr_robot.config import load_config
 from dopr_robot.errors import UserError
 from dopr_robot.experiments.cells import CellJob, is_done, summary
-from dopr_robot.experiments.grid import (PERTURBATIONS, Cell, cell_config, check_overrides, enumerate_cells,
-                                         parse_grid, parse_optims, parse_perturb, parse_seeds, perturb_tag)
+from dopr_robot.experiments.grid import (Cell, cell_config, check_overrides, enumerate_cells, parse_grid,
+                                         parse_optims, parse_perturb, parse_seeds, perturb_tag)
 from dopr_robot.experiments.launchers import check_available, launch
 from dopr_robot.fileio import write_json
 from dopr_robot.provenance import file_sha256
@@ -132,7 +132,7 @@ def _job(cell: Cell, config: Path, sets: list[str], out: Path, threads: int, eva
         train_args += ["--set", item]
     return CellJob(name=cell.name, run_dir=str(run_dir), python=sys.executable, cwd=os.getcwd(),
                    train_args=train_args, episodes=episodes, eval_workers=eval_workers, threads=threads,
-                   perturb=[(perturb_tag(name, level), PERTURBATIONS[name], level)
+                   perturb=[(perturb_tag(name, level), name, level)
                             for name, levels in perturb.items() for level in levels])
 
 
