@@ -15,8 +15,8 @@ The floor is what evaluation would cost if the policy were free and start-up wer
     python benchmarks/eval_floor.py RUN --startup [--repeats 3]
 
 profiles what an eval worker does before its first episode against a floor worker, phase by phase, in fresh
-interpreters (median of `repeats`, alternating): import torch, import diffusers (the policy's schedulers),
-import robosuite, load the checkpoint, build the environment, one policy call.
+interpreters (median of `repeats`, alternating): import torch, import diffusers (the policy's schedulers), load
+the checkpoint, build the environment (robosuite is imported there), one policy call.
 """
 
 from __future__ import annotations
@@ -65,13 +65,13 @@ def floor(env_args: dict, lengths: dict[int, int], workers: int) -> None:
 _STARTUP_PHASES = {
     "eval": [("import torch", "import torch; torch.set_num_threads(1)"),
              ("import diffusers", "import diffusers.schedulers.scheduling_ddim"),
-             ("import robosuite", "from dopr_robot.envs.robosuite_env import RobosuiteEnv"),
              ("load checkpoint", "from dopr_robot.checkpoint import load_policy; policy, meta = load_policy(CKPT)"),
-             ("build env", "env = RobosuiteEnv(meta['env_args'])"),
+             ("build env (imports robosuite)", "from dopr_robot.envs.robosuite_env import RobosuiteEnv; "
+                                               "env = RobosuiteEnv(meta['env_args'])"),
              ("first policy call", "policy.predict_action(torch.zeros(1, policy.n_obs_steps, meta['obs_dim']), "
                                    "torch.Generator().manual_seed(0))")],
-    "floor": [("import robosuite", "from dopr_robot.envs.robosuite_env import RobosuiteEnv"),
-              ("build env", "import json; env = RobosuiteEnv(json.load(open(CKPT))['env_args'])")],
+    "floor": [("build env (imports robosuite)", "import json; from dopr_robot.envs.robosuite_env import RobosuiteEnv; "
+                                                "env = RobosuiteEnv(json.load(open(CKPT))['env_args'])")],
 }
 
 
