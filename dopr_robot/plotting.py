@@ -314,8 +314,81 @@ def perturbation_curves(groups: list[dict], colors: dict, path: Path) -> Path:
     return save_png(fig, path)
 
 
+def _percent(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def grid_curves(panels: list[dict], colors: dict, path: Path) -> Path:
+    """(e) Held-out success against a numeric setting swept within an optimizer, one panel per setting key
+    (`compare.grid_panels`). Per series (an optimizer, at fixed other settings): pooled success with Wilson 95%
+    bars (dots) and the mean over training seeds (open diamonds), each point labelled with its number of training
+    seeds; a value marked "(config)" is where a group without the setting sits (its runs' config.yaml). Groups
+    without the setting are dashed horizontal lines with their Wilson band, the baseline bolder. The colors are
+    this plot's own (a series spans several groups), not `colors`."""
+    cols = min(len(panels), 2)
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = new_figure(rows, cols, width=6.6, height=4.6)
+    for ax, panel in zip(axes.flat, panels):
+        key, series, lines = panel["key"], panel["series"], panel["lines"]
+        series_labels = set()
+        palette = iter(colormaps["tab10" if len(series) + len(lines) <= 10 else "tab20"].colors)
+        xs = sorted({p["x"] for s in series for p in s["points"]})
+        lo, hi = xs[0], xs[-1]
+        for i, s in enumerate(series):  # side by side at a shared value, so that error bars do not overlap
+            # (a panel has a series with two distinct values: lo < hi, and lo > 0 on a log axis)
+            shift = (i - (len(series) - 1) / 2) * 0.015
+            color = next(palette)
+            pts = s["points"]
+            x = [p["x"] * (hi / lo) ** shift if panel["log_x"] else p["x"] + shift * (hi - lo) for p in pts]
+            y = [p["success_pooled"] for p in pts]
+            err = [[yi - p["success_ci"][0] for yi, p in zip(y, pts)],
+                   [p["success_ci"][1] - yi for yi, p in zip(y, pts)]]
+            fixed = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(s["fixed"].items()))
+            label = s["optim"] + (f" ({fixed})" if fixed else "")
+            series_labels.add(label)
+            ax.errorbar(x, y, yerr=err, color=color, marker="o", markersize=5, capsize=3, linewidth=1.6, label=label)
+            ax.scatter(x, [p["success_mean"] for p in pts], marker="D", s=34, facecolor="none", edgecolor=color,
+                       linewidth=1.1, zorder=3)
+            left = shift < 0  # the seed counts on the outer side of dodged series
+            for xi, yi, p in zip(x, y, pts):
+                ax.annotate(f"n={p['n_seeds']}", (xi, yi), xytext=(-7 if left else 7, 0), textcoords="offset points",
+                            fontsize=7, color=color, va="center", ha="right" if left else "left",
+                            bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none",
+                                  "alpha": 0.8})
+        for j, line in enumerate(lines):
+            color = next(palette)
+            bold = line["baseline"]
+            ax.axhspan(*line["success_ci"], color=color, alpha=0.16 if bold else 0.09, linewidth=0)
+            ax.axhline(line["success_pooled"], color=color, linestyle=("--", "-.", ":")[j % 3],
+                       linewidth=2.4 if bold else 1.2,
+                       label=f"{line['group']}{' (baseline)' if bold else ''}: {_percent(line['success_pooled'])} "
+                             f"[{_percent(line['success_ci'][0])}, {_percent(line['success_ci'][1])}], "
+                             f"n={line['n_seeds']}")
+        if panel["log_x"]:
+            ax.set_xscale("log")
+            ax.set_xlim(lo / (hi / lo) ** 0.12, hi * (hi / lo) ** 0.12)
+        else:
+            pad = 0.08 * (hi - lo)
+            ax.set_xlim(lo - pad, hi + pad)
+        from_config = {p["x"] for s in series for p in s["points"] if p["from"] == "config"}
+        ax.set_xticks(xs, [f"{x:g}" + ("\n(config)" if x in from_config else "") for x in xs])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(key + (" (log scale)" if panel["log_x"] else ""))
+        ax.set_ylabel("success, held-out seeds")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        order = sorted(range(len(labels)), key=lambda i: labels[i] not in series_labels)  # curves first
+        ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=7, loc="best",
+                  title="dot: pooled [Wilson 95%]; diamond: mean over seeds; n: training seeds", title_fontsize=7)
+        ax.set_title(f"success vs {key.rsplit('.', 1)[-1]}", fontsize=10)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    return save_png(fig, path)
+
+
 def compare_plots(groups: list, report: dict[str, Any], out: Path) -> tuple[dict[str, str | None], list[str]]:
-    """Write compare's plots (a)-(d) into `out`; returns ({plot: path or None}, notes on plots left out)."""
+    """Write compare's plots (a)-(e) into `out`; returns ({plot: path or None}, notes on plots left out)."""
     out.mkdir(parents=True, exist_ok=True)
     colors = group_colors([g.name for g in groups])
     plots: dict[str, str | None] = {}
@@ -336,6 +409,8 @@ def compare_plots(groups: list, report: dict[str, Any], out: Path) -> tuple[dict
          "plot (c) left out: no RUN/drift.json (run `dopr-robot diagnose RUN` first)"),
         ("perturbation", perturbed or None, perturbation_curves,
          "plot (d) left out: no perturbed eval reports (eval_<tag>.json with a perturbation)"),
+        ("grid", report.get("grid") or None, grid_curves,
+         "plot (e) left out: no numeric grid setting varies within an optimizer"),
     ]
     for name, data, draw, missing in plans:
         if data is None:

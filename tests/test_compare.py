@@ -319,3 +319,101 @@ def test_sweep_grid_groups_keep_the_sweep_cell_names(tmp_path):
     assert by["dopr_damping-3"]["baseline_group"] == "adam_damping-3"
     assert by["dopr_damping-3"]["diff_vs_baseline"] == pytest.approx(0.5)
     assert by["dopr_damping-0.3"]["settings"] == {"optim.ap.damping": "0.3"} and by["adam_damping-3"]["n_seeds"] == 2
+    [panel] = report["grid"]  # the value texts are numbers; damping means nothing to adam: its groups are lines
+    assert [p["x"] for p in panel["series"][0]["points"]] == [0.3, 3.0]
+    assert [(line["group"], line["baseline"]) for line in panel["lines"]] == [("adam_damping-0.3", True),
+                                                                              ("adam_damping-3", True)]
+
+
+def damping_sweep_and_plain_runs(root):
+    """As the README's damping comparison: a sweep of dopr over optim.ap.damping (cells named by their settings),
+    plus plain dopr and adam runs trained at the config's damping 1.0 (no settings: they only differ in optim)."""
+    cells = []
+    outcomes = {"0.3": ([1] * 6 + [0] * 4, [1] * 6 + [0] * 4),  # 12/20
+                "3": ([1] * 9 + [0] * 1, [1] * 10 + [0] * 10)}  # 19/30 pooled, mean over seeds 0.7
+    for damping, per_seed in outcomes.items():
+        for seed, values in enumerate(per_seed):
+            name = f"dopr_damping-{damping}_s{seed}"
+            write_run(root / "sweep", name, "dopr", seed, values, settings={"optim.ap.damping": float(damping)})
+            cells.append({"name": name, "optim": "dopr", "seed": seed, "settings": {"optim.ap.damping": damping},
+                          "state": "done"})
+    (root / "sweep" / "sweep.json").write_text(json.dumps({"cells": cells}))
+    for seed in range(3):
+        write_run(root / "plain", f"adam_s{seed}", "adam", seed, [1] * 5 + [0] * 5)  # config damping 1.0 too
+        write_run(root / "plain", f"dopr_s{seed}", "dopr", seed, [1] * 4 + [0] * 6)
+    return [root / "sweep", root / "plain"]
+
+
+def test_grid_plot_success_against_a_swept_setting(tmp_path):
+    """Plot (e): the damping curve of dopr includes the plain dopr group at its config value; adam is a line."""
+    report, _ = compare(damping_sweep_and_plain_runs(tmp_path), out=tmp_path / "cmp", n_boot=200)
+    [panel] = report["grid"]
+    assert panel["key"] == "optim.ap.damping" and panel["log_x"] is True  # 0.3 to 3: a decade
+    [dopr] = panel["series"]
+    assert dopr["optim"] == "dopr" and dopr["fixed"] == {}
+    points = dopr["points"]
+    assert [p["x"] for p in points] == [0.3, 1.0, 3.0]
+    assert [p["group"] for p in points] == ["dopr_damping-0.3", "dopr", "dopr_damping-3"]
+    assert [p["from"] for p in points] == ["settings", "config", "settings"]
+    assert [p["n_seeds"] for p in points] == [2, 3, 2]
+    assert [p["success_pooled"] for p in points] == pytest.approx([0.6, 0.4, 19 / 30])
+    assert [p["success_mean"] for p in points] == pytest.approx([0.6, 0.4, 0.7])
+    assert points[2]["success_ci"] == pytest.approx(list(stats.wilson_interval(19, 30)))
+    [adam] = panel["lines"]
+    assert adam["group"] == "adam" and adam["baseline"] is True and adam["n_seeds"] == 3
+    assert adam["success_pooled"] == pytest.approx(0.5)
+    assert adam["success_ci"] == pytest.approx(list(stats.wilson_interval(15, 30)))
+    assert report["plots"]["grid"] == str(tmp_path / "cmp" / "grid.png")
+    assert _png_size(tmp_path / "cmp" / "grid.png")[0] > 500
+    saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert saved["grid"][0]["series"][0]["points"][1]["x"] == 1.0
+    assert not any("plot (e)" in n for n in report["notes"])
+
+
+def test_grid_plot_config_value_must_agree_and_several_keys(tmp_path):
+    paths = damping_sweep_and_plain_runs(tmp_path)
+    sweep = json.loads((paths[0] / "sweep.json").read_text())
+    for seed, damping in ((0, 1.0), (1, 2.0)):  # sweep cells without the setting whose configs disagree on it
+        write_run(paths[0], f"dopr_s{seed}", "dopr", seed, [1, 0], config_extra={"optim.ap.damping": damping})
+        sweep["cells"].append({"name": f"dopr_s{seed}", "optim": "dopr", "seed": seed, "settings": {},
+                               "state": "done"})
+    (paths[0] / "sweep.json").write_text(json.dumps(sweep))
+    report = build_report(discover(paths[:1], [])[0], n_boot=100)
+    assert [p["group"] for p in report["grid"][0]["series"][0]["points"]] == ["dopr_damping-0.3", "dopr_damping-3"]
+    assert any(n.startswith("plot (e), optim.ap.damping: group(s) dopr left off") for n in report["notes"])
+    # the plain dopr runs of another directory split by assign_settings when their configs disagree
+    config = yaml.safe_load((paths[1] / "dopr_s2" / "config.yaml").read_text())
+    config["optim"]["ap"]["damping"] = 2.0
+    (paths[1] / "dopr_s2" / "config.yaml").write_text(yaml.safe_dump(config))
+    report = build_report(discover(paths[1:], [])[0], n_boot=100)
+    points = report["grid"][0]["series"][0]["points"]
+    assert [(p["group"], p["x"], p["from"]) for p in points] == [("dopr_damping-1", 1.0, "settings"),
+                                                                 ("dopr_damping-2", 2.0, "settings")]
+    assert report["grid"][0]["log_x"] is False and [g["group"] for g in report["grid"][0]["lines"]] == ["adam"]
+    # two keys in one grid: one panel per key, one series per value of the other key; muon has one lr only
+    root = tmp_path / "lr_damping"
+    for lr in (1e-4, 1e-3):
+        for damping, k in ((0.5, 3), (5, 6)):
+            write_run(root, f"dopr_{lr}_{damping}", "dopr", 0, [1] * k + [0] * (10 - k),
+                      settings={"optim.lr": lr, "optim.ap.damping": damping})
+        write_run(root, f"adam_{lr}", "adam", 0, [1] * 5 + [0] * 5, settings={"optim.lr": lr})
+    write_run(root, "muon", "muon", 0, [1] * 7 + [0] * 3, settings={"optim.lr": 2e-4})
+    report = build_report(discover([root], [])[0], n_boot=100)
+    by_key = {p["key"]: p for p in report["grid"]}
+    assert sorted(by_key) == ["optim.ap.damping", "optim.lr"]
+    damping = by_key["optim.ap.damping"]
+    assert sorted(s["fixed"]["optim.lr"] for s in damping["series"]) == [1e-4, 1e-3]
+    assert all([p["x"] for p in s["points"]] == [0.5, 5.0] for s in damping["series"])
+    assert sorted(line["group"] for line in damping["lines"]) == ["adam_lr-0.0001", "adam_lr-0.001", "muon_lr-0.0002"]
+    lr = by_key["optim.lr"]
+    assert {(s["optim"], len(s["points"])) for s in lr["series"]} == {("adam", 2), ("dopr", 2), ("muon", 1)}
+    assert lr["lines"] == [] and lr["log_x"] is True
+    compare([root], out=tmp_path / "cmp2", n_boot=100)
+    assert (tmp_path / "cmp2" / "grid.png").is_file()
+
+
+def test_grid_plot_left_out_when_nothing_varies(tmp_path):
+    report, _ = compare([two_optimizer_sweep(tmp_path / "sweep", n_seeds=2)], n_boot=100)
+    assert report["grid"] == [] and report["plots"]["grid"] is None
+    assert "plot (e) left out: no numeric grid setting varies within an optimizer" in report["notes"]
+    assert not (tmp_path / "sweep" / "compare" / "grid.png").exists()

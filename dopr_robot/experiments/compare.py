@@ -10,7 +10,8 @@ Per group, success is the mean over training seeds of each run's held-out succes
 checkpoint); the differences to the baseline group come with a hierarchical bootstrap interval, an exact
 permutation test over training seeds and, when every run played the same episode seeds, an exact paired
 sign-flip test over episode seeds (see `dopr_robot.experiments.stats`). A run without eval.json is listed as
-incomplete and left out of the statistics, never an error.
+incomplete and left out of the statistics, never an error. Where a numeric setting varies within an optimizer,
+`grid` holds success against it (plot (e); see `grid_panels`).
 """
 
 from __future__ import annotations
@@ -409,6 +410,83 @@ def perturbation_curves(group: Group) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+def _number(value: Any) -> float | None:
+    """A finite number from a setting or config value (sweep.json keeps grid values as their texts), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    return float(value) if _finite(value) else None
+
+
+def _config_value(group: Group, key: str) -> float | None:
+    """The number every run of `group` has at `key` in its config.yaml (flattened), or None if they disagree."""
+    values = set()
+    for run in group.runs:
+        x = _number(_flatten(run.config).get(key)) if run.config is not None else None
+        if x is None:
+            return None
+        values.add(x)
+    return values.pop() if len(values) == 1 else None
+
+
+def grid_panels(groups: list[Group], summaries: dict[str, dict], notes: list[str]) -> list[dict[str, Any]]:
+    """Success against each numeric setting key that varies within an optimizer, the data of plot (e).
+
+    Per key, an optimizer's groups are split by their other settings; a part with a group that names the key
+    becomes a series, one point per group at the key's value. A group of that optimizer without the key in its
+    settings (a plain run at the config's value) joins the part of its settings at the value its runs'
+    config.yaml hold, if they all agree (`from`: "config"). A panel needs some series with two or more distinct
+    values. Groups of optimizers without a series whose settings lack the key, or to which it does not apply
+    (AP keys for optimizers without AP), are the panel's horizontal `lines`."""
+    baselines = {s.get("baseline_group") for s in summaries.values()}
+
+    def numbers(g: Group, **extra) -> dict[str, Any]:
+        s = summaries[g.name]
+        return {**extra, "group": g.name, "n_seeds": s["n_seeds"], "success_pooled": s["success_pooled"],
+                "success_ci": s["success_ci"], "success_mean": s["success_mean"], "success_sd": s["success_sd"]}
+
+    keys = sorted({k for g in groups for k, v in g.settings.items() if _applies(g.optim, k) and _number(v) is not None})
+    panels = []
+    for key in keys:
+        series, left_off = [], []
+        for optim in sorted({g.optim for g in groups if _applies(g.optim, key)}):
+            parts: dict[str, dict[str, Any]] = {}
+            unplaced: dict[str, list[str]] = {}
+            for g in (g for g in groups if g.optim == optim):
+                if key in g.settings:
+                    x, source = _number(g.settings[key]), "settings"
+                    fixed = {k: v for k, v in g.settings.items() if k != key}
+                else:
+                    x, source, fixed = _config_value(g, key), "config", g.settings
+                part_key = json.dumps(fixed, sort_keys=True, default=str)
+                if x is None:
+                    unplaced.setdefault(part_key, []).append(g.name)
+                    continue
+                part = parts.setdefault(part_key, {"optim": optim, "fixed": fixed, "points": []})
+                part["points"].append(numbers(g, x=x, **{"from": source}))
+            for part_key, part in parts.items():
+                if any(p["from"] == "settings" for p in part["points"]):
+                    part["points"].sort(key=lambda p: (p["x"], p["group"]))
+                    series.append(part)
+                    left_off += unplaced.get(part_key, [])
+        if not any(len({p["x"] for p in s["points"]}) >= 2 for s in series):
+            continue
+        if left_off:
+            notes.append(f"plot (e), {key}: group(s) {', '.join(left_off)} left off the curve (no single numeric "
+                         f"value of {key}, in their settings or in all their runs' config.yaml)")
+        with_series = {s["optim"] for s in series}
+        lines = [numbers(g, optim=g.optim, baseline=g.name in baselines) for g in groups
+                 if g.optim not in with_series and (key not in g.settings or not _applies(g.optim, key))]
+        xs = [p["x"] for s in series for p in s["points"]]
+        panels.append({"key": key, "log_x": min(xs) > 0 and max(xs) >= 10 * min(xs), "series": series,
+                       "lines": lines})
+    return panels
+
+
 def select_best_config(groups: list[Group], summaries: dict[str, dict]) -> dict[str, Group]:
     """Per optimizer, the grid point with the highest mean in-training success on the selection seeds (mean over
     training seeds of each run's last-N in-training evaluations); ties go to the first name in sorted order."""
@@ -466,6 +544,7 @@ def build_report(runs: list[Run], baseline: str | None = None, select: str = "sa
                 entry.update(difference(base, g, n_boot, seed))
 
     add_diffs(summaries, groups, mapping)
+    grid = grid_panels(groups, summaries, notes)
     report: dict[str, Any] = {
         "baseline": baseline, "select": select,
         "groups": [summaries[g.name] for g in groups],
@@ -478,6 +557,7 @@ def build_report(runs: list[Run], baseline: str | None = None, select: str = "sa
                                        "statistic": "difference of mean per-seed success, two-sided"},
                        "paired": "exact sign-flip over episode seeds (McNemar for one run per group)",
                        "success_sd": "sample standard deviation over training seeds (ddof 1)"},
+        "grid": grid,
         "notes": notes,
     }
     if select == "best-config":
