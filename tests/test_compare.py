@@ -143,7 +143,14 @@ def test_suspicious_reports_are_warned_about(tmp_path):
     (run / "eval.json").write_text(json.dumps(report))
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "best.json").write_text("{}")
-    _, warnings = compare([root], n_boot=50)
+    cut = write_run(tmp_path / "spare", "adam_s0", "adam", 0, [1, 0],
+                    perturbed=[("an1", "action_noise", 0.1, [1, 0, 0])]) / "eval_an1.json"
+    bad = json.loads(cut.read_text())
+    bad["per_episode"] = bad["per_episode"][:2]  # a perturbed report whose episodes do not add up
+    (run / "eval_an1.json").write_text(json.dumps(bad))
+    report, warnings = compare([root], n_boot=50)
+    assert any("eval_an1.json: per_episode is not one" in w and "ignored" in w for w in warnings)
+    assert "perturbation" not in report["groups"][0]
     assert any("perturbed report" in w for w in warnings)
     assert any("1 episode(s) failed to run" in w for w in warnings)
     assert any("--checkpoint best" in w for w in warnings)
@@ -233,6 +240,81 @@ def test_perturbation_and_drift_plots(tmp_path):
     assert list(dopr["perturbation"]) == ["action_noise", "push (magnitude 2)"]
     for plot in ("drift", "perturbation"):
         assert (tmp_path / "cmp" / f"{plot}.png").is_file() and report["plots"][plot]
+
+
+def test_perturbation_differences_per_level(tmp_path):
+    """Each perturbation level of a group is compared with the baseline group's runs at the same kind and level,
+    exactly as the unperturbed eval: level 0 repeats the main numbers; a level only dopr played has none."""
+    root = tmp_path / "runs"
+    for optim, k0, k1 in (("adam", 5, 4), ("dopr", 8, 7)):
+        for seed in range(3):
+            perturbed = [("an1", "action_noise", 0.1, [1] * k1 + [0] * (10 - k1)),
+                         ("push", "push", 0.5, [1] * (k0 - 3) + [0] * (13 - k0))]
+            if optim == "dopr":
+                perturbed.append(("an3", "action_noise", 0.3, [1] * 2 + [0] * 8))  # no adam run at 0.3
+            write_run(root, f"{optim}_s{seed}", optim, seed, [1] * k0 + [0] * (10 - k0), perturbed=perturbed)
+    # another eval of adam_s0 at 0.1 under a later tag: one report per run and level (the first by file name)
+    write_run(tmp_path / "spare", "adam_s0", "adam", 0, [1] * 5 + [0] * 5,
+              perturbed=[("zz", "action_noise", 0.1, [1] * 10)])
+    (tmp_path / "spare" / "adam_s0" / "eval_zz.json").rename(root / "adam_s0" / "eval_zz.json")
+    report, _ = compare([root], out=tmp_path / "cmp", n_boot=500)
+    adam, dopr = report["groups"]
+    assert adam["baseline_group"] == "adam" and "diff_vs_baseline" not in adam["perturbation"]["action_noise"][0]
+    assert [r["success_pooled"] for r in adam["perturbation"]["action_noise"]] == pytest.approx([0.5, 0.4])
+    assert any("adam_s0: several eval_<tag>.json at action_noise 0.1" in n for n in report["notes"])
+    rows = {r["level"]: r for r in dopr["perturbation"]["action_noise"]}
+    assert sorted(rows) == [0.0, 0.1, 0.3]
+    zero = rows[0.0]  # level 0 is eval.json: the group's main difference, bootstrap interval included
+    for key in ("diff_vs_baseline", "diff_ci", "p_permutation", "p_paired", "paired", "permutation"):
+        assert zero[key] == dopr[key], key
+    assert zero["diff_vs_baseline"] == pytest.approx(0.3) and zero["note"] is None
+    at = rows[0.1]  # adam 4/10, dopr 7/10 in every seed
+    assert at["baseline_group"] == "adam" and at["n_seeds"] == 3 and at["note"] is None
+    assert at["diff_vs_baseline"] == pytest.approx(0.3)
+    assert at["diff_ci"][0] < 0.3 < at["diff_ci"][1]
+    # 3 vs 3 seeds with identical rates within each group: perfectly separated, 2 of C(6, 3) = 20 splits
+    assert at["p_permutation"] == pytest.approx(2 / 20) and at["permutation"]["method"] == "exact"
+    # shared episode seeds: both succeed on the first 4, only dopr on the next 3 -> p = 2 / 2^3
+    assert at["p_paired"] == pytest.approx(2 / 8) and at["paired"]["n_discordant"] == 3
+    expected = stats.hierarchical_bootstrap_diff([[1] * 4 + [0] * 6] * 3, [[1] * 7 + [0] * 3] * 3, n_boot=500)
+    assert at["diff_ci"] == pytest.approx(expected["ci"])
+    only = rows[0.3]
+    assert only["success_pooled"] == pytest.approx(0.2)
+    assert all(only[k] is None for k in ("diff_vs_baseline", "diff_ci", "p_permutation", "p_paired", "paired"))
+    assert only["note"] == "baseline group adam has no runs at action_noise 0.3"
+    push = {r["level"]: r for r in dopr["perturbation"]["push (magnitude 2)"]}
+    assert push[0.5]["diff_vs_baseline"] == pytest.approx(0.3) and push[0.0]["p_permutation"] == dopr["p_permutation"]
+    saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert saved["groups"][1]["perturbation"]["action_noise"][1]["p_permutation"] == pytest.approx(0.1)
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert md.index("## Same configuration") < md.index("## Success under perturbation") < md.index("### action_noise")
+    section = md[md.index("### action_noise"):md.index("### push")]
+    header, rule, *lines = section.strip().splitlines()[2:]
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "level", "adam [Wilson 95%]", "dopr [Wilson 95%]", "dopr vs adam [95% CI]", "p perm", "p paired"]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert [c[0] for c in cells] == ["0", "0.1", "0.3"]
+    assert cells[1][1].startswith("40.0% [") and cells[1][3].startswith("+30.0 pp [")
+    assert cells[1][4:] == ["0.100", "0.250"]
+    assert cells[2][1] == "-" and cells[2][3:] == ["no baseline runs", "-", "-"]
+
+
+def test_perturbation_differences_follow_the_best_config_baseline(tmp_path):
+    """best-config rows are compared with the selected baseline, and a group without one has no differences."""
+    root = tmp_path / "runs"
+    for name, optim, damping, k, sel in (("adam", "adam", None, 4, 0.5), ("dopr_a", "dopr", 0.3, 8, 0.9),
+                                         ("dopr_b", "dopr", 3, 6, 0.2)):
+        settings = {} if damping is None else {"optim.ap.damping": damping}
+        write_run(root, name, optim, 0, [1] * k + [0] * (10 - k), settings=settings, success_curve=(sel,),
+                  perturbed=[("an1", "action_noise", 0.1, [1] * (k - 1) + [0] * (11 - k))])
+    report = build_report(discover([root], [])[0], select="best-config", baseline="dopr_damping-3", n_boot=100)
+    same = {g["name"]: g for g in report["groups"]}
+    assert same["dopr_damping-0.3"]["perturbation"]["action_noise"][1]["diff_vs_baseline"] == pytest.approx(0.2)
+    best = {g["name"]: g for g in report["best_config"]["groups"]}
+    assert set(best) == {"adam", "dopr_damping-0.3"}  # the named baseline was not selected: no differences
+    assert best["adam"]["diff_vs_baseline"] is None and best["adam"]["paired"] is None
+    assert "diff_vs_baseline" not in best["adam"]["perturbation"]["action_noise"][1]
+    assert same["adam"]["perturbation"]["action_noise"][1]["diff_vs_baseline"] == pytest.approx(-0.2)
 
 
 def test_bad_inputs_are_user_errors(tmp_path):

@@ -9,8 +9,10 @@ and the `eval` section excluded; `optim.ap.*` dropped for optimizers without AP)
 Per group, success is the mean over training seeds of each run's held-out success rate (eval.json, the final
 checkpoint); the differences to the baseline group come with a hierarchical bootstrap interval, an exact
 permutation test over training seeds and, when every run played the same episode seeds, an exact paired
-sign-flip test over episode seeds (see `dopr_robot.experiments.stats`). A run without eval.json is listed as
-incomplete and left out of the statistics, never an error. Where a numeric setting varies within an optimizer,
+sign-flip test over episode seeds (see `dopr_robot.experiments.stats`). Perturbed reports (eval_<tag>.json) give
+success per perturbation kind and level, each level compared with the baseline group's runs at the same kind and
+level by the same `difference` (level 0 is eval.json). A run without eval.json is listed as incomplete and left
+out of the statistics, never an error. Where a numeric setting varies within an optimizer,
 `grid` holds success against it (plot (e); see `grid_panels`).
 """
 
@@ -67,15 +69,11 @@ class Run:
     @property
     def outcomes(self) -> list[float]:
         """Per-episode successes of the final held-out report, in episode-seed order."""
-        per_episode = self.eval.get("per_episode")
-        if per_episode:
-            return [float(bool(e["success"])) for e in per_episode]
-        return [1.0] * int(self.eval["successes"]) + [0.0] * (int(self.eval["episodes"]) - int(self.eval["successes"]))
+        return report_outcomes(self.eval)
 
     @property
     def episode_seeds(self) -> list[int] | None:
-        per_episode = self.eval.get("per_episode")
-        return [int(e["seed"]) for e in per_episode] if per_episode else None
+        return report_episode_seeds(self.eval)
 
     def val_losses(self) -> list[float]:
         return [r["val_loss"] for r in self.metrics if _finite(r.get("val_loss"))]
@@ -86,6 +84,28 @@ class Run:
 
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def report_successes(report: dict) -> int:
+    """Successful episodes of an eval report (its count, else its rate times its episodes)."""
+    if isinstance(report.get("successes"), int):
+        return int(report["successes"])
+    return round(report["success_rate"] * report["episodes"])
+
+
+def report_outcomes(report: dict) -> list[float]:
+    """Per-episode successes (1.0 / 0.0) of an eval report (eval.json or eval_<tag>.json), in episode-seed order;
+    a report without `per_episode` (older) gives its count of successes first."""
+    per_episode = report.get("per_episode")
+    if per_episode:
+        return [float(bool(e["success"])) for e in per_episode]
+    k = report_successes(report)
+    return [1.0] * k + [0.0] * (int(report["episodes"]) - k)
+
+
+def report_episode_seeds(report: dict) -> list[int] | None:
+    per_episode = report.get("per_episode")
+    return [int(e["seed"]) for e in per_episode] if per_episode else None
 
 
 # ---------------------------------------------------------------- reading run directories
@@ -118,6 +138,17 @@ def _is_perturbed(report: dict) -> bool:
     return any(p.get(k, 0.0) != 0.0 for k in PERTURBATION_KINDS)
 
 
+def _report_problem(report: dict) -> str | None:
+    """Why an eval report cannot be used (None if it can): a success rate, episodes and, when it lists them, one
+    {seed, success} record per episode."""
+    if not _finite(report.get("success_rate")) or not isinstance(report.get("episodes"), int) \
+            or report["episodes"] < 1:
+        return "lacks success_rate/episodes"
+    if not _valid_per_episode(report):
+        return "per_episode is not one {seed, success} record per episode"
+    return None
+
+
 def _valid_per_episode(report: dict) -> bool:
     per_episode = report.get("per_episode")
     if per_episode is None:
@@ -147,7 +178,12 @@ def load_run(path: Path, warnings: list[str], name: str | None = None) -> Run:
         if stem == "eval_best" or ARCHIVED_REPORT.search(stem):
             continue
         report = _read_json(report_path, warnings)
-        if report is not None and _is_perturbed(report):
+        if report is None or not _is_perturbed(report):
+            continue
+        problem = _report_problem(report)
+        if problem:
+            warnings.append(f"{report_path}: {problem}; ignored")
+        else:
             run.perturbed.append(report)
     run.metrics = read_metrics(path / "metrics.jsonl", warnings)
     run.drift = _read_json(path / "drift.json", warnings)
@@ -157,12 +193,9 @@ def load_run(path: Path, warnings: list[str], name: str | None = None) -> Run:
     if run.eval is not None:
         run.optim = run.optim or run.eval.get("optim")
         run.seed = run.seed if run.seed is not None else run.eval.get("train_seed")
-        if not _finite(run.eval.get("success_rate")) or not isinstance(run.eval.get("episodes"), int) \
-                or run.eval["episodes"] < 1:
-            run.problems.append("eval.json lacks success_rate/episodes")
-            run.eval = None
-        elif not _valid_per_episode(run.eval):
-            run.problems.append("eval.json per_episode is not one {seed, success} record per episode")
+        problem = _report_problem(run.eval)
+        if problem:
+            run.problems.append(f"eval.json {problem}")
             run.eval = None
     else:
         run.problems.append("no eval.json (not evaluated yet)")
@@ -283,6 +316,27 @@ class Group:
     def rates(self) -> list[float]:
         return [float(r.eval["success_rate"]) for r in self.runs]
 
+    def sample(self) -> Sample:
+        """The group's unperturbed held-out results: each run's eval.json."""
+        return Sample(self.name, [r.eval for r in self.runs])
+
+
+@dataclass
+class Sample:
+    """What `difference` compares: one eval report per run of a group under one condition (eval.json, or the
+    eval_<tag>.json of one perturbation kind and level), in the group's run order."""
+    name: str  # the group's
+    reports: list[dict[str, Any]]
+
+    def outcomes(self) -> list[list[float]]:
+        return [report_outcomes(r) for r in self.reports]
+
+    def rates(self) -> list[float]:
+        return [float(r["success_rate"]) for r in self.reports]
+
+    def episode_seeds(self) -> list[list[int] | None]:
+        return [report_episode_seeds(r) for r in self.reports]
+
 
 def make_groups(runs: list[Run]) -> list[Group]:
     groups: dict[str, Group] = {}
@@ -301,8 +355,7 @@ def summarize(group: Group, last_n: int) -> dict[str, Any]:
     """The numbers of one group over its training seeds (mean +- sample sd) and pooled over episodes."""
     rates = group.rates()
     success_mean, success_sd = stats.mean_sd(rates)
-    successes = sum(int(r.eval["successes"]) if isinstance(r.eval.get("successes"), int)
-                    else round(r.eval["success_rate"] * r.eval["episodes"]) for r in group.runs)
+    successes = sum(report_successes(r.eval) for r in group.runs)
     episodes = sum(int(r.eval["episodes"]) for r in group.runs)
     lo, hi = stats.wilson_interval(successes, episodes)
     best_rates = [float(r.eval_best["success_rate"]) for r in group.runs
@@ -332,22 +385,23 @@ def summarize(group: Group, last_n: int) -> dict[str, Any]:
     }
 
 
-def difference(baseline: Group, group: Group, n_boot: int, seed: int) -> dict[str, Any]:
-    """diff of mean success vs the baseline, its bootstrap interval, and both tests."""
-    boot = stats.hierarchical_bootstrap_diff([r.outcomes for r in baseline.runs], [r.outcomes for r in group.runs],
-                                             n_boot=n_boot, seed=seed)
+def difference(baseline: Sample, group: Sample, n_boot: int, seed: int) -> dict[str, Any]:
+    """diff of mean success vs the baseline, its bootstrap interval, and both tests (for the unperturbed eval and
+    for each perturbation level alike)."""
+    base_outcomes, group_outcomes = baseline.outcomes(), group.outcomes()
+    boot = stats.hierarchical_bootstrap_diff(base_outcomes, group_outcomes, n_boot=n_boot, seed=seed)
     perm = stats.permutation_test(baseline.rates(), group.rates(), seed=seed)
     out: dict[str, Any] = {"baseline_group": baseline.name, "diff_vs_baseline": boot["diff"], "diff_ci": boot["ci"],
                            "p_permutation": perm["p"], "permutation": {k: perm[k] for k in
                                                                        ("method", "n_permutations", "seed")},
                            "p_paired": None, "paired": None}
-    seeds = [r.episode_seeds for r in baseline.runs + group.runs]
+    seeds = baseline.episode_seeds() + group.episode_seeds()
     if any(s is None for s in seeds):
         out["paired"] = {"skipped": "a report has no per-episode results"}
     elif any(s != seeds[0] for s in seeds):
         out["paired"] = {"skipped": "runs played different episode seeds"}
     else:
-        paired = stats.paired_episode_test([r.outcomes for r in baseline.runs], [r.outcomes for r in group.runs])
+        paired = stats.paired_episode_test(base_outcomes, group_outcomes)
         out["p_paired"] = paired["p"]
         out["paired"] = {k: paired[k] for k in ("n_episodes", "n_discordant", "mean_diff", "method")}
     return out
@@ -378,10 +432,16 @@ def baseline_map(groups: list[Group], baseline: str) -> dict[str, Group]:
     return mapping
 
 
-def perturbation_curves(group: Group) -> dict[str, list[dict[str, Any]]]:
-    """Success against perturbation level per kind; level 0 is the unperturbed eval.json of the same runs."""
-    cells: dict[str, dict[float, list[tuple[int, int, float]]]] = {}
+Levels = dict[str, dict[float, list[dict[str, Any]]]]  # kind -> level -> one report per run, in run order
+
+
+def perturbation_levels(group: Group, notes: list[str]) -> Levels:
+    """The group's reports per perturbation kind and level: its runs' eval_<tag>.json of the final checkpoint with
+    one active perturbation (a push kind names its magnitude), and level 0, the unperturbed eval.json of the same
+    runs. One report per run and level: when a run has several, the first by file name, with a note."""
+    cells: Levels = {}
     for run in group.runs:
+        taken: set[tuple[str, float]] = set()
         for report in run.perturbed:
             if report.get("checkpoint_name", "final") != run.eval.get("checkpoint_name", "final"):
                 continue  # curves are of the final checkpoint, like eval.json's level 0
@@ -389,24 +449,54 @@ def perturbation_curves(group: Group) -> dict[str, list[dict[str, Any]]]:
             active = [k for k in PERTURBATION_KINDS if p.get(k, 0.0) != 0.0]
             if len(active) != 1:
                 continue  # combined perturbations have no single level axis
-            kind = active[0]
+            kind, level = active[0], p[active[0]]
             if kind == "push":
                 kind = f"push (magnitude {p.get('push_magnitude', 0.0):g})"
-            cells.setdefault(kind, {}).setdefault(p[active[0]], []).append(
-                (int(report.get("successes", 0)), int(report.get("episodes", 0)), float(report["success_rate"])))
+            if (kind, level) in taken:
+                notes.append(f"run {run.dir}: several eval_<tag>.json at {kind} {level:g}; the first by file name "
+                             f"is used")
+                continue
+            taken.add((kind, level))
+            cells.setdefault(kind, {}).setdefault(level, []).append(report)
+    zero = [r.eval for r in group.runs if not _is_perturbed(r.eval)]
+    return {kind: {0.0: zero, **levels} if zero else levels for kind, levels in sorted(cells.items())}
+
+
+def perturbation_curves(levels: Levels) -> dict[str, list[dict[str, Any]]]:
+    """Success against perturbation level per kind (pooled with a Wilson interval, and mean ± sd over runs)."""
     out = {}
-    for kind, levels in sorted(cells.items()):
-        zero = [(int(r.eval.get("successes", 0)), int(r.eval["episodes"]), float(r.eval["success_rate"]))
-                for r in group.runs if not _is_perturbed(r.eval)]
-        levels = {0.0: zero, **levels} if zero else levels
+    for kind, by_level in levels.items():
         rows = []
-        for level in sorted(levels):
-            items = levels[level]
-            s, n = sum(i[0] for i in items), sum(i[1] for i in items)
-            mean, sd = stats.mean_sd([i[2] for i in items])
-            rows.append({"level": level, "n_seeds": len(items), "success_mean": mean, "success_sd": sd,
+        for level in sorted(by_level):
+            reports = by_level[level]
+            s, n = sum(report_successes(r) for r in reports), sum(int(r["episodes"]) for r in reports)
+            mean, sd = stats.mean_sd([float(r["success_rate"]) for r in reports])
+            rows.append({"level": level, "n_seeds": len(reports), "success_mean": mean, "success_sd": sd,
                          "success_pooled": s / n if n else None, "success_ci": list(stats.wilson_interval(s, n))})
         out[kind] = rows
+    return out
+
+
+def perturbation_differences(name: str, curves: dict[str, list[dict[str, Any]]], levels: Levels,
+                             base_name: str, base_levels: Levels, n_boot: int,
+                             seed: int) -> dict[str, list[dict[str, Any]]]:
+    """The curves' rows (copies) with the difference to the baseline group at the same kind and level: the group's
+    reports at that level against the baseline's, by `difference` (level 0 gives the group's main numbers). A level
+    the baseline has no report at gets None and a `note`."""
+    out = {}
+    for kind, rows in curves.items():
+        out[kind] = []
+        for row in rows:
+            base_reports = base_levels.get(kind, {}).get(row["level"])
+            if base_reports:
+                diff = difference(Sample(base_name, base_reports), Sample(name, levels[kind][row["level"]]),
+                                  n_boot, seed)
+                note = None
+            else:
+                diff = {"baseline_group": base_name, "diff_vs_baseline": None, "diff_ci": None,
+                        "p_permutation": None, "permutation": None, "p_paired": None, "paired": None}
+                note = f"baseline group {base_name} has no runs at {kind} {row['level']:g}"
+            out[kind].append({**row, **diff, "note": note})
     return out
 
 
@@ -522,9 +612,11 @@ def build_report(runs: list[Run], baseline: str | None = None, select: str = "sa
         seeds = [r.seed for r in g.runs]
         if len(set(seeds)) != len(seeds):
             notes.append(f"group {g.name}: duplicate training seeds {seeds}")
-        curves = perturbation_curves(g)
-        if curves:
-            summaries[g.name]["perturbation"] = curves
+    levels = {g.name: perturbation_levels(g, notes) for g in groups}
+    curves = {g.name: perturbation_curves(levels[g.name]) for g in groups}
+    for g in groups:
+        if curves[g.name]:
+            summaries[g.name]["perturbation"] = curves[g.name]
     explicit = baseline is not None
     baseline = baseline or "adam"
     mapping = baseline_map(groups, baseline)
@@ -539,9 +631,15 @@ def build_report(runs: list[Run], baseline: str | None = None, select: str = "sa
             base = base_of.get(g.name)
             entry = entries[g.name]
             entry.update({"baseline_group": base.name if base else None, "diff_vs_baseline": None,
-                          "diff_ci": None, "p_permutation": None, "p_paired": None})
+                          "diff_ci": None, "p_permutation": None, "permutation": None, "p_paired": None,
+                          "paired": None})
+            if curves[g.name]:
+                entry["perturbation"] = curves[g.name]  # without differences (a best-config copy may have some)
             if base is not None and base is not g:
-                entry.update(difference(base, g, n_boot, seed))
+                entry.update(difference(base.sample(), g.sample(), n_boot, seed))
+                if curves[g.name]:
+                    entry["perturbation"] = perturbation_differences(g.name, curves[g.name], levels[g.name],
+                                                                     base.name, levels[base.name], n_boot, seed)
 
     add_diffs(summaries, groups, mapping)
     grid = grid_panels(groups, summaries, notes)
@@ -596,26 +694,70 @@ def _p(p: float | None) -> str:
     return "-" if p is None else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
 
 
+def _aligned(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table with padded columns, so it reads in a terminal too."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def _diff(e: dict[str, Any]) -> str:
+    if e.get("diff_vs_baseline") is None:
+        return "-"
+    lo, hi = e["diff_ci"]
+    return f"{100 * e['diff_vs_baseline']:+.1f} pp [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
+def _pooled(e: dict[str, Any]) -> str:
+    lo, hi = e["success_ci"]
+    return f"{_pct(e['success_pooled'])} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def _has_baseline(e: dict[str, Any]) -> bool:
+    return e.get("baseline_group") not in (None, e["name"])
+
+
 def table(entries: list[dict[str, Any]], last_n: int) -> str:
     """A markdown table (aligned, so it reads in a terminal too)."""
     header = ["group", "seeds", "val loss (final)", "val loss (best)", "success final", "pooled [Wilson 95%]",
               "success best ckpt", f"in-train last {last_n}", "diff vs baseline [95% CI]", "p perm", "p paired"]
     rows = []
     for e in entries:
-        diff = "baseline" if e.get("baseline_group") == e["name"] else (
-            "-" if e.get("diff_vs_baseline") is None else
-            f"{100 * e['diff_vs_baseline']:+.1f} pp [{100 * e['diff_ci'][0]:+.1f}, {100 * e['diff_ci'][1]:+.1f}]")
-        lo, hi = e["success_ci"]
+        diff = "baseline" if e.get("baseline_group") == e["name"] else _diff(e)
         rows.append([e["name"], str(e["n_seeds"]), _pm(e["val_loss_mean"], e["val_loss_sd"], pct=False),
                      "-" if e["val_loss_best_mean"] is None else f"{e['val_loss_best_mean']:.4g}",
-                     _pm(e["success_mean"], e["success_sd"]),
-                     f"{_pct(e['success_pooled'])} [{100 * lo:.1f}, {100 * hi:.1f}]",
+                     _pm(e["success_mean"], e["success_sd"]), _pooled(e),
                      _pm(e["best_success_mean"], e["best_success_sd"]),
                      _pm(e["intrain_last_mean"], e["intrain_last_sd"]), diff,
                      _p(e.get("p_permutation")), _p(e.get("p_paired"))])
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+    return _aligned(header, rows)
+
+
+def perturbation_tables(entries: list[dict[str, Any]]) -> list[str]:
+    """Per perturbation kind, a markdown table: one row per level; per group its pooled success [Wilson 95%] and,
+    for a group with a baseline, its difference to it at that level with both p-values."""
+    kinds = sorted({k for e in entries for k in e.get("perturbation") or {}})
+    parts: list[str] = []
+    for kind in kinds:
+        present = [e for e in entries if (e.get("perturbation") or {}).get(kind)]
+        by_level = [{r["level"]: r for r in e["perturbation"][kind]} for e in present]
+        header = ["level"]
+        for e in present:
+            header.append(f"{e['name']} [Wilson 95%]")
+            if _has_baseline(e):
+                header += [f"{e['name']} vs {e['baseline_group']} [95% CI]", "p perm", "p paired"]
+        rows = []
+        for level in sorted({lv for rows_of in by_level for lv in rows_of}):
+            cells = [f"{level:g}"]
+            for e, rows_of in zip(present, by_level):
+                r = rows_of.get(level)
+                cells.append("-" if r is None else _pooled(r))
+                if _has_baseline(e):
+                    diff = "-" if r is None else ("no baseline runs" if r.get("note") else _diff(r))
+                    cells += [diff, _p(r and r.get("p_permutation")), _p(r and r.get("p_paired"))]
+            rows.append(cells)
+        parts += ["", f"### {kind}", "", _aligned(header, rows)]
+    return parts
 
 
 def format_markdown(report: dict[str, Any]) -> str:
@@ -627,17 +769,15 @@ def format_markdown(report: dict[str, Any]) -> str:
              f"{report['statistics']['bootstrap']['seed']}); p perm: permutation test over training seeds; "
              "p paired: sign-flip test over shared episode seeds.", "",
              "## Same configuration", "", table(report["groups"], last_n)]
+    if any(g.get("perturbation") for g in report["groups"]):
+        parts += ["", "## Success under perturbation", "",
+                  "Per perturbation level (eval_<tag>.json of the final checkpoint; level 0 is eval.json): pooled "
+                  "success [Wilson 95%], and the difference to the baseline group's runs at the same kind and level "
+                  "with the same bootstrap interval and tests as above (level 0 repeats the main difference)."]
+        parts += perturbation_tables(report["groups"])
     if "best_config" in report:
         parts += ["", "## Best configuration per optimizer", "", report["best_config"]["criterion"] + ".", "",
                   table(report["best_config"]["groups"], last_n)]
-    perturbed = [g for g in report["groups"] if g.get("perturbation")]
-    if perturbed:
-        parts += ["", "## Success under perturbation (pooled [Wilson 95%])", ""]
-        for g in perturbed:
-            for kind, rows in g["perturbation"].items():
-                cells = ", ".join(f"{r['level']:g}: {_pct(r['success_pooled'])} [{100 * r['success_ci'][0]:.0f}, "
-                                  f"{100 * r['success_ci'][1]:.0f}]" for r in rows)
-                parts.append(f"- {g['name']}, {kind}: {cells}")
     if report["incomplete"]:
         parts += ["", "## Incomplete runs (left out)", ""]
         parts += [f"- {i['run']}: {i['reason']}" for i in report["incomplete"]]
