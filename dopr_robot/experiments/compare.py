@@ -66,15 +66,6 @@ class Run:
     def complete(self) -> bool:
         return not self.problems
 
-    @property
-    def outcomes(self) -> list[float]:
-        """Per-episode successes of the final held-out report, in episode-seed order."""
-        return report_outcomes(self.eval)
-
-    @property
-    def episode_seeds(self) -> list[int] | None:
-        return report_episode_seeds(self.eval)
-
     def val_losses(self) -> list[float]:
         return [r["val_loss"] for r in self.metrics if _finite(r.get("val_loss"))]
 
@@ -313,9 +304,6 @@ class Group:
     settings: dict[str, Any]
     runs: list[Run]  # complete runs only
 
-    def rates(self) -> list[float]:
-        return [float(r.eval["success_rate"]) for r in self.runs]
-
     def sample(self) -> Sample:
         """The group's unperturbed held-out results: each run's eval.json."""
         return Sample(self.name, [r.eval for r in self.runs])
@@ -353,7 +341,7 @@ def make_groups(runs: list[Run]) -> list[Group]:
 
 def summarize(group: Group, last_n: int) -> dict[str, Any]:
     """The numbers of one group over its training seeds (mean +- sample sd) and pooled over episodes."""
-    rates = group.rates()
+    rates = group.sample().rates()
     success_mean, success_sd = stats.mean_sd(rates)
     successes = sum(report_successes(r.eval) for r in group.runs)
     episodes = sum(int(r.eval["episodes"]) for r in group.runs)
