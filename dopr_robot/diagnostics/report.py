@@ -24,6 +24,7 @@ from dopr_robot.diagnostics.drift import demo_band, departure_step, drift_curve,
 from dopr_robot.diagnostics.openloop import open_loop_chunk_mse
 from dopr_robot.diagnostics.shift import DEFAULT_RIDGE, distribution_shift
 from dopr_robot.errors import UserError
+from dopr_robot.evaluation.evaluate import ROLLOUTS_SUFFIX
 from dopr_robot.fileio import write_json
 from dopr_robot.provenance import provenance
 from dopr_robot.rundir import check_writable_dir, resolve_checkpoint
@@ -173,8 +174,8 @@ def _read_rollouts(path: Path, names: list[str], obs_keys: list[str], obs_dim: i
 def _closed_loop_success(rollouts: Path, success: list[bool]) -> tuple[float, str]:
     """The eval report written with these rollouts (<stem>_rollouts.hdf5 -> <stem>.json), else the rollouts'
     own success attributes (the same episodes, so the same number)."""
-    stem = rollouts.stem[: -len("_rollouts")] if rollouts.stem.endswith("_rollouts") else None
-    report = rollouts.with_name(f"{stem}.json") if stem else None
+    report = rollouts.with_name(rollouts.name[: -len(ROLLOUTS_SUFFIX)] + ".json") \
+        if rollouts.name.endswith(ROLLOUTS_SUFFIX) and rollouts.name != ROLLOUTS_SUFFIX else None
     if report is not None and report.is_file():
         try:
             return float(json.loads(report.read_text())["success_rate"]), str(report)

@@ -30,7 +30,8 @@ from typing import Any
 
 from dopr_robot.envs.render import RenderSpec
 from dopr_robot.errors import UserError
-from dopr_robot.evaluation.journal import Journal, check_resumable, journal_path, read_journal
+from dopr_robot.evaluation.journal import (JOURNAL_SUFFIX, Journal, check_resumable, journal_path, read_journal,
+                                           report_of_journal)
 from dopr_robot.evaluation.perturb import Perturbation
 from dopr_robot.evaluation.pool import EpisodeSettings, EvalPool, Outcome
 from dopr_robot.evaluation.video import VideoPlan, videos_dir_for
@@ -70,6 +71,14 @@ def _run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
+ROLLOUTS_SUFFIX = "_rollouts.hdf5"
+
+
+def rollouts_path(report: Path) -> Path:
+    """Where `--save-trajectories` stores a report's episodes (robomimic layout): <report stem>_rollouts.hdf5."""
+    return report.with_name(report.stem + ROLLOUTS_SUFFIX)
+
+
 def default_report_path(checkpoint: Path, tag: str | None = None) -> Path:
     """RUN/eval.json for `final`, RUN/eval_<name>.json for another checkpoint, RUN/eval_<tag>.json with a tag."""
     name = tag or (None if checkpoint.stem == "final" else checkpoint.stem)
@@ -99,17 +108,15 @@ def check_report_path(out: Path) -> None:
 # the report it replaces is archived alone (its videos are in the directory the resume continued).
 # The report's `videos[].path` are relative to the report's directory, so an archived report would point into
 # the new evaluation's videos directory; they are rewritten to the archived directory, and its `trajectories`
-# to the archived rollouts file. The rewritten report is
-# computed (and so validated) before anything moves, written atomically under its archived name with the
-# original's modification time and mode, and only then is the original removed. A report that is not JSON, or
-# has no `videos`, is renamed as it is.
+# to the archived rollouts file. The rewritten report is computed (and so validated) before anything moves,
+# written atomically under its archived name with the original's modification time and mode, and only then is
+# the original removed. A report that is not JSON, or names neither moved member, is renamed as it is.
 def archive_report(report: Path, *, with_journal_and_videos: bool = True) -> Path | None:
     """Rename an earlier report (with its journal and videos directory, unless told not to) aside under one
     free `-<stamp>` suffix; returns the archived report's path (None if there was no report)."""
     from dopr_robot.fileio import atomic_path
 
-    journal, videos = journal_path(report), videos_dir_for(report)
-    rollouts = report.with_name(report.stem + "_rollouts.hdf5")
+    journal, videos, rollouts = journal_path(report), videos_dir_for(report), rollouts_path(report)
     moving = [report, journal, videos, rollouts] if with_journal_and_videos else [report]
     present = [p for p in moving if p.exists()]
     if not present:
@@ -118,14 +125,16 @@ def archive_report(report: Path, *, with_journal_and_videos: bool = True) -> Pat
     for n in range(1000):
         suffix = f"-{stamp}{'-' + str(n) if n else ''}"
         target = {report: _suffixed(report, suffix, ".json"),
-                  journal: _suffixed(journal, suffix, "_episodes.jsonl"), videos: _suffixed(videos, suffix, ""),
-                  rollouts: _suffixed(rollouts, suffix, "_rollouts.hdf5")}
+                  journal: _suffixed(journal, suffix, JOURNAL_SUFFIX), videos: _suffixed(videos, suffix, ""),
+                  rollouts: _suffixed(rollouts, suffix, ROLLOUTS_SUFFIX)}
         if not any(os.path.lexists(t) for t in target.values()):  # every member free: the names pair up
             break
     else:
         raise UserError(f"cannot archive {report}: too many archived copies")
-    moved = {p: target[p] for p in (videos, rollouts) if p in present}
-    rewritten = _retarget(report, moved) if moved and report in present else None
+    moved_videos = (videos, target[videos]) if videos in present else None
+    moved_rollouts = (rollouts, target[rollouts]) if rollouts in present else None
+    rewritten = _retarget(report, moved_videos, moved_rollouts) \
+        if report in present and (moved_videos or moved_rollouts) else None
     if rewritten is not None:
         st = report.stat()
         with atomic_path(target[report]) as tmp:
@@ -145,10 +154,10 @@ def _suffixed(path: Path, suffix: str, tail: str) -> Path:
     return path.with_name(path.name[: len(path.name) - len(tail)] + suffix + tail)
 
 
-def _retarget(report: Path, moved: dict[Path, Path]) -> str | None:
-    """The report's text with its `videos[].path` inside a moved videos directory pointing into the archived one
-    (still relative to the report's directory) and its `trajectories` at the moved rollouts file; None when there
-    is nothing to rewrite."""
+def _retarget(report: Path, videos: tuple[Path, Path] | None, rollouts: tuple[Path, Path] | None) -> str | None:
+    """The report's text with its `videos[].path` inside the moved videos directory pointing into the archived one
+    (still relative to the report's directory) and its `trajectories` at the moved rollouts file (each move given
+    as (old, new)); None when there is nothing to rewrite."""
     try:
         data = json.loads(report.read_text())
     except (OSError, UnicodeDecodeError, ValueError):
@@ -157,16 +166,14 @@ def _retarget(report: Path, moved: dict[Path, Path]) -> str | None:
         return None
     changed = False
     trajectories = data.get("trajectories")
-    rollouts = next((p for p in moved if p.suffix == ".hdf5"), None)
-    if rollouts is not None and isinstance(trajectories, str) and Path(trajectories).name == rollouts.name:
+    if rollouts is not None and isinstance(trajectories, str) and Path(trajectories).name == rollouts[0].name:
         # written as `out` was given (relative or absolute): only the file name changes
-        data["trajectories"] = str(Path(trajectories).with_name(moved[rollouts].name))
+        data["trajectories"] = str(Path(trajectories).with_name(rollouts[1].name))
         changed = True
-    videos = next((p for p in moved if p.suffix != ".hdf5"), None)
     entries = data.get("videos")
     if videos is None or not isinstance(entries, list):
         return json.dumps(data, indent=2) + "\n" if changed else None
-    base, old, archived = Path(os.path.abspath(report.parent)), Path(os.path.abspath(videos)), moved[videos]
+    base, old, archived = Path(os.path.abspath(report.parent)), Path(os.path.abspath(videos[0])), videos[1]
     for entry in entries:
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
             continue
@@ -259,7 +266,7 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
         if journal is not None and expected is None:  # a fresh evaluation (or a resume with no journal)
             expected = journal_header()  # hashing the weights overlaps the workers' start-up
             # the earlier report, its journal and its videos directory go aside together (`archive_report`)
-            archive_report(journal.with_name(journal.name[: -len("_episodes.jsonl")] + ".json"))
+            archive_report(report_of_journal(journal))
         start = time.time()
         outcomes: dict[int, Outcome] = {s: Outcome(r) for s, r in done.items() if s in seeds}
         bar = progress_bar(total=episodes, initial=len(outcomes), desc="eval", unit="ep", enabled=progress)
@@ -340,7 +347,7 @@ def run_eval(run: str | Path, checkpoint_name: str | None = None, out: Path | No
     ckpt = resolve_checkpoint(run, checkpoint_name)
     out = Path(out) if out is not None else default_report_path(ckpt, tag)
     check_report_path(out)
-    trajectories = out.with_name(out.stem + "_rollouts.hdf5") if save_trajectories else None
+    trajectories = rollouts_path(out) if save_trajectories else None
     kwargs.setdefault("videos_dir", videos_dir_for(out))  # RUN/eval_<tag>.json -> RUN/videos_<tag>
     report = evaluate(ckpt, save_trajectories=trajectories, journal=journal_path(out), resume=resume, tag=tag,
                       **kwargs)

@@ -19,8 +19,16 @@ from dopr_robot.errors import UserError
 JOURNAL_VERSION = 1
 
 
+JOURNAL_SUFFIX = "_episodes.jsonl"
+
+
 def journal_path(report: Path) -> Path:
-    return report.with_name(report.stem + "_episodes.jsonl")
+    return report.with_name(report.stem + JOURNAL_SUFFIX)
+
+
+def report_of_journal(journal: Path) -> Path:
+    """The report a journal belongs to (the inverse of `journal_path`)."""
+    return journal.with_name(journal.name[: -len(JOURNAL_SUFFIX)] + ".json")
 
 
 def read_journal(path: Path) -> tuple[dict[str, Any] | None, dict[int, dict[str, Any]]]:

@@ -182,6 +182,7 @@ def evaluate_reports(job: CellJob) -> int:
     """Write every missing report of the cell, in order, all in one `EvalPool`; returns the exit code (0; 2 after
     one `error: ...` line; 130 when interrupted). Runs in the cell's eval subprocess (see `child`)."""
     from dopr_robot.evaluation.evaluate import DEFAULT_EPISODE_TIMEOUT_S
+    from dopr_robot.evaluation.journal import journal_path
     from dopr_robot.evaluation.pool import EvalPool
 
     run = Path(job.run_dir)
@@ -193,7 +194,7 @@ def evaluate_reports(job: CellJob) -> int:
     try:
         with EvalPool(max(1, min(job.eval_workers, job.episodes)), DEFAULT_EPISODE_TIMEOUT_S, preload) as pool:
             for stem, _, kwargs in missing:
-                if (run / f"{stem}_episodes.jsonl").is_file():
+                if journal_path(run / f"{stem}.json").is_file():
                     try:
                         _write_report(kwargs, pool, resume=True)
                         continue
@@ -213,11 +214,15 @@ def _write_report(kwargs: dict[str, Any], pool: EvalPool, resume: bool) -> None:
     """`dopr-robot eval` in `pool`: its command line (as a log header), then the report as the CLI prints it."""
     from dopr_robot.evaluation.evaluate import format_report, run_eval
 
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     args = [*eval_command(kwargs), "--workers", str(pool.workers), *(["--resume"] if resume else [])]
-    print(f"\n$ dopr-robot {shlex.join(args)}    # {stamp}", flush=True)
+    print(_log_header(f"dopr-robot {shlex.join(args)}"), end="", flush=True)
     report, path = run_eval(**kwargs, resume=resume, pool=pool)
     print(f"{format_report(report)}\nreport -> {path}", flush=True)
+
+
+def _log_header(command: str) -> str:
+    """The sweep.log line that starts a command's output: `$ COMMAND    # UTC time`."""
+    return f"\n$ {command}    # {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')}\n"
 
 
 def _run_logged(job: CellJob, args: list[str], carried: str = "", wait_for_run_dir: bool = False,
@@ -229,8 +234,7 @@ def _run_logged(job: CellJob, args: list[str], carried: str = "", wait_for_run_d
     training has created the directory (output until then is kept in memory)."""
     run = Path(job.run_dir)
     log_path = run / LOG_NAME
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    pending = [carried, f"\n$ {shown or 'dopr-robot ' + shlex.join(args)}    # {stamp}\n"]
+    pending = [carried, _log_header(shown or f"dopr-robot {shlex.join(args)}")]
     tail: deque[str] = deque(maxlen=50)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(job.threads)}
     command = [job.python, "-m", "dopr_robot.experiments.child", str(os.getpid()), *args]
