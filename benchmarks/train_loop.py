@@ -43,14 +43,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # measure the tree this file is in (an editable install may point elsewhere)
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dopr_robot.config import Config, load_config  # noqa: E402
-from dopr_robot.datasets import WindowDataset, flatten_obs, open_demos  # noqa: E402
+from dopr_robot.datasets import WindowDataset, open_demos  # noqa: E402
 from dopr_robot.optim import build_optimizer, clip_grad_norm_  # noqa: E402
-from dopr_robot.policies import RangeNormalizer, build_policy  # noqa: E402
-from dopr_robot.training.trainer import prepare_dataset, resolve_device, train  # noqa: E402
+from dopr_robot.training.trainer import policy_for_demos, prepare_dataset, resolve_device, train  # noqa: E402
 
 
 def _replace_steps(cfg: Config, steps: int) -> Config:
@@ -84,12 +82,7 @@ class Bare:
         demos = open_demos(d.path, d.obs_keys)
         episodes = demos.episodes(d.train_filter)
         self.data = WindowDataset(episodes, d.obs_keys, d.n_obs_steps, d.horizon, d.n_action_steps).to(self.device)
-        obs_all = np.concatenate([flatten_obs(e.obs, d.obs_keys) for e in episodes])
-        act_all = np.concatenate([e.actions for e in episodes])
-        torch.manual_seed(t.seed)
-        self.policy = build_policy(cfg.policy, obs_all.shape[1], act_all.shape[1], d.n_obs_steps, d.horizon,
-                                   RangeNormalizer.fit(obs_all, d.norm_range_floor),
-                                   RangeNormalizer.fit(act_all, d.norm_range_floor)).to(self.device)
+        self.policy, _, _ = policy_for_demos(cfg, episodes, self.device)
         self.optimizer = build_optimizer(self.policy, cfg.optim, io_layers=self.policy.io_layers())
         self.generator = torch.Generator(device=self.device).manual_seed(t.seed)
         self.batch_size = t.batch_size

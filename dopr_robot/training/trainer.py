@@ -72,6 +72,20 @@ def prepare_dataset(cfg: Config, collect_if_missing: bool, progress: bool) -> No
           f"{summary['seconds']:.0f} s -> {path}")
 
 
+def policy_for_demos(cfg: Config, train_eps, device: torch.device):
+    """The policy `train` starts from: normalizers fitted on the training demos only, initial weights from
+    train.seed (the same on every rank). Returns (policy, obs_dim, action_dim)."""
+    d = cfg.data
+    obs_all = np.concatenate([flatten_obs(e.obs, d.obs_keys) for e in train_eps])
+    act_all = np.concatenate([e.actions for e in train_eps])
+    obs_dim, action_dim = obs_all.shape[1], act_all.shape[1]
+    torch.manual_seed(cfg.train.seed)
+    policy = build_policy(cfg.policy, obs_dim, action_dim, d.n_obs_steps, d.horizon,
+                          RangeNormalizer.fit(obs_all, d.norm_range_floor),
+                          RangeNormalizer.fit(act_all, d.norm_range_floor)).to(device)
+    return policy, obs_dim, action_dim
+
+
 def train(cfg: Config, run_dir: str | Path, collect_if_missing: bool = False, progress: bool = True,
           resume: bool = False, until: int | None = None, overwrite: bool = False) -> Path:
     """Train per `cfg` into `run_dir`. `until` stops early at that step with a resumable state (time-sliced jobs);
@@ -122,15 +136,9 @@ def _train(cfg: Config, run_dir: Path, collect_if_missing: bool, progress: bool,
         if valid_eps and ddp.is_writer else None
     if len(train_set) == 0:
         raise UserError(f"dataset {d.path}: the {d.train_filter!r} demos are too short for horizon {d.horizon}")
-    obs_all = np.concatenate([flatten_obs(e.obs, d.obs_keys) for e in train_eps])
-    act_all = np.concatenate([e.actions for e in train_eps])
-    obs_dim, action_dim = obs_all.shape[1], act_all.shape[1]
 
     # --- policy, EMA copy (before the optimizer attaches hooks), optimizer, schedule
-    torch.manual_seed(t.seed)  # the same initial weights on every rank
-    policy = build_policy(cfg.policy, obs_dim, action_dim, d.n_obs_steps, d.horizon,
-                          RangeNormalizer.fit(obs_all, d.norm_range_floor),
-                          RangeNormalizer.fit(act_all, d.norm_range_floor)).to(device)
+    policy, obs_dim, action_dim = policy_for_demos(cfg, train_eps, device)
     ema = EMA(policy, t.ema_power, t.ema_max_decay)
     optimizer = build_optimizer(policy, cfg.optim, io_layers=policy.io_layers())
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(t.warmup_steps, t.steps))
