@@ -4,7 +4,9 @@
     meta/episode_ends (E,) int64: cumulative end index of each episode
     root attrs: env_args (JSON string), masks ({name: [episode indices]}), episode_attrs ([{...}]), file attrs
 
-Written in zarr format 2 (what diffusion_policy's zarr 2.x reads); a directory store, written atomically.
+Written in zarr format 2 (what diffusion_policy's zarr 2.x reads); a directory store, written atomically. Chunks
+are Zstd frames with a content checksum, so a truncated or altered chunk fails to decode instead of reading as
+other numbers.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def is_zarr(path: str | Path) -> bool:
 
 def write_zarr(path: str | Path, episodes: list[Episode], env_args: dict[str, Any],
                masks: dict[str, list[int]] | None = None, attrs: dict[str, Any] | None = None) -> None:
+    import numcodecs
     import zarr
 
     path = Path(path)
@@ -48,6 +51,7 @@ def write_zarr(path: str | Path, episodes: list[Episode], env_args: dict[str, An
             # every chunk is written, even all-zero ones, so a missing chunk file always means damage
             array = root.create_array(f"data/{key}", shape=data.shape, dtype=data.dtype,
                                       chunks=(min(len(data), 4096), *data.shape[1:]),
+                                      compressors=numcodecs.Zstd(level=3, checksum=True),
                                       config={"write_empty_chunks": True})
             array[:] = data
         ends = np.cumsum([len(e) for e in episodes]).astype(np.int64)
@@ -123,8 +127,28 @@ def _read_column(path: Path, array, name: str, strict: bool) -> np.ndarray:
     if strict and array.nchunks_initialized != array.nchunks:
         raise UserError(f"{path}: {name} is missing {array.nchunks - array.nchunks_initialized} of "
                         f"{array.nchunks} chunk files (they would read as zeros)")
+    if strict:
+        _check_blosc_chunk_sizes(path, array, name)
     try:
         return np.asarray(array[:])
     except Exception as e:  # codec errors have no common type (zlib/blosc/zstd, ValueError, RuntimeError...)
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{path}: {name} is corrupt or unreadable ({reason})") from None
+
+
+def _check_blosc_chunk_sizes(path: Path, array, name: str) -> None:
+    """Blosc (diffusion_policy's and zarr's default codec) decodes a chunk by the compressed size in its own
+    16-byte header and never sees the file's length, so a truncated chunk reads past its buffer: garbage or a
+    crash, depending on the machine. The header's size must equal the file's."""
+    if not any(type(c).__name__ in ("Blosc", "BloscCodec") for c in array.compressors):
+        return
+    metadata = {".zarray", ".zattrs", ".zgroup", "zarr.json"}
+    for chunk in (path / name).rglob("*"):
+        if not chunk.is_file() or chunk.name in metadata:
+            continue
+        with open(chunk, "rb") as f:
+            header = f.read(16)
+        stored, declared = chunk.stat().st_size, int.from_bytes(header[12:16], "little")
+        if len(header) < 16 or declared != stored:
+            raise UserError(f"{path}: {name} is corrupt or unreadable (chunk {chunk.relative_to(path / name)} "
+                            f"is {stored} bytes, its Blosc header says {declared})")
