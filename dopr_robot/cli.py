@@ -1,5 +1,5 @@
-"""The `dopr-robot` command line: a thin layer over collect, inspect/convert, train, eval, diagnose, plot, sweep
-and compare. Each command parses its options, calls one function of a sub-package and prints its result.
+"""The `dopr-robot` command line: a thin layer over collect, inspect/convert, train, eval, diagnose, spectrum, plot,
+sweep and compare. Each command parses its options, calls one function of a sub-package and prints its result.
 
 Bad input (missing or corrupt files, unknown keys, invalid values) ends with one line on stderr and exit code 2.
 """
@@ -159,6 +159,31 @@ def diagnose_cmd(
                                         if mse is not None else "n/a (no valid demos)"))
     json_path = out or run / "drift.json"
     typer.echo(f"report -> {json_path}, plot -> {json_path.with_suffix('.png')}")
+
+
+@app.command("spectrum")
+def spectrum_cmd(
+    run: Path = typer.Argument(..., help="run directory"),
+    gamma: Optional[List[float]] = typer.Option(None, help="damping gamma to report cond(S_d) at (repeatable) "
+                                                           "[the run's]"),
+    batches: int = typer.Option(4, help="training batches to average over"),
+    seed: int = typer.Option(0, help="seed of the batches and the loss's noise"),
+    out: Optional[Path] = typer.Option(None, help="report path [RUN/spectrum.json]"),
+    checkpoint: Optional[Path] = typer.Option(None, help="checkpoint [the run's final]"),
+    dataset: Optional[Path] = typer.Option(None, help="training dataset [the one the checkpoint records]"),
+):
+    """Per AP layer: the input second moment's lambda_max/mean and what damping gamma leaves of its conditioning."""
+    from dopr_robot.diagnostics.spectrum import spectrum
+
+    r = spectrum(run, out=out, checkpoint=checkpoint, dataset=dataset, gammas=gamma, batches=batches, seed=seed)
+    gammas = r["gammas"]
+    typer.echo(f"{'layer':<28} {'d_in':>5} {'lmax/mean':>9} {'top share':>9} "
+               + " ".join(f"{'cond g=' + format(g, 'g'):>11}" for g in gammas))
+    for layer in r["layers"]:
+        typer.echo(f"{layer['name']:<28} {layer['d_in']:>5} {layer['lambda_max_over_mean']:>9.1f} "
+                   f"{layer['top_share']:>9.3f} " + " ".join(f"{layer['cond_damped'][str(g)]:>11.3g}" for g in gammas))
+    typer.echo(f"{r['batches']} batches of {r['batch_size']} windows, seed {r['seed']}, damping form "
+               f"{r['damping_form']} -> {out or run / 'spectrum.json'}")
 
 
 @app.command("sweep")

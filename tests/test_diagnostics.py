@@ -142,3 +142,68 @@ def test_diagnose_bad_input_is_one_line(evaluated_run, tmp_path):
                       "no observation key(s) robot0_eef_quat, robot0_gripper_qpos")
     after = (evaluated_run / "drift.json").read_bytes() if (evaluated_run / "drift.json").exists() else None
     assert after == before  # validation fails before anything is written
+
+
+# --- spectrum: what damping leaves of AP's preconditioner
+
+def test_spectrum_cond_equals_the_conditioning_dopr_itself_uses(evaluated_run):
+    """The spectrum's S is the S DoPr forms: on the same batch and loss noise, cond(S_d) at gamma equals the
+    condition number of the damped matrix DoPr factorizes in its own step (primal path, health spectrum)."""
+    from dopr_robot.checkpoint import load_policy
+    from dopr_robot.config import config_from_dict
+    from dopr_robot.datasets import WindowDataset
+    from dopr_robot.diagnostics.demos import training_demos
+    from dopr_robot.diagnostics.spectrum import layer_spectra
+    from dopr_robot.optim import DoPr
+
+    ckpt = evaluated_run / "checkpoints" / "final.json"
+    policy, meta = load_policy(ckpt)
+    cfg = config_from_dict(meta["config"])
+    _, train_eps, _ = training_demos(meta, ckpt, None)
+    windows = WindowDataset(train_eps, meta["obs_keys"], policy.n_obs_steps, policy.horizon, cfg.data.n_action_steps)
+    gamma, batch = 3.0, 32
+    layers = DoPr(policy, ap=False).layers
+    rows = layer_spectra(policy, windows, layers, batch, batches=1, seed=7, gammas=[gamma],
+                         damping_form="mean", eps=1e-8)
+    assert [r["name"] for r in rows] == [layer.name for layer in layers] and len(rows) >= 3
+
+    optimizer = DoPr(policy, lr=0.0, damping=gamma, path="primal")
+    policy.train()
+    generator = torch.Generator().manual_seed(7)
+    obs, actions = windows.sample(batch, generator)
+    policy.compute_loss(obs, actions, generator).backward()
+    optimizer.step()
+    health = optimizer.health(spectrum=True)
+    assert health["ap_retries"] == 0
+    for r in rows:
+        assert r["cond_damped"][gamma] == pytest.approx(health[f"ap_cond/{r['name']}"], rel=1e-4)
+        assert 1 / r["d_in"] <= r["top_share"] <= 1
+        assert r["lambda_max_over_mean"] == pytest.approx(r["top_share"] * r["d_in"])
+
+
+def test_spectrum_cli_reports_damping_tending_to_identity(evaluated_run, tmp_path):
+    out = tmp_path / "spectrum.json"
+    result = run_cli("spectrum", str(evaluated_run), "--gamma", "0.1", "--gamma", "1000", "--batches", "2",
+                     "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["gammas"] == [0.1, 1000.0] and report["batches"] == 2 and report["run_optim"] == "adam"
+    for layer in report["layers"]:
+        weak, strong = layer["cond_damped"]["0.1"], layer["cond_damped"]["1000.0"]
+        # cond(S + lambda I) falls toward 1 as lambda grows, and is ~1 + lambda_max / (gamma * mean) at large gamma
+        assert weak > strong >= 1
+        assert strong == pytest.approx(1 + layer["lambda_max_over_mean"] / 1000, rel=0.05)
+        assert layer["name"] in result.stdout
+    # the same seed gives the same numbers
+    again = run_cli("spectrum", str(evaluated_run), "--gamma", "0.1", "--gamma", "1000", "--batches", "2",
+                    "--out", str(tmp_path / "again.json"))
+    assert json.loads((tmp_path / "again.json").read_text())["layers"] == report["layers"]
+
+
+def test_spectrum_bad_input_is_one_line(evaluated_run, tmp_path):
+    assert_user_error(run_cli("spectrum", str(tmp_path / "nope")), "run directory not found")
+    assert_user_error(run_cli("spectrum", str(evaluated_run), "--batches", "0"), "--batches must be >= 1")
+    assert_user_error(run_cli("spectrum", str(evaluated_run), "--gamma", "-1"), "--gamma values must be >= 0")
+    assert_user_error(run_cli("spectrum", str(evaluated_run), "--out", str(tmp_path / "x.txt")),
+                      "--out must be a .json file path")
+    assert not (evaluated_run / "spectrum.json").exists()

@@ -1,5 +1,6 @@
-"""Test-time-feedback diagnostics of a run: drift of closed-loop observations away from the demonstrations,
-demo/rollout distribution shift, and open-loop chunk error beside closed-loop success (`dopr-robot diagnose`)."""
+"""Diagnostics of a run. Test-time feedback: drift of closed-loop observations away from the demonstrations,
+demo/rollout distribution shift, and open-loop chunk error beside closed-loop success (`dopr-robot diagnose`).
+AP: each preconditioned layer's input spectrum against the damping (`dopr-robot spectrum`, spectrum.py)."""
 
 from dopr_robot.diagnostics.drift import demo_band, departure_step, drift_curve, nearest_distances
 from dopr_robot.diagnostics.openloop import open_loop_chunk_mse

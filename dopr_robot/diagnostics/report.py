@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from dopr_robot.checkpoint import load_policy
-from dopr_robot.datasets import flatten_obs, open_demos
+from dopr_robot.datasets import flatten_obs
 from dopr_robot.datasets.robomimic_hdf5 import Episode, RobomimicFile
+from dopr_robot.diagnostics.demos import training_demos
 from dopr_robot.diagnostics.drift import demo_band, departure_step, drift_curve, episodes_running, nearest_distances
 from dopr_robot.diagnostics.openloop import open_loop_chunk_mse
 from dopr_robot.diagnostics.shift import DEFAULT_RIDGE, distribution_shift
@@ -66,18 +67,8 @@ def diagnose(run: str | Path, rollouts: str | Path | None = None, out: str | Pat
     if sum(len(e) for e in episodes) < 2:
         raise UserError(f"rollouts {rollouts} hold fewer than 2 observations: nothing to fit a distribution to")
     data_cfg = meta["config"]["data"]
-    dataset = Path(dataset) if dataset is not None else Path(meta["dataset"])
-    if not dataset.exists():
-        raise UserError(f"training dataset {dataset} (recorded in {ckpt}) not found; pass --dataset PATH")
-    demos = open_demos(dataset, obs_keys)
-    train_eps = demos.episodes(data_cfg["train_filter"])
-    valid_eps = demos.episodes(data_cfg["valid_filter"], missing_ok=True)
-    if not train_eps:
-        raise UserError(f"dataset {dataset}: mask/{data_cfg['train_filter']} names no demos to compare with")
+    dataset, train_eps, valid_eps = training_demos(meta, ckpt, dataset)
     demo_flat = [flatten_obs(e.obs, obs_keys) for e in train_eps]
-    if demo_flat[0].shape[1] != obs_dim:
-        raise UserError(f"dataset {dataset} observations have {demo_flat[0].shape[1]} dims, checkpoint expects "
-                        f"{obs_dim} (obs_keys {obs_keys})")
     check_writable_dir(out.parent, what="directory of --out")
 
     # --- the policy's input space
