@@ -176,11 +176,11 @@ def spectrum_cmd(
     from dopr_robot.diagnostics.spectrum import spectrum
 
     r = spectrum(run, out=out, checkpoint=checkpoint, dataset=dataset, gammas=gamma, batches=batches, seed=seed)
-    gammas = r["gammas"]
-    typer.echo(f"{'layer':<28} {'d_in':>5} {'lmax/mean':>9} {'top share':>9} "
+    gammas, width = r["gammas"], max(len(layer["name"]) for layer in r["layers"])
+    typer.echo(f"{'layer':<{width}} {'d_in':>5} {'lmax/mean':>9} {'top share':>9} "
                + " ".join(f"{'cond g=' + format(g, 'g'):>11}" for g in gammas))
     for layer in r["layers"]:
-        typer.echo(f"{layer['name']:<28} {layer['d_in']:>5} {layer['lambda_max_over_mean']:>9.1f} "
+        typer.echo(f"{layer['name']:<{width}} {layer['d_in']:>5} {layer['lambda_max_over_mean']:>9.1f} "
                    f"{layer['top_share']:>9.3f} " + " ".join(f"{layer['cond_damped'][str(g)]:>11.3g}" for g in gammas))
     typer.echo(f"{r['batches']} batches of {r['batch_size']} windows, seed {r['seed']}, damping form "
                f"{r['damping_form']} -> {out or run / 'spectrum.json'}")
