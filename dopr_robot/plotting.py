@@ -19,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from dopr_robot.errors import UserError
+from dopr_robot.experiments import stats
 from dopr_robot.fileio import atomic_path
 from dopr_robot.rundir import check_output_file, read_metrics
 
@@ -345,6 +346,8 @@ def grid_curves(panels: list[dict], colors: dict, path: Path) -> Path:
                    [p["success_ci"][1] - yi for yi, p in zip(y, pts)]]
             fixed = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(s["fixed"].items()))
             label = s["optim"] + (f" ({fixed})" if fixed else "")
+            if s.get("trend"):
+                label += f"; trend {stats.trend_label(s['trend'])}, p {s['trend']['p']:.2g}"
             series_labels.add(label)
             ax.errorbar(x, y, yerr=err, color=color, marker="o", markersize=5, capsize=3, linewidth=1.6, label=label)
             ax.scatter(x, [p["success_mean"] for p in pts], marker="D", s=34, facecolor="none", edgecolor=color,

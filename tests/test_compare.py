@@ -450,6 +450,14 @@ def test_grid_plot_success_against_a_swept_setting(tmp_path):
     saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert saved["grid"][0]["series"][0]["points"][1]["x"] == 1.0
     assert not any("plot (e)" in n for n in report["notes"])
+    # the whole curve is one trend test over its 7 runs, on log10(damping)
+    trend = dopr["trend"]
+    expected = stats.trend_test([math.log10(x) for x in (0.3, 0.3, 1, 1, 1, 3, 3)],
+                                [0.6, 0.6, 0.4, 0.4, 0.4, 0.9, 0.5])
+    assert trend["x"] == "log10(optim.ap.damping)" and trend["n_runs"] == 7 and trend["method"] == "exact"
+    assert trend["slope"] == pytest.approx(expected["slope"]) and trend["p"] == pytest.approx(expected["p"])
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| optim.ap.damping | dopr      | 0.3, 1, 3 | 7    |" in md and stats.trend_label(trend) in md
 
 
 def test_grid_plot_config_value_must_agree_and_several_keys(tmp_path):

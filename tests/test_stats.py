@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dopr_robot.experiments.stats import (hierarchical_bootstrap_diff, mcnemar_exact, paired_episode_test,
-                                          permutation_test, wilson_interval)
+                                          permutation_test, trend_test, wilson_interval)
 
 
 @pytest.mark.parametrize("successes, n, lo, hi", [
@@ -120,3 +120,34 @@ def test_bootstrap_is_seeded_and_covers_a_known_difference():
 def test_bootstrap_without_any_variance_is_a_point():
     result = hierarchical_bootstrap_diff([[1, 1, 1]] * 3, [[0, 0, 0]] * 4, n_boot=100)
     assert result["diff"] == -1.0 and result["ci"] == [-1.0, -1.0]
+
+
+def test_trend_of_a_perfect_line_over_three_runs_is_2_over_6():
+    """Of the 3! reassignments only the line itself and its mirror reach |slope| 1."""
+    result = trend_test([0, 1, 2], [0.0, 1.0, 2.0])
+    assert result["slope"] == pytest.approx(1.0)
+    assert result["p"] == pytest.approx(2 / 6) and result["method"] == "exact" and result["n_permutations"] == 6
+
+
+def test_trend_matches_brute_force_and_a_flat_curve_is_p_one():
+    x = [-1, -1, 0, 0, 0, 1, 1]
+    y = [0.6, 0.5, 0.45, 0.4, 0.5, 0.3, 0.35]
+    slopes = [np.polyfit(x, perm, 1)[0] for perm in itertools.permutations(y)]
+    observed = np.polyfit(x, y, 1)[0]
+    result = trend_test(x, y)
+    assert result["slope"] == pytest.approx(observed)
+    assert result["p"] == pytest.approx(np.mean(np.abs(slopes) >= abs(observed) - 1e-12))
+    assert result["p"] < 0.05
+    assert trend_test(x, [0.4] * 7)["p"] == 1.0
+
+
+def test_trend_with_many_runs_is_a_seeded_monte_carlo():
+    x = np.repeat(np.log10([0.1, 1, 10, 100]), 3)  # 12 runs: 12! reassignments, too many to enumerate
+    y = np.array([0.6, 0.55, 0.62, 0.5, 0.48, 0.52, 0.4, 0.42, 0.38, 0.3, 0.33, 0.28])
+    a, b = trend_test(x, y, n_resamples=20_000, seed=3), trend_test(x, y, n_resamples=20_000, seed=3)
+    assert a == b and a["method"] == "monte-carlo" and a["n_permutations"] == 20_000
+    assert a["slope"] == pytest.approx(np.polyfit(x, y, 1)[0])
+    # a perfectly ordered decline: only reassignments with the same slope magnitude count
+    assert a["p"] < 1e-3
+    with pytest.raises(ValueError, match="two or more distinct"):
+        trend_test([1, 1, 1], [0.1, 0.2, 0.3])

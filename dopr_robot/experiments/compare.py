@@ -511,7 +511,8 @@ def _config_value(group: Group, key: str) -> float | None:
     return values.pop() if len(values) == 1 else None
 
 
-def grid_panels(groups: list[Group], summaries: dict[str, dict], notes: list[str]) -> list[dict[str, Any]]:
+def grid_panels(groups: list[Group], summaries: dict[str, dict], notes: list[str], seed: int = 0
+                ) -> list[dict[str, Any]]:
     """Success against each numeric setting key that varies within an optimizer, the data of plot (e).
 
     Per key, an optimizer's groups are split by their other settings; a part with a group that names the key
@@ -519,7 +520,9 @@ def grid_panels(groups: list[Group], summaries: dict[str, dict], notes: list[str
     settings (a plain run at the config's value) joins the part of its settings at the value its runs'
     config.yaml hold, if they all agree (`from`: "config"). A panel needs some series with two or more distinct
     values. Groups of optimizers without a series whose settings lack the key, or to which it does not apply
-    (AP keys for optimizers without AP), are the panel's horizontal `lines`."""
+    (AP keys for optimizers without AP), are the panel's horizontal `lines`. Each series with two or more
+    distinct values gets `trend`: `stats.trend_test` of its runs' success on the value (log10 of it on a log
+    panel), so a whole curve is one test."""
     baselines = {s.get("baseline_group") for s in summaries.values()}
 
     def numbers(g: Group, **extra) -> dict[str, Any]:
@@ -560,9 +563,24 @@ def grid_panels(groups: list[Group], summaries: dict[str, dict], notes: list[str
         lines = [numbers(g, optim=g.optim, baseline=g.name in baselines) for g in groups
                  if g.optim not in with_series and (key not in g.settings or not _applies(g.optim, key))]
         xs = [p["x"] for s in series for p in s["points"]]
-        panels.append({"key": key, "log_x": min(xs) > 0 and max(xs) >= 10 * min(xs), "series": series,
-                       "lines": lines})
+        log_x = min(xs) > 0 and max(xs) >= 10 * min(xs)
+        for s in series:
+            s["trend"] = series_trend(s["points"], {g.name: g for g in groups}, key, log_x, seed)
+        panels.append({"key": key, "log_x": log_x, "series": series, "lines": lines})
     return panels
+
+
+def series_trend(points: list[dict[str, Any]], groups: dict[str, Group], key: str, log_x: bool, seed: int
+                 ) -> dict[str, Any] | None:
+    """The trend test over every run of a series: each run's held-out success against its point's value."""
+    xs, rates = [], []
+    for p in points:
+        run_rates = groups[p["group"]].sample().rates()
+        xs += [math.log10(p["x"]) if log_x else p["x"]] * len(run_rates)
+        rates += run_rates
+    if len(set(xs)) < 2:
+        return None
+    return {**stats.trend_test(xs, rates, seed=seed), "x": f"log10({key})" if log_x else key}
 
 
 def select_best_config(groups: list[Group], summaries: dict[str, dict]) -> dict[str, Group]:
@@ -630,7 +648,7 @@ def build_report(runs: list[Run], baseline: str | None = None, select: str = "sa
                                                                      base.name, levels[base.name], n_boot, seed)
 
     add_diffs(summaries, groups, mapping)
-    grid = grid_panels(groups, summaries, notes)
+    grid = grid_panels(groups, summaries, notes, seed)
     report: dict[str, Any] = {
         "baseline": baseline, "select": select,
         "groups": [summaries[g.name] for g in groups],
@@ -748,6 +766,17 @@ def perturbation_tables(entries: list[dict[str, Any]]) -> list[str]:
     return parts
 
 
+def trend_table(trends: list[tuple[dict[str, Any], dict[str, Any]]]) -> str:
+    header = ["setting", "optimizer", "values", "runs", "slope", "p perm"]
+    rows = []
+    for panel, s in trends:
+        fixed = ", ".join(f"{k}={v}" for k, v in sorted(s["fixed"].items()))
+        values = ", ".join(f"{p['x']:g}" for p in s["points"])
+        rows.append([panel["key"], s["optim"] + (f" ({fixed})" if fixed else ""), values,
+                     str(s["trend"]["n_runs"]), stats.trend_label(s["trend"]), _p(s["trend"]["p"])])
+    return _aligned(header, rows)
+
+
 def format_markdown(report: dict[str, Any]) -> str:
     last_n = report["groups"][0]["intrain_last_n"]
     parts = [f"# compare: baseline {report['baseline']}", "",
@@ -757,6 +786,13 @@ def format_markdown(report: dict[str, Any]) -> str:
              f"{report['statistics']['bootstrap']['seed']}); p perm: permutation test over training seeds; "
              "p paired: sign-flip test over shared episode seeds.", "",
              "## Same configuration", "", table(report["groups"], last_n)]
+    trends = [(panel, s) for panel in report.get("grid", []) for s in panel["series"] if s.get("trend")]
+    if trends:
+        parts += ["", "## Trend over a swept setting", "",
+                  "Least-squares slope of per-seed held-out success on the setting (on log10 of it for a log-spaced "
+                  "sweep: the change per decade), over every run of the curve; p perm: permutation test of the "
+                  "slope (runs' success reassigned across the setting values).", "",
+                  trend_table(trends)]
     if any(g.get("perturbation") for g in report["groups"]):
         parts += ["", "## Success under perturbation", "",
                   "Per perturbation level (eval_<tag>.json of the final checkpoint; level 0 is eval.json): pooled "

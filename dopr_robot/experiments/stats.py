@@ -10,6 +10,8 @@ evaluated on the same held-out episode seeds. A run's outcome is its vector of p
   seeds (every relabelling when feasible, else a seeded Monte Carlo).
 - `paired_episode_test`: exact two-sided sign-flip test over episode seeds when every run of both groups played
   the same episode seeds (reduces to the exact McNemar test for one run per group).
+- `trend_test`: two-sided permutation test of a linear trend of per-seed success over a swept setting (one test
+  for a whole damping curve, instead of one per grid point against the baseline).
 """
 
 from __future__ import annotations
@@ -114,6 +116,43 @@ def permutation_test(baseline_rates: Sequence[float], group_rates: Sequence[floa
     hits = int((np.abs(diff) >= observed - tolerance).sum())
     return {"p": (1 + hits) / (1 + n_resamples), "method": "monte-carlo", "n_permutations": n_resamples,
             "seed": seed}
+
+
+def trend_test(x: Sequence[float], rates: Sequence[float], n_resamples: int = 100_000, seed: int = 0) -> dict:
+    """Two-sided permutation test of the least-squares slope of per-seed success `rates` on the setting `x`
+    (one entry per training run; pass log10 of a log-spaced setting to get a slope per decade).
+
+    Null: success does not depend on the setting, so the runs' rates are exchangeable across their x values.
+    p = fraction of reassignments with |slope| >= the observed |slope| (the observed one counts): every
+    permutation when there are at most EXACT_PERMUTATION_LIMIT of them, else `n_resamples` seeded random ones with
+    p = (1 + hits) / (1 + n_resamples). Needs two or more distinct x values.
+    Returns {"slope", "p", "method", "n_permutations", "seed", "n_runs"}.
+    """
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(rates, dtype=float)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError("x and rates need one value per run")
+    if np.unique(x).size < 2:
+        raise ValueError("a trend needs two or more distinct setting values")
+    centered = x - x.mean()
+    weights = centered / (centered @ centered)  # slope = weights @ y (least squares)
+    observed = abs(float(weights @ y))
+    tolerance = 1e-12 * max(1.0, observed)
+    if math.factorial(y.size) <= EXACT_PERMUTATION_LIMIT:
+        perms = np.array(list(itertools.permutations(y)))
+        hits = int((np.abs(perms @ weights) >= observed - tolerance).sum())
+        return {"slope": float(weights @ y), "p": hits / len(perms), "method": "exact",
+                "n_permutations": len(perms), "seed": None, "n_runs": int(y.size)}
+    rng = np.random.default_rng(seed)
+    perms = rng.permuted(np.tile(y, (n_resamples, 1)), axis=1)
+    hits = int((np.abs(perms @ weights) >= observed - tolerance).sum())
+    return {"slope": float(weights @ y), "p": (1 + hits) / (1 + n_resamples), "method": "monte-carlo",
+            "n_permutations": n_resamples, "seed": seed, "n_runs": int(y.size)}
+
+
+def trend_label(trend: dict) -> str:
+    """A trend's slope in percentage points: "-5.3 pp per decade" (x = log10 of the setting) or "per unit"."""
+    return f"{100 * trend['slope']:+.1f} pp per {'decade' if trend['x'].startswith('log10(') else 'unit'}"
 
 
 def sign_flip_distribution(weights: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
