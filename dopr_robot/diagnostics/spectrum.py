@@ -38,11 +38,11 @@ def layer_spectra(policy, windows: WindowDataset, layers, batch_size: int, batch
     """Per layer (in `layers`' order): name, d_in, rows per batch, lambda_max/mean, top_share and
     cond_damped {gamma: cond(S_d)}, each the mean over `batches` seeded batches of the policy's training loss
     forward pass."""
-    captured: dict[str, torch.Tensor] = {}
+    captured: dict[str, list[torch.Tensor]] = {}
 
     def capture(layer):
-        def hook(module, inputs, output):
-            captured[layer.name] = layer.rows(inputs[0]).double()
+        def hook(module, inputs, output):  # a layer called twice in one forward: both calls' rows, as DoPr's S
+            captured.setdefault(layer.name, []).append(layer.rows(inputs[0]).double())
         return hook
 
     hooks = [layer.module.register_forward_hook(capture(layer)) for layer in layers]
@@ -54,7 +54,7 @@ def layer_spectra(policy, windows: WindowDataset, layers, batch_size: int, batch
             obs, actions = windows.sample(batch_size, generator)
             policy.compute_loss(obs, actions, generator)
             for layer in layers:
-                rows = captured.pop(layer.name)
+                rows = torch.cat(captured.pop(layer.name))
                 eig = torch.linalg.eigvalsh(rows.T @ rows / rows.shape[0])
                 trace, top, bottom = eig.sum(), eig[-1].item(), max(eig[0].item(), 0.0)
                 entry = sums.setdefault(layer.name, {"name": layer.name, "d_in": layer.d_in, "rows": rows.shape[0],
