@@ -524,6 +524,7 @@ def grid_panels(groups: list[Group], summaries: dict[str, dict], notes: list[str
     distinct values gets `trend`: `stats.trend_test` of its runs' success on the value (log10 of it on a log
     panel), so a whole curve is one test."""
     baselines = {s.get("baseline_group") for s in summaries.values()}
+    by_name = {g.name: g for g in groups}
 
     def numbers(g: Group, **extra) -> dict[str, Any]:
         s = summaries[g.name]
@@ -565,7 +566,7 @@ def grid_panels(groups: list[Group], summaries: dict[str, dict], notes: list[str
         xs = [p["x"] for s in series for p in s["points"]]
         log_x = min(xs) > 0 and max(xs) >= 10 * min(xs)
         for s in series:
-            s["trend"] = series_trend(s["points"], {g.name: g for g in groups}, key, log_x, seed)
+            s["trend"] = series_trend(s["points"], by_name, key, log_x, seed)
         panels.append({"key": key, "log_x": log_x, "series": series, "lines": lines})
     return panels
 
