@@ -27,7 +27,7 @@ def open_loop_chunk_mse(policy: ActionChunkPolicy, episodes: list[Episode], obs_
     """(normalized chunk MSE, number of windows) over every window of `episodes` (must be non-empty)."""
     windows = WindowDataset(episodes, obs_keys, policy.n_obs_steps, policy.horizon, n_action_steps)
     device = next(policy.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # CPU draws: the same numbers on any device
     total, count = 0.0, 0
     for start in range(0, len(windows), BATCH):
         rows = torch.arange(start, min(start + BATCH, len(windows)))

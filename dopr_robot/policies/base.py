@@ -13,6 +13,13 @@ from torch import nn
 from dopr_robot.policies.normalizer import RangeNormalizer
 
 
+def draw_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
+    """Where a random draw is made: on the generator's own device, then moved to the data's. A CPU generator
+    thus gives the same draws whichever device the policy runs on, which is what makes validation losses and
+    rollouts comparable between CPU and GPU runs (CPU and CUDA generators give different streams)."""
+    return generator.device if generator is not None else device
+
+
 class ActionChunkPolicy(nn.Module):
     def __init__(self, model: nn.Module, obs_normalizer: RangeNormalizer, action_normalizer: RangeNormalizer,
                  n_obs_steps: int, horizon: int, action_dim: int):

@@ -272,7 +272,7 @@ def truncate_metrics(path: Path, step: int) -> None:
 def validation_loss(policy, valid_set: WindowDataset, device: torch.device, batch_size: int = 1024) -> float:
     """Mean one-step loss over every validation window, with the same noise draws at every call."""
     policy.eval()
-    generator = torch.Generator(device=device).manual_seed(VALID_NOISE_SEED)
+    generator = torch.Generator().manual_seed(VALID_NOISE_SEED)  # CPU draws: one validation set on any device
     total, count = 0.0, 0
     for start in range(0, len(valid_set), batch_size):
         rows = torch.arange(start, min(start + batch_size, len(valid_set)), device=device)
