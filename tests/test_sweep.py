@@ -113,6 +113,9 @@ def test_interrupted_eval_is_finished_with_the_same_episodes(finished, lift_demo
     out, _ = finished
     run = out / "adam_lr-3e-4_s0"
     full = json.loads((run / "eval.json").read_text())
+    wall = lambda: next(c["wall_s"] for c in json.loads((out / "sweep.json").read_text())["cells"]
+                        if c["name"] == run.name)
+    first_wall = wall()
     (run / "eval.json").unlink()
     weights = (run / "checkpoints" / "final.safetensors").stat().st_mtime_ns
     result = run_cli(*sweep_args(out, lift_demos))
@@ -123,6 +126,7 @@ def test_interrupted_eval_is_finished_with_the_same_episodes(finished, lift_demo
     assert (run / "checkpoints" / "final.safetensors").stat().st_mtime_ns == weights  # not trained again
     last_command = [l for l in (run / "sweep.log").read_text().splitlines() if l.startswith("$ dopr-robot")][-1]
     assert last_command.startswith("$ dopr-robot eval") and "--resume" in last_command
+    assert wall() > first_wall > 0  # the cell's wall time adds this invocation's to the first one's
 
 
 def test_failed_cell_is_recorded_and_retried(tmp_path, lift_demos):

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -108,12 +109,22 @@ def run_sweep(config: Path, out: Path, optims: str, seeds: str, grid: list[str],
              f"{jobs} at a time, {threads} threads each")
         _prepare_datasets([configs[job.name] for job in to_run])
         progress = _Progress(len(to_run), min(jobs, len(to_run)) or 1, echo)
+        # A cell's wall_s is its wall time summed over every invocation that worked on it (an interrupted one up
+        # to its last state change), so a resumed cell reports what it cost in all, not its last stretch.
+        spent = {job.name: state.cell(job.name).get("wall_s") or 0.0 for job in to_run}
+        started: dict[str, float] = {}
+
+        def on_state(name: str, cell_state: str) -> None:
+            started.setdefault(name, time.time())
+            state.update(name, state=cell_state, wall_s=spent[name] + time.time() - started[name])
 
         def on_done(job: CellJob, result: dict[str, Any]) -> None:
+            if result.get("wall_s") is not None:
+                result = {**result, "wall_s": spent[job.name] + result["wall_s"]}
             state.update(job.name, **result)
             progress.finished(job.name, result)
 
-        launch(launcher, to_run, jobs, options, out, lambda name, s: state.update(name, state=s), on_done)
+        launch(launcher, to_run, jobs, options, out, on_state, on_done)
     finally:
         lock.release()
     failed = [job.name for job in to_run if state.cell(job.name)["state"] == "failed"]
