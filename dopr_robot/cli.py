@@ -145,6 +145,7 @@ def diagnose_cmd(
 ):
     """Drift of rollouts from the demos per time step, demo/rollout shift, open-loop vs closed-loop error."""
     from dopr_robot.diagnostics import diagnose
+    from dopr_robot.rundir import DRIFT_REPORT
 
     r = diagnose(run, rollouts=rollouts, out=out, checkpoint=checkpoint, dataset=dataset, seed=seed)
     band = r["demo_band"]
@@ -157,7 +158,7 @@ def diagnose_cmd(
                f"log-det ratio {r['cov_logdet_ratio']:.4g}")
     typer.echo(f"open-loop chunk   " + (f"MSE {mse:.4g} over {r['open_loop_windows']} valid windows"
                                         if mse is not None else "n/a (no valid demos)"))
-    json_path = out or run / "drift.json"
+    json_path = out or run / DRIFT_REPORT
     typer.echo(f"report -> {json_path}, plot -> {json_path.with_suffix('.png')}")
 
 
@@ -174,6 +175,7 @@ def spectrum_cmd(
 ):
     """Per AP layer: the input second moment's lambda_max/mean and what damping gamma leaves of its conditioning."""
     from dopr_robot.diagnostics.spectrum import spectrum
+    from dopr_robot.rundir import SPECTRUM_REPORT
 
     r = spectrum(run, out=out, checkpoint=checkpoint, dataset=dataset, gammas=gamma, batches=batches, seed=seed)
     gammas, width = r["gammas"], max(len(layer["name"]) for layer in r["layers"])
@@ -183,7 +185,7 @@ def spectrum_cmd(
         typer.echo(f"{layer['name']:<{width}} {layer['d_in']:>5} {layer['lambda_max_over_mean']:>9.1f} "
                    f"{layer['top_share']:>9.3f} " + " ".join(f"{layer['cond_damped'][str(g)]:>11.3g}" for g in gammas))
     typer.echo(f"{r['batches']} batches of {r['batch_size']} windows, seed {r['seed']}, damping form "
-               f"{r['damping_form']} -> {out or run / 'spectrum.json'}")
+               f"{r['damping_form']} -> {out or run / SPECTRUM_REPORT}")
 
 
 @app.command("sweep")

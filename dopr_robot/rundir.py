@@ -27,6 +27,8 @@ from dopr_robot.errors import UserError
 
 LOCK_NAME = "run.lock"
 RUN_MARKER = "config.yaml"  # every run directory this tool writes has its resolved config here
+DRIFT_REPORT = "drift.json"  # `diagnose` writes it, `compare` reads it
+SPECTRUM_REPORT = "spectrum.json"  # `spectrum` writes it
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -28,7 +28,7 @@ from dopr_robot.errors import UserError
 from dopr_robot.evaluation.evaluate import ROLLOUTS_SUFFIX
 from dopr_robot.fileio import write_json
 from dopr_robot.provenance import provenance
-from dopr_robot.rundir import check_writable_dir, resolve_checkpoint
+from dopr_robot.rundir import DRIFT_REPORT, check_writable_dir, resolve_checkpoint
 
 BAND_PERCENTILES = (5.0, 95.0)
 
@@ -51,7 +51,7 @@ def diagnose(run: str | Path, rollouts: str | Path | None = None, out: str | Pat
     if not rollouts.is_file():
         raise UserError(f"rollouts file not found: {rollouts} (write it with `dopr-robot eval {run} "
                         f"--save-trajectories`, or pass --rollouts PATH)")
-    out = Path(out) if out is not None else run / "drift.json"
+    out = Path(out) if out is not None else run / DRIFT_REPORT
     if out.suffix != ".json" or out.is_dir():
         raise UserError(f"--out must be a .json file path (the plot goes beside it as .png), got {out}")
 

@@ -29,7 +29,7 @@ from dopr_robot.fileio import write_json
 from dopr_robot.optim import DoPr
 from dopr_robot.optim.dopr import damping
 from dopr_robot.provenance import provenance
-from dopr_robot.rundir import check_writable_dir, resolve_checkpoint
+from dopr_robot.rundir import SPECTRUM_REPORT, check_writable_dir, resolve_checkpoint
 
 
 @torch.no_grad()
@@ -79,7 +79,7 @@ def spectrum(run: str | Path, out: str | Path | None = None, checkpoint: str | P
     run = Path(run)
     if not run.is_dir():
         raise UserError(f"run directory not found: {run}")
-    out = Path(out) if out is not None else run / "spectrum.json"
+    out = Path(out) if out is not None else run / SPECTRUM_REPORT
     if out.suffix != ".json" or out.is_dir():
         raise UserError(f"--out must be a .json file path, got {out}")
     if batches < 1:

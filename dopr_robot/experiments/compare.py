@@ -33,7 +33,7 @@ from dopr_robot.errors import UserError
 from dopr_robot.experiments import stats
 from dopr_robot.fileio import write_json, write_text
 from dopr_robot.provenance import provenance
-from dopr_robot.rundir import read_metrics
+from dopr_robot.rundir import DRIFT_REPORT, read_metrics
 
 # Config keys that do not define a group: the seed is the replicate, the rest is bookkeeping or evaluation.
 IGNORED_KEYS = {"optim.name", "train.seed", "train.device", "train.threads", "train.logger",
@@ -177,7 +177,7 @@ def load_run(path: Path, warnings: list[str], name: str | None = None) -> Run:
         else:
             run.perturbed.append(report)
     run.metrics = read_metrics(path / "metrics.jsonl", warnings)
-    run.drift = _read_json(path / "drift.json", warnings)
+    run.drift = _read_json(path / DRIFT_REPORT, warnings)
     if run.config is not None:
         run.optim = (run.config.get("optim") or {}).get("name")
         run.seed = (run.config.get("train") or {}).get("seed")
