@@ -20,6 +20,12 @@ def draw_device(generator: torch.Generator | None, device: torch.device) -> torc
     return generator.device if generator is not None else device
 
 
+def draw(sample, *args, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """`sample(*args)` (torch.randn, torch.rand, torch.randint, ...) from `generator`, made on `draw_device` and
+    returned on `device`."""
+    return sample(*args, generator=generator, device=draw_device(generator, device)).to(device)
+
+
 class ActionChunkPolicy(nn.Module):
     def __init__(self, model: nn.Module, obs_normalizer: RangeNormalizer, action_normalizer: RangeNormalizer,
                  n_obs_steps: int, horizon: int, action_dim: int):

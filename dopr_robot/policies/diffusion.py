@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from dopr_robot.policies.base import ActionChunkPolicy, draw_device
+from dopr_robot.policies.base import ActionChunkPolicy, draw
 
 
 class DiffusionPolicy(ActionChunkPolicy):
@@ -23,10 +23,10 @@ class DiffusionPolicy(ActionChunkPolicy):
         self.num_inference_steps = num_inference_steps
 
     def _loss(self, actions, cond, generator, rows=None):
-        B, at = actions.shape[0], draw_device(generator, actions.device)
-        noise = torch.randn(actions.shape, generator=generator, device=at).to(actions.device)
-        steps = torch.randint(0, self.train_scheduler.config.num_train_timesteps, (B,), generator=generator,
-                              device=at).to(actions.device)
+        B = actions.shape[0]
+        noise = draw(torch.randn, actions.shape, generator=generator, device=actions.device)
+        steps = draw(torch.randint, 0, self.train_scheduler.config.num_train_timesteps, (B,), generator=generator,
+                     device=actions.device)
         if rows is not None:
             actions, cond, noise, steps = actions[rows], cond[rows], noise[rows], steps[rows]
         noisy = self.train_scheduler.add_noise(actions, noise, steps)
@@ -37,7 +37,7 @@ class DiffusionPolicy(ActionChunkPolicy):
     def _sample(self, shape, cond, generator):
         scheduler = self.sample_scheduler
         scheduler.set_timesteps(self.num_inference_steps)
-        x = torch.randn(shape, generator=generator, device=draw_device(generator, cond.device)).to(cond.device)
+        x = draw(torch.randn, shape, generator=generator, device=cond.device)
         for t in scheduler.timesteps:
             step = torch.full((shape[0],), int(t), device=cond.device, dtype=torch.long)
             x = scheduler.step(self.model(x, step, cond), t, x).prev_sample

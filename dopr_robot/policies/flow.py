@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dopr_robot.policies.base import ActionChunkPolicy, draw_device
+from dopr_robot.policies.base import ActionChunkPolicy, draw, draw_device
 
 TIME_SCALE = 100.0  # the backbones embed diffusion-step-sized numbers; flow time in [0, 1] is scaled to [0, 100]
 
@@ -28,19 +28,18 @@ class FlowPolicy(ActionChunkPolicy):
         return self.model(x, t * TIME_SCALE, cond)
 
     def _draw_time(self, n: int, device, generator) -> torch.Tensor:
-        at = draw_device(generator, device)
-        u = torch.rand(n, generator=generator, device=at)
+        u = draw(torch.rand, n, generator=generator, device=device)  # drawn for Beta too: one generator stream
         if self.time_distribution == "uniform":
-            return u.to(device)
+            return u
         # Beta(a, b) by inverse transform would need its quantile; draw it from two Gammas instead, driven by
         # normal draws from the same generator (torch's _standard_gamma takes no generator).
+        at = draw_device(generator, device)
         g1 = _gamma(self.beta_a, n, at, generator)
         g2 = _gamma(self.beta_b, n, at, generator)
         return (g1 / (g1 + g2)).to(device)
 
     def _loss(self, actions, cond, generator, rows=None):
-        noise = torch.randn(actions.shape, generator=generator,
-                            device=draw_device(generator, actions.device)).to(actions.device)
+        noise = draw(torch.randn, actions.shape, generator=generator, device=actions.device)
         t = self._draw_time(actions.shape[0], actions.device, generator)
         if rows is not None:
             actions, cond, noise, t = actions[rows], cond[rows], noise[rows], t[rows]
@@ -48,7 +47,7 @@ class FlowPolicy(ActionChunkPolicy):
         return F.mse_loss(self._velocity(x_t, t, cond), actions - noise)
 
     def _sample(self, shape, cond, generator):
-        x = torch.randn(shape, generator=generator, device=draw_device(generator, cond.device)).to(cond.device)
+        x = draw(torch.randn, shape, generator=generator, device=cond.device)
         dt = 1.0 / self.num_inference_steps
         for i in range(self.num_inference_steps):
             t = torch.full((shape[0],), i * dt, device=cond.device)
