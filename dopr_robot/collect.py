@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from dopr_robot.datasets.robomimic_hdf5 import Episode, write_robomimic
-from dopr_robot.envs import RobosuiteEnv, default_env_args
+from dopr_robot.envs import RobosuiteEnv, default_env_args, make_env
 from dopr_robot.envs.experts import EXPERTS, NoisyOperator
 from dopr_robot.errors import UserError
 from dopr_robot.progress import progress_bar
@@ -60,7 +60,7 @@ def collect(task: str, episodes: int, seed: int, out: str | Path, max_steps: int
     if not 0 <= noise <= 3 or not np.isfinite(noise):
         raise UserError(f"--noise must be in [0, 3]; got {noise}")
     env_args = default_env_args(task)
-    env = RobosuiteEnv(env_args)
+    env = make_env(env_args)
     kept: list[Episode] = []
     attempts, start = 0, time.time()
     bar = progress_bar(total=episodes, desc=f"collect {task}", unit="demo", enabled=progress)

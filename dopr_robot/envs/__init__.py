@@ -1,7 +1,24 @@
 """Simulated environments (robosuite 1.5 + MuJoCo, `robosuite_env`), env_args of older robosuite versions
 (`compat`), offscreen rendering and the MUJOCO_GL choice (`render`), and the scripted experts that generate
-demonstrations (`experts`)."""
+demonstrations (`experts`).
 
+Every environment is built from the env_args a dataset (and so a checkpoint) records, by `make_env`, and offers
+one interface to evaluation, collection and diagnostics:
+  reset(seed) -> obs dict; step(action) -> (obs dict, reward); is_success() -> bool; `terminated` (the env ended
+  the episode early, e.g. a fallen hopper; robosuite never does); `success_ends_episode` (True where reaching
+  success stops the episode, robosuite's tasks; False where the episode runs to its time limit or termination
+  and success is judged at the end); get_state(); push_object(velocity); render_frame(); close(); action_dim.
+"""
+
+from typing import Any
+
+from dopr_robot.envs.render import RenderSpec
 from dopr_robot.envs.robosuite_env import TASKS, RobosuiteEnv, default_env_args, import_robosuite
 
-__all__ = ["TASKS", "RobosuiteEnv", "default_env_args", "import_robosuite"]
+
+def make_env(env_args: dict[str, Any], render: RenderSpec | tuple[str, int, int] | None = None):
+    """The environment that `env_args` (from a dataset or a checkpoint) describes."""
+    return RobosuiteEnv(env_args, render=render)
+
+
+__all__ = ["TASKS", "RobosuiteEnv", "default_env_args", "import_robosuite", "make_env"]

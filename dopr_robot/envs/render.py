@@ -128,12 +128,12 @@ def check_rendering(env_args: dict[str, Any], spec: RenderSpec, seed: int = 0) -
     Returns the seconds that frame took. Raises UserError (one line naming the fix) when rendering does not
     work here, or when the frame is blank (a context that renders nothing), and for an unknown camera.
     """
-    from dopr_robot.envs.robosuite_env import RobosuiteEnv
+    from dopr_robot.envs import make_env
 
     env, failure = None, None
     with _quiet():
         try:
-            env = RobosuiteEnv(env_args, render=spec)
+            env = make_env(env_args, render=spec)
             env.reset(seed)
             start = time.perf_counter()
             frame = env.render_frame()

@@ -75,6 +75,9 @@ def default_env_args(task: str) -> dict[str, Any]:
 class RobosuiteEnv:
     """A robosuite environment with robomimic observation names and per-episode seeding."""
 
+    success_ends_episode = True  # robomimic's convention: an episode stops at the first successful step
+    terminated = False  # robosuite tasks have no early termination: an episode ends on success or time
+
     def __init__(self, env_args: dict[str, Any], render: RenderSpec | tuple[str, int, int] | None = None):
         suite = import_robosuite()
         from dopr_robot.envs.compat import upgrade_env_args

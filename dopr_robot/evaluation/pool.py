@@ -101,7 +101,7 @@ def _load(token: str, checkpoint: str):
         import json
 
         from dopr_robot.checkpoint import load_policy
-        from dopr_robot.envs.robosuite_env import RobosuiteEnv
+        from dopr_robot.envs import make_env
 
         policy, meta = load_policy(checkpoint)
         env_key = json.dumps(meta.get("env_args"), sort_keys=True)
@@ -109,7 +109,7 @@ def _load(token: str, checkpoint: str):
             if _worker.get("env") is not None:
                 _worker["env"].close()
             _worker["env"], _worker["env_key"] = None, None
-            _worker["env"] = RobosuiteEnv(meta["env_args"])
+            _worker["env"] = make_env(meta["env_args"])
             _worker["env_key"] = env_key
     except BaseException as e:  # noqa: BLE001
         _worker["error"] = e

@@ -46,8 +46,9 @@ def run_episode(policy, env, seed: int, max_steps: int, n_action_steps: int, obs
     seen_obs = perturb.observation(flatten_observation(obs, obs_keys))
     history = deque([seen_obs] * n_obs, maxlen=n_obs)  # the first observation stands in for the past
     trajectory: dict[str, list] = {"obs": [], "states": [], "actions": []}
-    steps, total_reward, success = 0, 0.0, False
-    while steps < max_steps and not success:
+    steps, total_reward = 0, 0.0
+    done = False
+    while not done:
         window = torch.from_numpy(np.stack(history))[None].to(device)
         chunk = policy.predict_action(window, generator)[0].cpu().numpy()
         for action in chunk[n_obs - 1 : n_obs - 1 + n_action_steps]:
@@ -64,9 +65,10 @@ def run_episode(policy, env, seed: int, max_steps: int, n_action_steps: int, obs
             steps += 1
             total_reward += reward
             history.append(perturb.observation(flatten_observation(obs, obs_keys)))
-            success = env.is_success()
-            if success or steps >= max_steps:
+            done = (env.success_ends_episode and env.is_success()) or env.terminated or steps >= max_steps
+            if done:
                 break
+    success = env.is_success()  # where success does not end the episode, it is judged at its end
     result: dict[str, Any] = {"seed": seed, "success": bool(success), "steps": steps, "return": total_reward,
                               "wall_s": time.perf_counter() - start}
     if perturb.push_step is not None:

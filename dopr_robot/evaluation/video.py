@@ -176,9 +176,9 @@ class RenderingEnvironment:
         key = json.dumps([env_args, list(plan.spec)], sort_keys=True)
         if key != self._key:
             self.close()
-            from dopr_robot.envs.robosuite_env import RobosuiteEnv
+            from dopr_robot.envs import make_env
 
-            self._env = RobosuiteEnv(env_args, render=plan.spec)
+            self._env = make_env(env_args, render=plan.spec)
             self._key = key
         return VideoRecorder(self._env, plan.directory, seed, plan.fps)
 
