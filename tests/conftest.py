@@ -24,3 +24,14 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `dopr-robot ARGS` in a fresh interpreter, as a user would."""
     return subprocess.run([sys.executable, "-m", "dopr_robot.cli", *args], capture_output=True, text=True,
                           cwd=cwd or REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.fixture(scope="session")
+def minari_pendulum(tmp_path_factory):
+    """A small real Minari dataset (DataCollector, InvertedPendulum-v5, 6 episodes of <= 40 steps; ~1 s).
+    Returns (datasets root for MINARI_DATASETS_PATH, dataset id, what each episode executed)."""
+    from tiny_data import make_minari_dataset
+
+    root = tmp_path_factory.mktemp("minari")
+    dataset_id = "dopr-test/pendulum/pd-v0"
+    return root, dataset_id, make_minari_dataset(root, dataset_id)

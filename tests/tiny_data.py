@@ -65,3 +65,54 @@ def assert_user_error(result: subprocess.CompletedProcess, fragment: str) -> Non
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
+
+
+def pendulum_action(obs: np.ndarray, rng: np.random.Generator, noise: float = 0.3) -> np.ndarray:
+    """A noisy PD controller that balances InvertedPendulum-v5 (cart position, pole angle, their velocities)."""
+    gains = np.array([1.0, 10.0, 1.0, 2.0])
+    return np.clip([gains @ obs + noise * rng.standard_normal()], -3, 3).astype(np.float32)
+
+
+def make_minari_dataset(root: Path, dataset_id: str, episodes: int = 5, limit: int = 40, seed: int = 0,
+                        env_wrapper=None) -> list[dict[str, np.ndarray]]:
+    """A real Minari dataset written by Minari's DataCollector under `root` (as MINARI_DATASETS_PATH): `episodes`
+    PD-controlled InvertedPendulum-v5 episodes (`limit`-step time limit) and one more that pushes the cart
+    until the pole falls (terminated early). Reference scores 0 and `limit` (the return is the step count).
+    Returns what each episode executed: {"actions", "rewards", "seed", "terminated"}."""
+    import os
+    import warnings
+
+    import gymnasium as gym
+    import minari
+
+    previous = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(root)
+    executed = []
+    try:
+        env = gym.make("InvertedPendulum-v5", max_episode_steps=limit)
+        env = minari.DataCollector(env_wrapper(env) if env_wrapper else env)
+        for i in range(episodes + 1):
+            rng = np.random.default_rng([seed, i])
+            obs, _ = env.reset(seed=seed + i)
+            actions, rewards, done, terminated = [], [], False, False
+            while not done:
+                action = pendulum_action(np.asarray(obs.get("state", obs) if isinstance(obs, dict) else obs), rng) \
+                    if i < episodes else np.array([3.0], dtype=np.float32)
+                obs, reward, terminated, truncated, _ = env.step(action)
+                actions.append(action)
+                rewards.append(reward)
+                done = terminated or truncated
+            executed.append({"actions": np.asarray(actions), "rewards": np.asarray(rewards), "seed": seed + i,
+                             "terminated": bool(terminated)})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Minari's advice to name an eval env and a code permalink
+            env.create_dataset(dataset_id, algorithm_name="noisy PD controller", author="dopr-robot tests",
+                               author_email="tests@example.invalid", code_permalink="tests/tiny_data.py",
+                               description="test fixture", ref_min_score=0.0, ref_max_score=float(limit))
+        env.close()
+    finally:
+        if previous is None:
+            os.environ.pop("MINARI_DATASETS_PATH", None)
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = previous
+    return executed

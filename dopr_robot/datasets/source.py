@@ -1,24 +1,30 @@
-"""One entry point for demonstration files, whatever their format: `open_demos(path, obs_keys)`."""
+"""One entry point for demonstration data, whatever its format: `open_demos(path, obs_keys)` reads robomimic HDF5
+files, ReplayBuffer zarr stores and Minari datasets (`minari:<dataset_id>` or a dataset directory)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from dopr_robot.datasets.minari_source import is_minari, read_minari, reference_scores
 from dopr_robot.datasets.robomimic_hdf5 import Episode, RobomimicFile, demo_sort_key, write_robomimic
 from dopr_robot.datasets.zarr_store import is_zarr, read_zarr, write_zarr
 from dopr_robot.errors import UserError
 
 
 class Demos:
-    """The episodes of a robomimic HDF5 file or ReplayBuffer zarr store, by filter key, with the file's
-    env_args and attributes. Reads everything at once (low-dim data) and closes the file."""
+    """The episodes of a robomimic HDF5 file, ReplayBuffer zarr store or Minari dataset, by filter key, with the
+    file's env_args and attributes. Reads everything at once (low-dim data) and closes the file. `obs_keys` are
+    the observation keys read (None: every key the file has)."""
 
     def __init__(self, path: str | Path, obs_keys: list[str] | None = None):
         self.path = Path(path)
-        if not self.path.exists():
+        if is_minari(path):  # no masks: every episode trains
+            self.path, self._episodes, self.env_args, self.attrs = read_minari(path, obs_keys)
+            self.masks: dict[str, list[str]] = {}
+        elif not self.path.exists():
             raise UserError(f"dataset not found: {self.path}")
-        if is_zarr(self.path):
+        elif is_zarr(self.path):
             self._episodes, self.masks, self.env_args, self.attrs = read_zarr(self.path, obs_keys)
         else:
             try:
@@ -32,6 +38,7 @@ class Demos:
                 reason = (str(e).splitlines()[0] if str(e) else type(e).__name__).strip("'")
                 raise UserError(f"dataset {self.path} is corrupt or unreadable ({reason})") from None
         self._check_consistent()
+        self.obs_keys: list[str] = list(self._episodes[self.names[0]].obs)
 
     def _check_consistent(self) -> None:
         """Every demo has the same observation keys and widths and the same action width; every mask names
@@ -56,6 +63,11 @@ class Demos:
             missing = [n for n in members if n not in self._episodes]
             if missing:
                 raise UserError(f"dataset {self.path}: mask/{key} names {missing[0]}, which is not a demo")
+
+    @property
+    def reference_scores(self) -> dict[str, float] | None:
+        """The dataset's reference returns {"min", "max"} (Minari's ref_min_score / ref_max_score), if any."""
+        return reference_scores(self.attrs)
 
     @property
     def names(self) -> list[str]:

@@ -1,4 +1,4 @@
-"""Simulated environments (robosuite 1.5 + MuJoCo, `robosuite_env`), env_args of older robosuite versions
+"""Simulated environments (robosuite 1.5 + MuJoCo, `robosuite_env`; Gymnasium, `gymnasium_env`), env_args of older robosuite versions
 (`compat`), offscreen rendering and the MUJOCO_GL choice (`render`), and the scripted experts that generate
 demonstrations (`experts`).
 
@@ -12,13 +12,18 @@ one interface to evaluation, collection and diagnostics:
 
 from typing import Any
 
+from dopr_robot.envs.gymnasium_env import GymnasiumEnv, is_gymnasium
 from dopr_robot.envs.render import RenderSpec
 from dopr_robot.envs.robosuite_env import TASKS, RobosuiteEnv, default_env_args, import_robosuite
 
 
 def make_env(env_args: dict[str, Any], render: RenderSpec | tuple[str, int, int] | None = None):
-    """The environment that `env_args` (from a dataset or a checkpoint) describes."""
+    """The environment that `env_args` (from a dataset or a checkpoint) describes: Gymnasium when its "type" is
+    "gymnasium" (a Minari dataset's), robosuite otherwise."""
+    if is_gymnasium(env_args):
+        return GymnasiumEnv(env_args, render=render)
     return RobosuiteEnv(env_args, render=render)
 
 
-__all__ = ["TASKS", "RobosuiteEnv", "default_env_args", "import_robosuite", "make_env"]
+__all__ = ["TASKS", "GymnasiumEnv", "RobosuiteEnv", "default_env_args", "import_robosuite", "is_gymnasium",
+           "make_env"]

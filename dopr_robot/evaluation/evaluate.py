@@ -310,6 +310,7 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
         "optim": optim["name"], "ap": optim["ap"] if optim["name"].startswith("dopr") else None,
         "train_seed": config["train"]["seed"],
         "env_name": meta["env_args"].get("env_name"),
+        **({"reference_scores": meta["reference_scores"]} if meta.get("reference_scores") else {}),  # Minari's
         "episodes": episodes, "seed_start": seed_start, "max_steps": max_steps,
         "workers": pool.workers if missing else 0, "n_action_steps": n_action_steps,
         "successes": successes, "success_rate": successes / episodes, "success_ci95": [lo, hi],

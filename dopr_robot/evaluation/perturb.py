@@ -12,6 +12,9 @@ Units (so that a level means the same thing for every run, whatever its dataset)
   m/s is added to the object's linear velocity in a uniformly random horizontal direction, just before that
   step's action is executed. A kick, unlike a force, means the same whatever the object's mass and the
   simulator's substeps.
+- Gymnasium environments (`envs.gymnasium_env`): actions and their noise are in the action space's units (clipped
+  to its bounds); the push acts on the torso as a force over a few steps whose impulse is the same velocity
+  change for the whole robot (`GymnasiumEnv.push_object`).
 
 Every draw comes from the episode's seed through its own generator per perturbation kind, separate from the
 environment's reset stream and the policy's sampling noise. So all-zero levels reproduce the unperturbed

@@ -109,7 +109,7 @@ class VideoPlan:
                env_args: dict[str, Any]) -> "VideoPlan | None":
         if not videos and not videos_failed:
             return None
-        fps = float(env_args.get("env_kwargs", {}).get("control_freq", 20))
+        fps = float(env_args.get("render_fps") or env_args.get("env_kwargs", {}).get("control_freq", 20))
         return cls(spec, Path(directory), frozenset(seeds[:videos]), videos_failed, fps)
 
     def preflight(self, env_args: dict[str, Any], seed: int) -> float:

@@ -20,8 +20,11 @@ import torch
 
 from dopr_robot.collect import collect
 from dopr_robot.config import Config, dump_config
+from dopr_robot.config import DEFAULT_OBS_KEYS
 from dopr_robot.datasets import WindowDataset, flatten_obs, open_demos
+from dopr_robot.datasets.minari_source import is_minari
 from dopr_robot.envs.compat import action_mode, version_warning
+from dopr_robot.envs.gymnasium_env import is_gymnasium
 from dopr_robot.errors import UserError
 from dopr_robot.fileio import atomic_path, write_json, write_text
 from dopr_robot.optim import build_optimizer, clip_grad_norm_, optimizer_health
@@ -60,7 +63,7 @@ def cosine_with_warmup(warmup: int, total: int):
 
 def prepare_dataset(cfg: Config, collect_if_missing: bool, progress: bool) -> None:
     path = Path(cfg.data.path)
-    if path.exists():
+    if path.exists() or is_minari(cfg.data.path):  # Minari datasets are downloaded, never collected here
         return
     if not collect_if_missing:
         raise UserError(f"dataset not found: {path}")
@@ -123,14 +126,23 @@ def _train(cfg: Config, run_dir: Path, collect_if_missing: bool, progress: bool,
 
     # --- data: episodes -> windows; normalization fitted on the training split only
     d = cfg.data
-    demos = open_demos(d.path, d.obs_keys)  # reads and checks every demo: a damaged file fails here
+    # a Minari dataset's own keys unless the config names some (its default names robosuite keys)
+    keys = None if is_minari(d.path) and d.obs_keys == DEFAULT_OBS_KEYS else d.obs_keys
+    demos = open_demos(d.path, keys)  # reads and checks every demo: a damaged file fails here
+    d.obs_keys = demos.obs_keys  # recorded in config.yaml and the checkpoints
     train_eps = demos.episodes(d.train_filter)
     valid_eps = demos.episodes(d.valid_filter, missing_ok=True)
     env_args = demos.env_args
-    action_mode(env_args, train_eps[0].actions.shape[1])  # rejects action layouts the evaluator cannot execute
-    warning = version_warning(env_args)
-    if warning:
-        say(f"warning: {warning}")
+    if is_gymnasium(env_args):
+        limit = env_args.get("max_episode_steps")
+        if limit and cfg.eval.max_steps != limit:
+            say(f"warning: eval.max_steps ({cfg.eval.max_steps}) is not {env_args['env_name']}'s time limit "
+                f"({limit}): returns are not comparable with the dataset's (set eval.max_steps={limit})")
+    else:
+        action_mode(env_args, train_eps[0].actions.shape[1])  # rejects action layouts the evaluator cannot execute
+        warning = version_warning(env_args)
+        if warning:
+            say(f"warning: {warning}")
     train_set = WindowDataset(train_eps, d.obs_keys, d.n_obs_steps, d.horizon, d.n_action_steps).to(device)
     valid_set = WindowDataset(valid_eps, d.obs_keys, d.n_obs_steps, d.horizon, d.n_action_steps).to(device) \
         if valid_eps and ddp.is_writer else None
@@ -152,6 +164,7 @@ def _train(cfg: Config, run_dir: Path, collect_if_missing: bool, progress: bool,
             raise UserError(f"--resume: {run_dir} is already at step {start_step}; {what} must be above it")
     meta = {"config": cfg.to_dict(), "obs_dim": obs_dim, "action_dim": action_dim, "obs_keys": list(d.obs_keys),
             "env_args": env_args, "dataset": str(d.path), "dataset_attrs": demos.attrs,
+            **({"reference_scores": demos.reference_scores} if demos.reference_scores else {}),
             "train_demos": len(train_eps), "valid_demos": len(valid_eps)}
 
     def save(name: str, step: int) -> None:
@@ -173,7 +186,7 @@ def _train(cfg: Config, run_dir: Path, collect_if_missing: bool, progress: bool,
         write_text(run_dir / "config.yaml", dump_config(cfg))
         # a resume keeps the run's original record and appends its own to "resumes" (with the step it resumed from)
         write_json(run_dir / "provenance.json",
-                   run_provenance(run_dir, d.path, sys.argv, resume_step=start_step if resume else None))
+                   run_provenance(run_dir, demos.path, sys.argv, resume_step=start_step if resume else None))
     # metrics.jsonl (+ TensorBoard / W&B); closed however training ends
     logger = cleanup.enter_context(open_logger(t.logger, run_dir, cfg.to_dict(), start_step if resume else None)) \
         if ddp.is_writer else None
