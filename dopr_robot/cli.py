@@ -43,7 +43,8 @@ def collect_cmd(
 @app.command("train")
 def train_cmd(
     config: Optional[Path] = typer.Option(None, help="YAML config (default: the built-in Lift quickstart config)"),
-    dataset: Optional[Path] = typer.Option(None, help="robomimic .hdf5 dataset (overrides data.path)"),
+    dataset: Optional[Path] = typer.Option(None, help="robomimic .hdf5, ReplayBuffer .zarr, minari:DATASET_ID or a "
+                                                      "Minari dataset directory (overrides data.path)"),
     optim: Optional[str] = typer.Option(None, help="adam | muon | dopr (DoPr over Adam) | dopr-muon"),
     policy: Optional[str] = typer.Option(None, help="diffusion | flow"),
     steps: Optional[int] = typer.Option(None, help="training steps (train.steps)"),
@@ -99,14 +100,16 @@ def eval_cmd(
                                                             "units) [eval.action_noise: 0]"),
     obs_noise: Optional[float] = typer.Option(None, help="Gaussian noise std on the policy's observations "
                                                          "(normalized units) [eval.obs_noise: 0]"),
-    push: Optional[float] = typer.Option(None, help="probability per episode of one push on the object [eval.push: 0]"),
+    push: Optional[float] = typer.Option(None, help="probability per episode of one push on the object (Gymnasium: "
+                                                    "the torso) [eval.push: 0]"),
     push_magnitude: Optional[float] = typer.Option(None, help="push: velocity kick in m/s [eval.push_magnitude: 0.5]"),
     episode_timeout: float = typer.Option(600.0, help="seconds before a running episode is stopped and recorded "
                                                       "as failed"),
     save_trajectories: bool = typer.Option(False, help="also store every episode (robomimic layout) beside the report"),
     videos: int = typer.Option(0, help="record the first N episodes (by seed) as MP4 in videos/ beside the report"),
     videos_failed: int = typer.Option(0, help="record up to N failed episodes (re-run with recording)"),
-    video_camera: str = typer.Option("agentview", help="robosuite camera of the videos"),
+    video_camera: str = typer.Option("agentview", help="robosuite camera of the videos (Gymnasium: a camera of the "
+                                                       "model, e.g. track; otherwise the env's own view)"),
     video_size: str = typer.Option("256", help="video frame size: N (square) or WIDTHxHEIGHT"),
 ):
     """Closed-loop success of a checkpoint over many seeded rollouts; writes a JSON report."""
@@ -254,7 +257,7 @@ def plot_cmd(
 
 
 @app.command("inspect")
-def inspect_cmd(file: Path = typer.Argument(..., help="robomimic .hdf5 or ReplayBuffer .zarr")):
+def inspect_cmd(file: Path = typer.Argument(..., help="robomimic .hdf5, ReplayBuffer .zarr or minari:DATASET_ID")):
     """Summarize a demonstration file: demos, lengths, obs keys and dims, actions, env and controller, masks."""
     from dopr_robot.datasets.inspect import describe
 
@@ -266,7 +269,7 @@ def inspect_cmd(file: Path = typer.Argument(..., help="robomimic .hdf5 or Replay
 
 @app.command("convert")
 def convert_cmd(
-    src: Path = typer.Argument(..., help="input .hdf5 (robomimic) or .zarr (ReplayBuffer)"),
+    src: Path = typer.Argument(..., help="input .hdf5 (robomimic), .zarr (ReplayBuffer) or minari:DATASET_ID"),
     dst: Path = typer.Argument(..., help="output; its suffix (.zarr or .hdf5) picks the format"),
     overwrite: bool = typer.Option(False, help="replace DST if it exists"),
 ):

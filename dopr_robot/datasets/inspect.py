@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dopr_robot.datasets.minari_source import is_minari
 from dopr_robot.datasets.source import open_demos
 from dopr_robot.datasets.zarr_store import is_zarr
 
@@ -13,22 +14,31 @@ from dopr_robot.datasets.zarr_store import is_zarr
 def describe(path: str | Path) -> list[tuple[str, str]]:
     """(label, text) rows; raises UserError (one line) on anything malformed."""
     from dopr_robot.envs.compat import action_mode, arm_controller_config, version_warning
+    from dopr_robot.envs.gymnasium_env import is_gymnasium
 
     demos = open_demos(path)  # validates every demo
     episodes = demos.episodes(None)
     lengths = np.array([len(e) for e in episodes])
     actions = np.concatenate([e.actions for e in episodes])
-    env_kwargs = demos.env_args.get("env_kwargs", {})
-    controller = env_kwargs.get("controller_configs") or {}
-    composite = controller.get("type") if "body_parts" in controller else None
-    controller_text = "/".join(t for t in (composite, arm_controller_config(demos.env_args).get("type")) if t) \
-        or "unknown"
+    env_args = demos.env_args
+    env_kwargs = env_args.get("env_kwargs", {})
+    gymnasium = is_gymnasium(env_args)
+    if gymnasium:
+        env_text = (f"{env_args.get('env_name')} (recorded with gymnasium {env_args.get('env_version', '?')}), "
+                    f"time limit {env_args.get('max_episode_steps')} steps, {env_args.get('render_fps') or '?'} Hz")
+    else:
+        controller = env_kwargs.get("controller_configs") or {}
+        composite = controller.get("type") if "body_parts" in controller else None
+        controller_text = "/".join(t for t in (composite, arm_controller_config(env_args).get("type")) if t) \
+            or "unknown"
+        env_text = (f"{env_args.get('env_name')} (recorded with robosuite {env_args.get('env_version', '?')}), "
+                    f"robots {env_kwargs.get('robots')}, controller {controller_text}, "
+                    f"{action_mode(env_args, actions.shape[1])} actions, {env_kwargs.get('control_freq', '?')} Hz")
+    kind = "Minari" if is_minari(path) else "ReplayBuffer zarr" if is_zarr(path) else "robomimic HDF5"
     first = episodes[0]
     rows = [
-        ("file", f"{path} ({'ReplayBuffer zarr' if is_zarr(path) else 'robomimic HDF5'})"),
-        ("env", f"{demos.env_args.get('env_name')} (recorded with robosuite {demos.env_args.get('env_version', '?')}), "
-                f"robots {env_kwargs.get('robots')}, controller {controller_text}, "
-                f"{action_mode(demos.env_args, actions.shape[1])} actions, {env_kwargs.get('control_freq', '?')} Hz"),
+        ("file", f"{path} ({kind})"),
+        ("env", env_text),
         ("demos", f"{len(episodes)}, lengths min/mean/max {lengths.min()}/{lengths.mean():.1f}/{lengths.max()}, "
                   f"{lengths.sum()} steps"),
         ("masks", ", ".join(f"{k} ({len(v)})" for k, v in demos.masks.items()) or "none (every demo trains)"),
@@ -38,7 +48,11 @@ def describe(path: str | Path) -> list[tuple[str, str]]:
         ("states", f"{first.states.shape[1]}-D MuJoCo states" if first.states is not None else "none"),
         ("noise", str(demos.attrs.get("noise", "not recorded"))),
     ]
-    warning = version_warning(demos.env_args)
+    scores = demos.reference_scores
+    if scores:
+        rows.append(("reference", f"returns {scores['min']:g} (random) .. {scores['max']:g} (expert), for "
+                                  f"normalized returns"))
+    warning = None if gymnasium else version_warning(env_args)
     if warning:
         rows.append(("warning", warning))
     return rows

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from dopr_robot.datasets import flatten_obs, open_demos
+from dopr_robot.datasets.minari_source import is_minari
 from dopr_robot.datasets.robomimic_hdf5 import Episode
 from dopr_robot.errors import UserError
 
@@ -17,7 +18,7 @@ def training_demos(meta: dict[str, Any], ckpt: Path, dataset: str | Path | None
     data_cfg = meta["config"]["data"]
     obs_keys, obs_dim = list(meta["obs_keys"]), int(meta["obs_dim"])
     dataset = Path(dataset) if dataset is not None else Path(meta["dataset"])
-    if not dataset.exists():
+    if not dataset.exists() and not is_minari(dataset):  # a Minari id says itself where it was looked for
         raise UserError(f"training dataset {dataset} (recorded in {ckpt}) not found; pass --dataset PATH")
     demos = open_demos(dataset, obs_keys)
     train_eps = demos.episodes(data_cfg["train_filter"])

@@ -358,6 +358,15 @@ def run_eval(run: str | Path, checkpoint_name: str | None = None, out: Path | No
     return report, out
 
 
+def _normalized(report: dict[str, Any]) -> str:
+    """Minari's normalized return, (return - random) / (expert - random), where the dataset has reference scores."""
+    scores = report.get("reference_scores")
+    if not scores or scores["max"] == scores["min"]:
+        return ""
+    value = (report["mean_return"] - scores["min"]) / (scores["max"] - scores["min"])
+    return f"  (normalized {value:.3f}: 0 = random {scores['min']:g}, 1 = expert {scores['max']:g})"
+
+
 def format_report(report: dict[str, Any]) -> str:
     lo, hi = report["success_ci95"]
     ap = report["ap"]
@@ -371,6 +380,7 @@ def format_report(report: dict[str, Any]) -> str:
         ("success", f"{report['success_rate']:.1%}  [{lo:.1%}, {hi:.1%}] Wilson 95%  "
                     f"({report['successes']}/{report['episodes']})"),
         ("mean steps", f"{report['mean_steps']:.1f}"),
+        ("mean return", f"{report['mean_return']:.2f}" + _normalized(report)),
     ]
     p = report.get("perturbation") or {}
     if any(p.values()):
