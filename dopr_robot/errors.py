@@ -3,3 +3,9 @@
 
 class UserError(Exception):
     """Bad input from the user (missing/corrupt file, wrong key, invalid value). Message is one line."""
+
+
+def error_summary(error: BaseException) -> str:
+    """`Type: first line of the message` of an exception from a library, for a one-line UserError."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}{': ' + lines[0] if lines else ''}"

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from dopr_robot.datasets.robomimic_hdf5 import Episode
-from dopr_robot.errors import UserError
+from dopr_robot.errors import UserError, error_summary
 
 MINARI_PREFIX = "minari:"
 _METADATA = "metadata.json"
@@ -94,7 +94,7 @@ def read_minari(source: str | Path, obs_keys: list[str] | None = None):
     try:
         dataset = minari.MinariDataset(data)
     except Exception as e:  # noqa: BLE001 - ValueError (version, format), KeyError, OSError, ImportError (pyarrow)
-        raise UserError(f"Minari dataset {name} is unreadable ({_reason(e)})") from None
+        raise UserError(f"Minari dataset {name} is unreadable ({error_summary(e)})") from None
     try:
         layout = observation_layout(dataset.observation_space)
     except ValueError as e:
@@ -111,7 +111,7 @@ def read_minari(source: str | Path, obs_keys: list[str] | None = None):
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - a damaged episode, whatever h5py/pyarrow raise
-        raise UserError(f"Minari dataset {name} is corrupt or unreadable ({_reason(e)})") from None
+        raise UserError(f"Minari dataset {name} is corrupt or unreadable ({error_summary(e)})") from None
     if not episodes:
         raise UserError(f"Minari dataset {name} holds no episodes")
     metadata = dataset.storage.metadata
@@ -151,7 +151,8 @@ def _recover_env_args(dataset, name: str, layout: dict[str, tuple[int, ...]]) ->
         try:
             env = dataset.recover_environment(eval_env=True)
         except Exception as e:  # noqa: BLE001 - no spec, unknown id, a missing package: one line either way
-            raise UserError(f"Minari dataset {name}: its environment cannot be recovered ({_reason(e)})") from None
+            raise UserError(f"Minari dataset {name}: its environment cannot be recovered "
+                            f"({error_summary(e)})") from None
     for warning in caught:
         if "requirement" in str(warning.message) or "not installed" in str(warning.message):
             print(f"warning: Minari dataset {name}: {str(warning.message).splitlines()[0]}")
@@ -171,8 +172,3 @@ def _recover_env_args(dataset, name: str, layout: dict[str, tuple[int, ...]]) ->
         return gymnasium_env_args(env)
     finally:
         env.close()
-
-
-def _reason(error: BaseException) -> str:
-    detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}{': ' + detail if detail else ''}"

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from dopr_robot.envs.render import DEFAULT_CAMERA, RenderSpec, backend_import_error, choose_gl_backend
-from dopr_robot.errors import UserError
+from dopr_robot.errors import UserError, error_summary
 
 GYMNASIUM_TYPE = "gymnasium"
 OBS_KEY = "obs"  # the key of a Box observation
@@ -137,9 +137,7 @@ class GymnasiumEnv:
         try:
             self.env = gymnasium.make(spec, **kwargs)
         except Exception as e:  # noqa: BLE001 - unknown id, missing module, bad kwargs: one line either way
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise UserError(f"cannot build the Gymnasium environment {name} ({type(e).__name__}: {detail})") \
-                from None
+            raise UserError(f"cannot build the Gymnasium environment {name} ({error_summary(e)})") from None
         self.terminated = False
         self._push_force: np.ndarray | None = None
         self._push_steps_left = 0
