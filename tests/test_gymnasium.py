@@ -78,7 +78,7 @@ def test_minari_episodes_are_read_as_collected(minari_pendulum, monkeypatch, tmp
         np.testing.assert_array_equal(episode.obs["obs"][1:], episode.next_obs["obs"][:-1])
         first, _ = env.reset(seed=done["seed"])
         np.testing.assert_allclose(episode.obs["obs"][0], first, rtol=1e-6)
-        assert episode.attrs["terminated"] == done["terminated"]
+        assert episode.attrs["terminated"] == done["terminated"] and episode.attrs["seed"] == done["seed"]
     assert [d["terminated"] for d in executed] == [False] * 5 + [True]
     # convert keeps the env and the reference scores
     demos.save(tmp_path / "pendulum.hdf5")

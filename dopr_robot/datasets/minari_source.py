@@ -4,7 +4,7 @@ A dataset is named `minari:<dataset_id>` (e.g. `minari:mujoco/hopper/expert-v0`,
 library looks: $MINARI_DATASETS_PATH, else ~/.minari/datasets; `minari download <dataset_id>` puts it there), or
 by the path of a dataset directory (the one holding `data/metadata.json`, or that `data/` directory itself).
 
-What is read: every episode's observations, actions, rewards, terminations and truncations. Minari stores T+1
+What is read: every episode's observations, actions, rewards, terminations, truncations and reset seed. Minari stores T+1
 observations for T actions (the last one is what the final action led to), so `obs[t]` is observations[t] and
 `next_obs[t]` observations[t+1]. Observations become flat keys (`envs.gymnasium_env.observation_layout`: a Box is
 "obs"). Minari has no train/valid split: every episode trains (no validation loss).
@@ -106,8 +106,11 @@ def read_minari(source: str | Path, obs_keys: list[str] | None = None):
     env_args = _recover_env_args(dataset, name, layout)
     episodes: dict[str, Episode] = {}
     try:
+        seeds = {m["id"]: m.get("seed") for m in dataset.storage.get_episode_metadata(dataset.episode_indices)}
         for ep in dataset.iterate_episodes():
-            episodes[f"demo_{ep.id}"] = _episode(ep, keys, observation_dict, name)
+            episode = episodes[f"demo_{ep.id}"] = _episode(ep, keys, observation_dict, name)
+            if seeds.get(ep.id) is not None:
+                episode.attrs["seed"] = int(seeds[ep.id])  # the reset seed DataCollector recorded
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - a damaged episode, whatever h5py/pyarrow raise
