@@ -4,9 +4,9 @@ A dataset is named `minari:<dataset_id>` (e.g. `minari:mujoco/hopper/expert-v0`,
 library looks: $MINARI_DATASETS_PATH, else ~/.minari/datasets; `minari download <dataset_id>` puts it there), or
 by the path of a dataset directory (the one holding `data/metadata.json`, or that `data/` directory itself).
 
-What is read: every episode's observations, actions, rewards, terminations, truncations and reset seed. Minari stores T+1
-observations for T actions (the last one is what the final action led to), so `obs[t]` is observations[t] and
-`next_obs[t]` observations[t+1]. Observations become flat keys (`envs.gymnasium_env.observation_layout`: a Box is
+What is read: every episode's observations, actions, rewards, terminations, truncations and reset seed. Minari
+stores T+1 observations for T actions (the last one is what the final action led to), so `obs[t]` is
+observations[t] and `next_obs[t]` observations[t+1]. Observations become flat keys (`envs.gymnasium_env.observation_layout`: a Box is
 "obs"). Minari has no train/valid split: every episode trains (no validation loss).
 
 The environment is recovered from the dataset's own env spec (`recover_environment`, the evaluation env when the
