@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from dopr_robot.errors import UserError
-from dopr_robot.experiments import stats
+from dopr_robot import stats
 from dopr_robot.fileio import atomic_path
 from dopr_robot.rundir import check_output_file, read_metrics
 

@@ -13,7 +13,7 @@ import yaml
 
 from conftest import run_cli
 from dopr_robot.errors import UserError
-from dopr_robot.experiments import stats
+from dopr_robot import stats
 from dopr_robot.experiments.compare import build_report, compare, discover
 from dopr_robot.plotting import plot_run
 

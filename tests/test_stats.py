@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from dopr_robot.experiments.stats import (hierarchical_bootstrap_diff, mcnemar_exact, paired_episode_test,
+from dopr_robot.stats import (hierarchical_bootstrap_diff, mcnemar_exact, paired_episode_test,
                                           permutation_test, trend_test, wilson_interval)
 
 

@@ -35,7 +35,7 @@ from dopr_robot.evaluation.journal import (JOURNAL_SUFFIX, Journal, check_resuma
 from dopr_robot.evaluation.perturb import Perturbation
 from dopr_robot.evaluation.pool import EpisodeSettings, EvalPool, Outcome
 from dopr_robot.evaluation.video import VideoPlan, videos_dir_for
-from dopr_robot.experiments.stats import wilson_interval
+from dopr_robot.stats import wilson_interval
 from dopr_robot.progress import progress_bar
 from dopr_robot.provenance import file_sha256, provenance
 from dopr_robot.rundir import check_writable_dir, resolve_checkpoint

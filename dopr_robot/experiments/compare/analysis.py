@@ -1,0 +1,155 @@
+"""Statistics of groups: each group's numbers over its training seeds, its differences to its baseline group
+(unperturbed and per perturbation level), and the best-config selection."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from dopr_robot import stats
+from dopr_robot.errors import UserError
+from dopr_robot.experiments.compare.groups import Group, Sample
+from dopr_robot.experiments.compare.runs import (PERTURBATION_KINDS, finite, is_perturbed, perturbation_of,
+                                                 report_successes)
+
+# ---------------------------------------------------------------- per-group numbers
+
+def summarize(group: Group, last_n: int) -> dict[str, Any]:
+    """The numbers of one group over its training seeds (mean +- sample sd) and pooled over episodes."""
+    rates = group.sample().rates()
+    success_mean, success_sd = stats.mean_sd(rates)
+    successes = sum(report_successes(r.eval) for r in group.runs)
+    episodes = sum(int(r.eval["episodes"]) for r in group.runs)
+    lo, hi = stats.wilson_interval(successes, episodes)
+    best_rates = [float(r.eval_best["success_rate"]) for r in group.runs
+                  if r.eval_best is not None and finite(r.eval_best.get("success_rate"))]
+    best_mean, best_sd = stats.mean_sd(best_rates)
+    val_final = [r.val_losses()[-1] for r in group.runs if r.val_losses()]
+    val_best = [min(r.val_losses()) for r in group.runs if r.val_losses()]
+    intrain = [r.in_training_success() for r in group.runs]
+    intrain_last = [float(np.mean([s for _, s in curve[-last_n:]])) for curve in intrain if curve]
+    intrain_max = [max(s for _, s in curve) for curve in intrain if curve]
+    val_mean, val_sd = stats.mean_sd(val_final)
+    last_mean, last_sd = stats.mean_sd(intrain_last)
+    return {
+        "name": group.name, "optim": group.optim, "settings": group.settings,
+        "runs": [str(r.dir) for r in group.runs],
+        "train_seeds": [r.seed for r in group.runs],
+        "n_seeds": len(group.runs),
+        "success_mean": success_mean, "success_sd": success_sd, "success_per_seed": rates,
+        "successes": successes, "episodes": episodes,
+        "success_pooled": successes / episodes if episodes else None, "success_ci": [lo, hi],
+        "best_success_mean": best_mean, "best_success_sd": best_sd, "best_n_seeds": len(best_rates),
+        "val_loss_mean": val_mean, "val_loss_sd": val_sd,
+        "val_loss_best_mean": stats.mean_sd(val_best)[0],
+        "intrain_last_n": last_n, "intrain_last_mean": last_mean, "intrain_last_sd": last_sd,
+        "intrain_n_seeds": len(intrain_last),
+        "intrain_max_mean": stats.mean_sd(intrain_max)[0],
+    }
+
+
+def difference(baseline: Sample, group: Sample, n_boot: int, seed: int) -> dict[str, Any]:
+    """diff of mean success vs the baseline, its bootstrap interval, and both tests (for the unperturbed eval and
+    for each perturbation level alike)."""
+    base_outcomes, group_outcomes = baseline.outcomes(), group.outcomes()
+    boot = stats.hierarchical_bootstrap_diff(base_outcomes, group_outcomes, n_boot=n_boot, seed=seed)
+    perm = stats.permutation_test(baseline.rates(), group.rates(), seed=seed)
+    out: dict[str, Any] = {"baseline_group": baseline.name, "diff_vs_baseline": boot["diff"], "diff_ci": boot["ci"],
+                           "p_permutation": perm["p"], "permutation": {k: perm[k] for k in
+                                                                       ("method", "n_permutations", "seed")},
+                           "p_paired": None, "paired": None}
+    seeds = baseline.episode_seeds() + group.episode_seeds()
+    if any(s is None for s in seeds):
+        out["paired"] = {"skipped": "a report has no per-episode results"}
+    elif any(s != seeds[0] for s in seeds):
+        out["paired"] = {"skipped": "runs played different episode seeds"}
+    else:
+        paired = stats.paired_episode_test(base_outcomes, group_outcomes)
+        out["p_paired"] = paired["p"]
+        out["paired"] = {k: paired[k] for k in ("n_episodes", "n_discordant", "mean_diff", "method")}
+    return out
+
+
+Levels = dict[str, dict[float, list[dict[str, Any]]]]  # kind -> level -> one report per run, in run order
+
+
+def perturbation_levels(group: Group, notes: list[str]) -> Levels:
+    """The group's reports per perturbation kind and level: its runs' eval_<tag>.json of the final checkpoint with
+    one active perturbation (a push kind names its magnitude), and level 0, the unperturbed eval.json of the same
+    runs. One report per run and level: when a run has several, the first by file name, with a note."""
+    cells: Levels = {}
+    for run in group.runs:
+        taken: set[tuple[str, float]] = set()
+        for report in run.perturbed:
+            if report.get("checkpoint_name", "final") != run.eval.get("checkpoint_name", "final"):
+                continue  # curves are of the final checkpoint, like eval.json's level 0
+            p = perturbation_of(report)
+            active = [k for k in PERTURBATION_KINDS if p.get(k, 0.0) != 0.0]
+            if len(active) != 1:
+                continue  # combined perturbations have no single level axis
+            kind, level = active[0], p[active[0]]
+            if kind == "push":
+                kind = f"push (magnitude {p.get('push_magnitude', 0.0):g})"
+            if (kind, level) in taken:
+                notes.append(f"run {run.dir}: several eval_<tag>.json at {kind} {level:g}; the first by file name "
+                             f"is used")
+                continue
+            taken.add((kind, level))
+            cells.setdefault(kind, {}).setdefault(level, []).append(report)
+    zero = [r.eval for r in group.runs if not is_perturbed(r.eval)]
+    return {kind: {0.0: zero, **levels} if zero else levels for kind, levels in sorted(cells.items())}
+
+
+def perturbation_curves(levels: Levels) -> dict[str, list[dict[str, Any]]]:
+    """Success against perturbation level per kind (pooled with a Wilson interval, and mean ± sd over runs)."""
+    out = {}
+    for kind, by_level in levels.items():
+        rows = []
+        for level in sorted(by_level):
+            reports = by_level[level]
+            s, n = sum(report_successes(r) for r in reports), sum(int(r["episodes"]) for r in reports)
+            mean, sd = stats.mean_sd([float(r["success_rate"]) for r in reports])
+            rows.append({"level": level, "n_seeds": len(reports), "success_mean": mean, "success_sd": sd,
+                         "success_pooled": s / n if n else None, "success_ci": list(stats.wilson_interval(s, n))})
+        out[kind] = rows
+    return out
+
+
+def perturbation_differences(name: str, curves: dict[str, list[dict[str, Any]]], levels: Levels,
+                             base_name: str, base_levels: Levels, n_boot: int,
+                             seed: int) -> dict[str, list[dict[str, Any]]]:
+    """The curves' rows (copies) with the difference to the baseline group at the same kind and level: the group's
+    reports at that level against the baseline's, by `difference` (level 0 gives the group's main numbers). A level
+    the baseline has no report at gets None and a `note`."""
+    out = {}
+    for kind, rows in curves.items():
+        out[kind] = []
+        for row in rows:
+            base_reports = base_levels.get(kind, {}).get(row["level"])
+            if base_reports:
+                diff = difference(Sample(base_name, base_reports), Sample(name, levels[kind][row["level"]]),
+                                  n_boot, seed)
+                note = None
+            else:
+                diff = {"baseline_group": base_name, "diff_vs_baseline": None, "diff_ci": None,
+                        "p_permutation": None, "permutation": None, "p_paired": None, "paired": None}
+                note = f"baseline group {base_name} has no runs at {kind} {row['level']:g}"
+            out[kind].append({**row, **diff, "note": note})
+    return out
+
+
+def select_best_config(groups: list[Group], summaries: dict[str, dict]) -> dict[str, Group]:
+    """Per optimizer, the grid point with the highest mean in-training success on the selection seeds (mean over
+    training seeds of each run's last-N in-training evaluations); ties go to the first name in sorted order."""
+    missing = [g.name for g in groups if summaries[g.name]["intrain_last_mean"] is None]
+    if missing:
+        raise UserError(f"--select best-config needs in-training success (train.eval_every > 0) in metrics.jsonl; "
+                        f"missing in group(s): {', '.join(missing)}")
+    chosen: dict[str, Group] = {}
+    for g in groups:
+        best = chosen.get(g.optim)
+        if best is None or summaries[g.name]["intrain_last_mean"] > summaries[best.name]["intrain_last_mean"]:
+            chosen[g.optim] = g
+    return chosen
+

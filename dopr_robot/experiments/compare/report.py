@@ -1,0 +1,100 @@
+"""compare.json's content from loaded runs: groups, their numbers and differences, trends, best-config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dopr_robot import stats
+from dopr_robot.errors import UserError
+from dopr_robot.experiments.compare.analysis import (difference, perturbation_curves, perturbation_differences,
+                                                     perturbation_levels, select_best_config, summarize)
+from dopr_robot.experiments.compare.groups import Group, assign_settings, baseline_map, make_groups
+from dopr_robot.experiments.compare.runs import Run
+from dopr_robot.experiments.compare.trends import grid_panels
+
+SELECTIONS = ("same-config", "best-config")
+
+
+# ---------------------------------------------------------------- the report
+
+def build_report(runs: list[Run], baseline: str | None = None, select: str = "same-config", last_n: int = 5,
+                 n_boot: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """compare.json's content from loaded runs (no file is read or written; fills each run's settings/group)."""
+    if select not in SELECTIONS:
+        raise UserError(f"--select must be one of {', '.join(SELECTIONS)}, not {select!r}")
+    if last_n < 1 or n_boot < 1:
+        raise UserError("need --last-n >= 1 and --n-boot >= 1")
+    varying = assign_settings(runs)
+    groups = make_groups(runs)
+    if not groups:
+        raise UserError("no complete run (with eval.json) to compare: "
+                        + "; ".join(f"{r.dir}: {', '.join(r.problems)}" for r in runs[:5]))
+    notes: list[str] = []
+    summaries = {g.name: summarize(g, last_n) for g in groups}
+    for g in groups:
+        seeds = [r.seed for r in g.runs]
+        if len(set(seeds)) != len(seeds):
+            notes.append(f"group {g.name}: duplicate training seeds {seeds}")
+    levels = {g.name: perturbation_levels(g, notes) for g in groups}
+    curves = {g.name: perturbation_curves(levels[g.name]) for g in groups}
+    for g in groups:
+        if curves[g.name]:
+            summaries[g.name]["perturbation"] = curves[g.name]
+    explicit = baseline is not None
+    baseline = baseline or "adam"
+    mapping = baseline_map(groups, baseline)
+    if not mapping:
+        if explicit:
+            raise UserError(f"--baseline {baseline!r}: no group of that name or optimizer "
+                            f"(groups: {', '.join(g.name for g in groups)})")
+        notes.append(f"no {baseline!r} group: no differences computed (pick one with --baseline)")
+
+    def add_diffs(entries: dict[str, dict], chosen_groups: list[Group], base_of: dict[str, Group]) -> None:
+        for g in chosen_groups:
+            base = base_of.get(g.name)
+            entry = entries[g.name]
+            entry.update({"baseline_group": base.name if base else None, "diff_vs_baseline": None,
+                          "diff_ci": None, "p_permutation": None, "permutation": None, "p_paired": None,
+                          "paired": None})
+            if curves[g.name]:
+                entry["perturbation"] = curves[g.name]  # without differences (a best-config copy may have some)
+            if base is not None and base is not g:
+                entry.update(difference(base.sample(), g.sample(), n_boot, seed))
+                if curves[g.name]:
+                    entry["perturbation"] = perturbation_differences(g.name, curves[g.name], levels[g.name],
+                                                                     base.name, levels[base.name], n_boot, seed)
+
+    add_diffs(summaries, groups, mapping)
+    grid = grid_panels(groups, summaries, notes, seed)
+    report: dict[str, Any] = {
+        "baseline": baseline, "select": select,
+        "groups": [summaries[g.name] for g in groups],
+        "settings_keys": sorted({k for g in groups for k in g.settings} | set(varying)),
+        "incomplete": [{"run": str(r.dir), "group": r.group, "reason": "; ".join(r.problems)}
+                       for r in runs if not r.complete],
+        "statistics": {"bootstrap": {"n_boot": n_boot, "seed": seed, "level": 0.95,
+                                     "method": "hierarchical: training seeds, then episodes within seed"},
+                       "permutation": {"exact_limit": stats.EXACT_PERMUTATION_LIMIT, "seed": seed,
+                                       "statistic": "difference of mean per-seed success, two-sided"},
+                       "paired": "exact sign-flip over episode seeds (McNemar for one run per group)",
+                       "success_sd": "sample standard deviation over training seeds (ddof 1)"},
+        "grid": grid,
+        "notes": notes,
+    }
+    if select == "best-config":
+        chosen = select_best_config(groups, summaries)
+        entries = {g.name: {**summaries[g.name], "selection_score": summaries[g.name]["intrain_last_mean"],
+                            "candidates": {c.name: summaries[c.name]["intrain_last_mean"]
+                                           for c in groups if c.optim == g.optim}}
+                   for g in chosen.values()}
+        chosen_list = sorted(chosen.values(), key=lambda g: g.name)
+        base = chosen.get(baseline) or next((g for g in chosen_list if g.name == baseline), None)
+        if base is None:
+            notes.append(f"best-config: no selected {baseline!r} group, no differences computed")
+        add_diffs(entries, chosen_list, {g.name: base for g in chosen_list} if base else {})
+        report["best_config"] = {
+            "criterion": f"highest mean over training seeds of the last {last_n} in-training success evaluations "
+                         f"(selection seeds, metrics.jsonl); reported on the held-out seeds (eval.json)",
+            "groups": [entries[g.name] for g in chosen_list]}
+    return report
+
