@@ -231,13 +231,18 @@ def compare_cmd(
     last_n: int = typer.Option(5, help="in-training success of a run: mean of its last N evaluations"),
     n_boot: int = typer.Option(10000, help="hierarchical bootstrap replicates"),
     seed: int = typer.Option(0, help="seed of the bootstrap and of Monte Carlo permutations"),
+    allow_errors: bool = typer.Option(False, help="use reports with errored episodes (rates over the completed "
+                                                  "ones; listed in the outputs) instead of refusing them"),
+    split_protocols: bool = typer.Option(False, help="compare runs of different protocols (max_steps, episode "
+                                                     "seeds, dataset...) apart instead of refusing them"),
 ):
     """Group runs by optimizer and grid point; success with intervals and tests vs the baseline, and plots."""
     from dopr_robot.experiments.compare import compare, default_out, format_markdown
 
     out = out if out is not None else default_out(paths)
     report, warnings = compare(paths, baseline=baseline, select=select, out=out, last_n=last_n, n_boot=n_boot,
-                               seed=seed, command=sys.argv)
+                               seed=seed, command=sys.argv, allow_errors=allow_errors,
+                               split_protocols=split_protocols)
     for warning in warnings:
         typer.echo(f"warning: {warning}", err=True)
     typer.echo(format_markdown(report))

@@ -397,7 +397,7 @@ def compare_plots(groups: list, report: dict[str, Any], out: Path) -> tuple[dict
     plots: dict[str, str | None] = {}
     notes: list[str] = []
 
-    points = {g.name: [(r.val_losses()[-1], float(r.eval["success_rate"])) for r in g.runs if r.val_losses()]
+    points = {g.name: [(r.val_losses()[-1], rate) for r, rate in zip(g.runs, g.sample().rates()) if r.val_losses()]
               for g in groups}
     curves = {g.name: [r.metrics for r in g.runs if r.metrics] for g in groups}
     drifts = {g.name: [r.drift for r in g.runs if _valid_drift(r.drift)] for g in groups}

@@ -21,8 +21,10 @@ EPISODE_SEED_START = 100000
 
 
 def write_run(root, name, optim, seed, outcomes, *, settings=None, val_losses=(0.5, 0.3), success_curve=(),
-              best_outcomes=None, perturbed=(), drift=None, seed_start=EPISODE_SEED_START, config_extra=None):
-    """A run directory as train + eval + diagnose leave it, with known numbers."""
+              best_outcomes=None, perturbed=(), drift=None, seed_start=EPISODE_SEED_START, config_extra=None,
+              report_extra=None, returns=None):
+    """A run directory as train + eval + diagnose leave it, with known numbers (`returns`: per-episode returns of
+    eval.json, else each episode's success)."""
     run = root / name
     run.mkdir(parents=True)
     config = {"optim": {"name": optim, "lr": 1e-4, "ap": {"damping": 1.0}}, "train": {"seed": seed, "steps": 100},
@@ -44,17 +46,20 @@ def write_run(root, name, optim, seed, outcomes, *, settings=None, val_losses=(0
         records[i]["success"] = s
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
-    def report(values, **extra):
+    def report(values, episode_returns=None, **extra):
         n, k = len(values), int(sum(values))
+        episode_returns = values if episode_returns is None else episode_returns
         return {"checkpoint": str(run / "checkpoints" / "final.json"), "checkpoint_name": "final", "optim": optim,
-                "train_seed": seed, "episodes": n, "seed_start": seed_start, "successes": k, "success_rate": k / n,
-                "success_ci95": list(stats.wilson_interval(k, n)),
+                "train_seed": seed, "env_name": "Lift", "episodes": n, "seed_start": seed_start, "max_steps": 400,
+                "successes": k, "success_rate": k / n, "success_ci95": list(stats.wilson_interval(k, n)),
+                "n_errors": 0, "n_completed": n, "complete": True,
                 "perturbation": {"action_noise": 0.0, "obs_noise": 0.0, "push": 0.0, "push_magnitude": 0.0},
-                "per_episode": [{"seed": seed_start + i, "success": bool(v), "steps": 10, "return": float(v)}
-                                for i, v in enumerate(values)], **extra}
+                "per_episode": [{"seed": seed_start + i, "success": bool(v), "steps": 10, "return": float(r)}
+                                for i, (v, r) in enumerate(zip(values, episode_returns))],
+                **(report_extra or {}), **extra}
 
     if outcomes is not None:
-        (run / "eval.json").write_text(json.dumps(report(outcomes)))
+        (run / "eval.json").write_text(json.dumps(report(outcomes, returns)))
     if best_outcomes is not None:
         (run / "eval_best.json").write_text(json.dumps(report(best_outcomes, checkpoint_name="best")))
     for tag, kind, level, values in perturbed:
@@ -135,12 +140,10 @@ def test_incomplete_runs_are_listed_not_fatal(tmp_path):
 
 
 def test_suspicious_reports_are_warned_about(tmp_path):
+    """A perturbed report whose episodes do not add up is ignored with a warning; a best checkpoint without
+    eval_best.json is pointed out."""
     root = tmp_path / "runs"
     run = write_run(root, "adam_s0", "adam", 0, [1, 0, 0])
-    report = json.loads((run / "eval.json").read_text())
-    report["perturbation"]["obs_noise"] = 0.1
-    report["per_episode"][2]["error"] = "MujocoException: unstable simulation"
-    (run / "eval.json").write_text(json.dumps(report))
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "best.json").write_text("{}")
     cut = write_run(tmp_path / "spare", "adam_s0", "adam", 0, [1, 0],
@@ -151,9 +154,146 @@ def test_suspicious_reports_are_warned_about(tmp_path):
     report, warnings = compare([root], n_boot=50)
     assert any("eval_an1.json: per_episode is not one" in w and "ignored" in w for w in warnings)
     assert "perturbation" not in report["groups"][0]
-    assert any("perturbed report" in w for w in warnings)
-    assert any("1 episode(s) failed to run" in w for w in warnings)
     assert any("--checkpoint best" in w for w in warnings)
+
+
+def test_a_perturbed_eval_json_is_never_the_headline(tmp_path):
+    """`eval --action-noise 0.1` without --tag writes a perturbed RUN/eval.json. Mutant/old behaviour: main read
+    it as the run's held-out success with only a stderr warning; now the run is left out and the outputs say why."""
+    root = tmp_path / "runs"
+    for seed in range(2):
+        write_run(root, f"adam_s{seed}", "adam", seed, [1, 0, 0, 0])
+        write_run(root, f"dopr_s{seed}", "dopr", seed, [1, 1, 0, 0])
+    report = json.loads((root / "dopr_s1" / "eval.json").read_text())
+    report["perturbation"]["obs_noise"] = 0.1
+    report["per_episode"] = [{**e, "success": True} for e in report["per_episode"]]
+    report["success_rate"], report["successes"] = 1.0, 4
+    (root / "dopr_s1" / "eval.json").write_text(json.dumps(report))
+    result, _ = compare([root], out=tmp_path / "cmp", n_boot=50)
+    dopr = result["groups"][1]
+    assert dopr["n_seeds"] == 1 and dopr["success_mean"] == pytest.approx(0.5)  # not (0.5 + 1.0) / 2
+    [left_out] = result["incomplete"]
+    assert left_out["run"].endswith("dopr_s1") and "perturbed report" in left_out["reason"]
+    assert "eval --tag" in left_out["reason"]
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "dopr_s1: eval.json is a perturbed report" in md
+
+
+def _with_errors(run_dir, n_errors, legacy=False):
+    """Mark the last `n_errors` episodes of RUN/eval.json as errored (missing): as the new eval writes them
+    (n_errors, rates over completed episodes), or as a legacy report did (`errors`, errored = failed)."""
+    path = run_dir / "eval.json"
+    report = json.loads(path.read_text())
+    for e in report["per_episode"][-n_errors:]:
+        e["error"] = "EGL: context lost"
+        if legacy:
+            e["success"] = False
+        else:
+            del e["success"]
+    if legacy:
+        report.pop("n_errors"), report.pop("n_completed"), report.pop("complete")
+        report["errors"] = n_errors
+    else:
+        completed = [e for e in report["per_episode"] if "error" not in e]
+        report.update(n_errors=n_errors, n_completed=len(completed), complete=False,
+                      successes=sum(e["success"] for e in completed),
+                      success_rate=sum(e["success"] for e in completed) / len(completed))
+    path.write_text(json.dumps(report))
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_errored_episodes_are_refused_unless_allowed(tmp_path, legacy):
+    """Old behaviour (the mutant this catches): compare warned on stderr only and counted errored episodes as
+    failures, with no trace in compare.json / compare.md. Now: one `error:` line naming the report; with
+    --allow-errors the rates are over completed episodes and both outputs list the report and its errors."""
+    root = two_optimizer_sweep(tmp_path / "sweep", n_seeds=2)
+    _with_errors(root / "dopr_s1", 2, legacy=legacy)  # dopr_s1 succeeds on episodes 0-7, 8-9 errored
+    result = run_cli("compare", str(root), "--n-boot", "50")
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith("error: ") and "dopr_s1/eval.json: 2 of 10 episodes errored" in result.stderr
+    assert "--allow-errors" in result.stderr and not (root / "compare").exists()
+    report, _ = compare([root], n_boot=50, allow_errors=True)
+    dopr = report["groups"][1]
+    assert dopr["success_per_seed"] == pytest.approx([0.8, 1.0])  # 8/8 completed, not 8/10
+    assert dopr["episodes"] == 18 and dopr["successes"] == 16
+    assert dopr["paired"]["n_episodes"] == 8  # the episode seeds every run completed
+    [errored] = report["errored_episodes"]
+    assert errored == {"report": str(root / "dopr_s1" / "eval.json"), "n_errors": 2, "episodes": 10,
+                       "n_completed": 8}
+    saved = json.loads((root / "compare" / "compare.json").read_text())
+    assert saved["allow_errors"] is True and saved["errored_episodes"] == [errored]
+    md = (root / "compare" / "compare.md").read_text()
+    assert "## Errored episodes" in md and "dopr_s1/eval.json: 2 of 10 episodes errored" in md
+
+
+def _protocol_runs(root, **per_run_extra):
+    """adam and dopr, two seeds each; `per_run_extra` {run name: report fields} changes one run's protocol."""
+    for optim in ("adam", "dopr"):
+        for seed in range(2):
+            name = f"{optim}_s{seed}"
+            write_run(root, name, optim, seed, [1, 0, 0, 1], report_extra=per_run_extra.get(name))
+    return root
+
+
+@pytest.mark.parametrize("field, value", [("max_steps", 200), ("seed_start", 0), ("env_name", "PickPlaceCan"),
+                                          ("checkpoint_name", "last")])
+def test_runs_of_another_protocol_are_refused_or_split(tmp_path, field, value):
+    """Old behaviour: runs evaluated with other max_steps / episode seeds / task / checkpoint were averaged into
+    one group silently. Now one `error:` line names the field; --split-protocols compares each protocol apart."""
+    extra = {field: value}
+    if field == "seed_start":
+        extra["per_episode"] = [{"seed": i, "success": s, "steps": 10, "return": float(s)}
+                                for i, s in enumerate([True, False, False, True])]
+    root = _protocol_runs(tmp_path / "runs", dopr_s1=extra)
+    result = run_cli("compare", str(root), "--n-boot", "50")
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith(f"error: protocol field {field} differs") and "dopr_s1" in result.stderr
+    report, _ = compare([root], n_boot=50, split_protocols=True)
+    names = {g["name"]: g for g in report["groups"]}
+    assert sorted(names) == ["adam@p0", "dopr@p0", "dopr@p1"]
+    assert names["dopr@p1"]["runs"] == [str(root / "dopr_s1")] and names["dopr@p1"]["baseline_group"] is None
+    assert names["dopr@p0"]["baseline_group"] == "adam@p0" and names["dopr@p0"]["n_seeds"] == 1
+    assert [p["fields"][field] for p in report["protocols"]] == [
+        {"max_steps": 400, "seed_start": EPISODE_SEED_START, "env_name": "Lift", "checkpoint_name": "final"}[field],
+        value]
+
+
+def test_dataset_and_sweep_identity_are_protocol(tmp_path):
+    """The training data (sha256 in the report's provenance) and two sweeps of different configs / --set must not
+    merge into one group; bookkeeping --set items (train.device, train.threads) are not protocol."""
+    root = _protocol_runs(tmp_path / "runs",
+                          **{n: {"provenance": {"run": {"dataset": {"sha256": "a" * 64}}}}
+                             for n in ("adam_s0", "adam_s1", "dopr_s0")},
+                          dopr_s1={"provenance": {"run": {"dataset": {"sha256": "b" * 64}}}})
+    with pytest.raises(UserError, match="protocol field dataset_sha256 differs"):
+        compare([root], n_boot=50)
+    sweeps = []
+    for k, (sha, sets) in enumerate([("1" * 64, ["train.device=cuda"]),
+                                     ("1" * 64, ["train.threads=1", "train.device=cpu"])]):
+        sweep = two_optimizer_sweep(tmp_path / f"sweep{k}", n_seeds=2)
+        data = json.loads((sweep / "sweep.json").read_text())
+        data.update(config_sha256=sha, set=sets)
+        for cell in data["cells"]:  # the second sweep holds seeds 2-3
+            cell["seed"] += 2 * k
+        (sweep / "sweep.json").write_text(json.dumps(data))
+        sweeps.append((sweep, data))
+    report, _ = compare([s for s, _ in sweeps], out=tmp_path / "cmp", n_boot=50)  # only bookkeeping differs
+    assert [g["n_seeds"] for g in report["groups"]] == [4, 4]
+    sweep, data = sweeps[1]
+    (sweep / "sweep.json").write_text(json.dumps({**data, "set": ["optim.lr=3e-4"]}))
+    with pytest.raises(UserError, match="protocol field sweep_set differs"):
+        compare([s for s, _ in sweeps], out=tmp_path / "cmp", n_boot=50)
+    (sweep / "sweep.json").write_text(json.dumps({**data, "config_sha256": "2" * 64}))
+    with pytest.raises(UserError, match="protocol field sweep_config_sha256 differs"):
+        compare([s for s, _ in sweeps], out=tmp_path / "cmp", n_boot=50)
+
+
+def test_duplicate_training_seeds_in_a_group_are_an_error(tmp_path):
+    """Old behaviour: a note in compare.json. The same run given twice (or two sweeps' seed-0 cells) would count
+    as two training seeds."""
+    sweeps = [two_optimizer_sweep(tmp_path / f"sweep{k}", n_seeds=2) for k in range(2)]
+    with pytest.raises(UserError, match=r"group adam: training seed 0 twice \("):
+        compare(sweeps, out=tmp_path / "cmp", n_boot=50)
 
 
 def test_grid_groups_from_config_diffs_and_best_config(tmp_path):
@@ -209,8 +349,14 @@ def test_paired_test_skipped_when_episode_seeds_differ(tmp_path):
     root = tmp_path / "runs"
     write_run(root, "adam_s0", "adam", 0, [1, 0, 0, 0])
     write_run(root, "dopr_s0", "dopr", 0, [1, 1, 1, 0], seed_start=5)
+    with pytest.raises(UserError, match="protocol field seed_start differs"):
+        build_report(discover([root], [])[0], n_boot=100)
+    for run in ("adam_s0", "dopr_s0"):  # older reports without seed_start: only the per-episode seeds tell
+        report = json.loads((root / run / "eval.json").read_text())
+        del report["seed_start"]
+        (root / run / "eval.json").write_text(json.dumps(report))
     dopr = build_report(discover([root], [])[0], n_boot=100)["groups"][1]
-    assert dopr["p_paired"] is None and "different episode seeds" in dopr["paired"]["skipped"]
+    assert dopr["p_paired"] is None and "no episode seed in common" in dopr["paired"]["skipped"]
     assert dopr["p_permutation"] == 1.0  # one seed per group: the two labellings are equally extreme
 
 
@@ -412,7 +558,7 @@ def damping_sweep_and_plain_runs(root):
     plus plain dopr and adam runs trained at the config's damping 1.0 (no settings: they only differ in optim)."""
     cells = []
     outcomes = {"0.3": ([1] * 6 + [0] * 4, [1] * 6 + [0] * 4),  # 12/20
-                "3": ([1] * 9 + [0] * 1, [1] * 10 + [0] * 10)}  # 19/30 pooled, mean over seeds 0.7
+                "3": ([1] * 9 + [0] * 1, [1] * 5 + [0] * 5)}  # 14/20
     for damping, per_seed in outcomes.items():
         for seed, values in enumerate(per_seed):
             name = f"dopr_damping-{damping}_s{seed}"
@@ -438,9 +584,9 @@ def test_grid_plot_success_against_a_swept_setting(tmp_path):
     assert [p["group"] for p in points] == ["dopr_damping-0.3", "dopr", "dopr_damping-3"]
     assert [p["from"] for p in points] == ["settings", "config", "settings"]
     assert [p["n_seeds"] for p in points] == [2, 3, 2]
-    assert [p["success_pooled"] for p in points] == pytest.approx([0.6, 0.4, 19 / 30])
+    assert [p["success_pooled"] for p in points] == pytest.approx([0.6, 0.4, 0.7])
     assert [p["success_mean"] for p in points] == pytest.approx([0.6, 0.4, 0.7])
-    assert points[2]["success_ci"] == pytest.approx(list(stats.wilson_interval(19, 30)))
+    assert points[2]["success_ci"] == pytest.approx(list(stats.wilson_interval(14, 20)))
     [adam] = panel["lines"]
     assert adam["group"] == "adam" and adam["baseline"] is True and adam["n_seeds"] == 3
     assert adam["success_pooled"] == pytest.approx(0.5)
@@ -464,7 +610,7 @@ def test_grid_plot_config_value_must_agree_and_several_keys(tmp_path):
     paths = damping_sweep_and_plain_runs(tmp_path)
     sweep = json.loads((paths[0] / "sweep.json").read_text())
     for seed, damping in ((0, 1.0), (1, 2.0)):  # sweep cells without the setting whose configs disagree on it
-        write_run(paths[0], f"dopr_s{seed}", "dopr", seed, [1, 0], config_extra={"optim.ap.damping": damping})
+        write_run(paths[0], f"dopr_s{seed}", "dopr", seed, [1, 0] * 5, config_extra={"optim.ap.damping": damping})
         sweep["cells"].append({"name": f"dopr_s{seed}", "optim": "dopr", "seed": seed, "settings": {},
                                "state": "done"})
     (paths[0] / "sweep.json").write_text(json.dumps(sweep))
@@ -507,3 +653,15 @@ def test_grid_plot_left_out_when_nothing_varies(tmp_path):
     assert report["grid"] == [] and report["plots"]["grid"] is None
     assert "plot (e) left out: no numeric grid setting varies within an optimizer" in report["notes"]
     assert not (tmp_path / "sweep" / "compare" / "grid.png").exists()
+
+
+def test_a_run_never_imports_the_sweep_layer():
+    """Statistics sit below evaluation and plotting (dopr_robot.stats). On main, evaluation and plotting imported
+    dopr_robot.experiments.stats: importing them loaded the sweep/compare package."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dopr_robot.evaluation, dopr_robot.plotting, dopr_robot.stats; "
+            "print(sorted(m for m in sys.modules if m.startswith('dopr_robot.experiments')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -45,17 +45,20 @@ def default_out(paths: Sequence[Path]) -> Path:
 
 def compare(paths: Sequence[Path], baseline: str | None = None, select: str = "same-config",
             out: Path | None = None, last_n: int = 5, n_boot: int = 10_000, seed: int = 0,
-            command: Sequence[str] | None = None) -> tuple[dict[str, Any], list[str]]:
+            command: Sequence[str] | None = None, allow_errors: bool = False,
+            split_protocols: bool = False) -> tuple[dict[str, Any], list[str]]:
     """Read the runs, compute the report, write OUT/compare.json, compare.md and the plots.
-    Returns (report, warnings)."""
+    Returns (report, warnings). Reports with errored episodes are refused unless `allow_errors`; runs of
+    different protocols unless `split_protocols`."""
     from dopr_robot import plotting
 
     out = Path(out) if out is not None else default_out(paths)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
     warnings: list[str] = []
-    runs, sweeps = discover(paths, warnings)
-    report = build_report(runs, baseline, select, last_n, n_boot, seed)
+    runs, sweeps = discover(paths, warnings, allow_errors=allow_errors)
+    report = build_report(runs, baseline, select, last_n, n_boot, seed, split_protocols=split_protocols)
+    report["allow_errors"] = allow_errors
     for run in runs:
         if not run.complete:
             warnings.append(f"{run.dir}: incomplete ({'; '.join(run.problems)}), left out")

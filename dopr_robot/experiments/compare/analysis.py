@@ -10,8 +10,8 @@ import numpy as np
 from dopr_robot import stats
 from dopr_robot.errors import UserError
 from dopr_robot.experiments.compare.groups import Group, Sample
-from dopr_robot.experiments.compare.runs import (PERTURBATION_KINDS, finite, is_perturbed, perturbation_of,
-                                                 report_successes)
+from dopr_robot.experiments.compare.runs import (PERTURBATION_KINDS, is_perturbed, perturbation_of,
+                                                 report_completed, report_rate, report_successes)
 
 # ---------------------------------------------------------------- per-group numbers
 
@@ -20,10 +20,9 @@ def summarize(group: Group, last_n: int) -> dict[str, Any]:
     rates = group.sample().rates()
     success_mean, success_sd = stats.mean_sd(rates)
     successes = sum(report_successes(r.eval) for r in group.runs)
-    episodes = sum(int(r.eval["episodes"]) for r in group.runs)
+    episodes = sum(report_completed(r.eval) for r in group.runs)
     lo, hi = stats.wilson_interval(successes, episodes)
-    best_rates = [float(r.eval_best["success_rate"]) for r in group.runs
-                  if r.eval_best is not None and finite(r.eval_best.get("success_rate"))]
+    best_rates = [report_rate(r.eval_best) for r in group.runs if r.eval_best is not None]
     best_mean, best_sd = stats.mean_sd(best_rates)
     val_final = [r.val_losses()[-1] for r in group.runs if r.val_losses()]
     val_best = [min(r.val_losses()) for r in group.runs if r.val_losses()]
@@ -49,23 +48,35 @@ def summarize(group: Group, last_n: int) -> dict[str, Any]:
     }
 
 
+def _common_episodes(sample: Sample) -> tuple[list[int], list[list[float]]] | str:
+    """The episode seeds every run of `sample` completed, and each run's values on them (in seed order); or why
+    there are none to pair."""
+    seeds = sample.episode_seeds()
+    if any(s is None for s in seeds):
+        return "a report has no per-episode results"
+    common = sorted(set.intersection(*map(set, seeds)))
+    if not common:
+        return "runs played no episode seed in common"
+    values = [dict(zip(s, v)) for s, v in zip(seeds, sample.values())]
+    return common, [[run[e] for e in common] for run in values]
+
+
 def difference(baseline: Sample, group: Sample, n_boot: int, seed: int) -> dict[str, Any]:
     """diff of mean success vs the baseline, its bootstrap interval, and both tests (for the unperturbed eval and
-    for each perturbation level alike)."""
-    base_outcomes, group_outcomes = baseline.outcomes(), group.outcomes()
-    boot = stats.hierarchical_bootstrap_diff(base_outcomes, group_outcomes, n_boot=n_boot, seed=seed)
+    for each perturbation level alike). The paired test is over the episode seeds every run of both groups
+    completed (all of them, unless --allow-errors let errored episodes in)."""
+    boot = stats.hierarchical_bootstrap_diff(baseline.values(), group.values(), n_boot=n_boot, seed=seed)
     perm = stats.permutation_test(baseline.rates(), group.rates(), seed=seed)
     out: dict[str, Any] = {"baseline_group": baseline.name, "diff_vs_baseline": boot["diff"], "diff_ci": boot["ci"],
                            "p_permutation": perm["p"], "permutation": {k: perm[k] for k in
                                                                        ("method", "n_permutations", "seed")},
                            "p_paired": None, "paired": None}
-    seeds = baseline.episode_seeds() + group.episode_seeds()
-    if any(s is None for s in seeds):
-        out["paired"] = {"skipped": "a report has no per-episode results"}
-    elif any(s != seeds[0] for s in seeds):
-        out["paired"] = {"skipped": "runs played different episode seeds"}
+    both = _common_episodes(Sample(group.name, baseline.reports + group.reports, group.metric))
+    if isinstance(both, str):
+        out["paired"] = {"skipped": both}
     else:
-        paired = stats.paired_episode_test(base_outcomes, group_outcomes)
+        _, values = both
+        paired = stats.paired_episode_test(values[:len(baseline.reports)], values[len(baseline.reports):])
         out["p_paired"] = paired["p"]
         out["paired"] = {k: paired[k] for k in ("n_episodes", "n_discordant", "mean_diff", "method")}
     return out
@@ -108,8 +119,8 @@ def perturbation_curves(levels: Levels) -> dict[str, list[dict[str, Any]]]:
         rows = []
         for level in sorted(by_level):
             reports = by_level[level]
-            s, n = sum(report_successes(r) for r in reports), sum(int(r["episodes"]) for r in reports)
-            mean, sd = stats.mean_sd([float(r["success_rate"]) for r in reports])
+            s, n = sum(report_successes(r) for r in reports), sum(report_completed(r) for r in reports)
+            mean, sd = stats.mean_sd([report_rate(r) for r in reports])
             rows.append({"level": level, "n_seeds": len(reports), "success_mean": mean, "success_sd": sd,
                          "success_pooled": s / n if n else None, "success_ci": list(stats.wilson_interval(s, n))})
         out[kind] = rows
@@ -139,17 +150,17 @@ def perturbation_differences(name: str, curves: dict[str, list[dict[str, Any]]],
     return out
 
 
-def select_best_config(groups: list[Group], summaries: dict[str, dict]) -> dict[str, Group]:
-    """Per optimizer, the grid point with the highest mean in-training success on the selection seeds (mean over
+def select_best_config(groups: list[Group], summaries: dict[str, dict]) -> dict[tuple[str, int], Group]:
+    """Per optimizer (and protocol), the grid point with the highest mean in-training success on the selection seeds (mean over
     training seeds of each run's last-N in-training evaluations); ties go to the first name in sorted order."""
     missing = [g.name for g in groups if summaries[g.name]["intrain_last_mean"] is None]
     if missing:
         raise UserError(f"--select best-config needs in-training success (train.eval_every > 0) in metrics.jsonl; "
                         f"missing in group(s): {', '.join(missing)}")
-    chosen: dict[str, Group] = {}
+    chosen: dict[tuple[str, int], Group] = {}
     for g in groups:
-        best = chosen.get(g.optim)
+        best = chosen.get((g.optim, g.protocol))
         if best is None or summaries[g.name]["intrain_last_mean"] > summaries[best.name]["intrain_last_mean"]:
-            chosen[g.optim] = g
+            chosen[(g.optim, g.protocol)] = g
     return chosen
 

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from dopr_robot.experiments.compare.runs import Run, report_episode_seeds, report_outcomes
+from dopr_robot.experiments.compare.runs import Run, report_episode_seeds, report_rate, report_values
 
 # Config keys that do not define a group: the seed is the replicate, the rest is bookkeeping or evaluation.
 IGNORED_KEYS = {"optim.name", "train.seed", "train.device", "train.threads", "train.logger",
@@ -31,7 +31,7 @@ def applies(optim: str | None, key: str) -> bool:
     return not (key.startswith("optim.ap.") and not (optim or "").startswith("dopr"))
 
 
-def _ignored(key: str) -> bool:
+def ignored(key: str) -> bool:
     return key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES)
 
 
@@ -40,7 +40,7 @@ def assign_settings(runs: list[Run]) -> list[str]:
     AP optimizers); returns those keys. Sweep cells keep the settings sweep.json gives them."""
     flat = {id(r): flatten(r.config) for r in runs if r.settings is None and r.config is not None}
     keys = sorted({k for f in flat.values() for k in f})
-    varying = [k for k in keys if not _ignored(k)
+    varying = [k for k in keys if not ignored(k)
                and len({json.dumps(f.get(k), sort_keys=True) for f in flat.values()}) > 1]
     for run in runs:
         if run.settings is None:
@@ -68,35 +68,46 @@ class Group:
     optim: str
     settings: dict[str, Any]
     runs: list[Run]  # complete runs only
+    metric: str = "success"
+    protocol: int = 0  # index into the comparison's protocols (several only with --split-protocols)
 
     def sample(self) -> Sample:
         """The group's unperturbed held-out results: each run's eval.json."""
-        return Sample(self.name, [r.eval for r in self.runs])
+        return Sample(self.name, [r.eval for r in self.runs], self.metric)
 
 
 @dataclass
 class Sample:
     """What `difference` compares: one eval report per run of a group under one condition (eval.json, or the
-    eval_<tag>.json of one perturbation kind and level), in the group's run order."""
+    eval_<tag>.json of one perturbation kind and level), in the group's run order, read as `metric`."""
     name: str  # the group's
     reports: list[dict[str, Any]]
+    metric: str = "success"
 
-    def outcomes(self) -> list[list[float]]:
-        return [report_outcomes(r) for r in self.reports]
+    def values(self) -> list[list[float]]:
+        """Per run, the per-episode values of the metric over its completed episodes."""
+        return [report_values(r, self.metric) for r in self.reports]
 
     def rates(self) -> list[float]:
-        return [float(r["success_rate"]) for r in self.reports]
+        """Per run, the mean of the metric over its completed episodes (the success rate for success)."""
+        return [report_rate(r, self.metric) for r in self.reports]
 
     def episode_seeds(self) -> list[list[int] | None]:
         return [report_episode_seeds(r) for r in self.reports]
 
 
-def make_groups(runs: list[Run]) -> list[Group]:
+def make_groups(runs: list[Run], metric: str = "success") -> list[Group]:
+    """Complete runs grouped by name (a sweep cell's name without `_s<seed>`, else optimizer and settings) and
+    protocol (`Run.protocol`; with several, under --split-protocols, the name is suffixed `@p<index>`)."""
+    several = len({r.protocol for r in runs if r.complete}) > 1
     groups: dict[str, Group] = {}
     for run in runs:
         run.group = run.sweep_group or group_name(run.optim or "unknown", run.settings or {})
+        if several and run.complete:
+            run.group += f"@p{run.protocol}"
         if run.complete:
-            groups.setdefault(run.group, Group(run.group, run.optim, run.settings or {}, [])).runs.append(run)
+            groups.setdefault(run.group, Group(run.group, run.optim, run.settings or {}, [], metric,
+                                               run.protocol)).runs.append(run)
     for group in groups.values():
         group.runs.sort(key=lambda r: (r.seed if isinstance(r.seed, int) else 1 << 62, str(r.dir)))
     return sorted(groups.values(), key=lambda g: g.name)
@@ -106,16 +117,23 @@ def _strip_ap(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if not k.startswith("optim.ap.")}
 
 
+def _unsuffixed(group: Group) -> str:
+    suffix = f"@p{group.protocol}"
+    return group.name[:-len(suffix)] if group.name.endswith(suffix) else group.name
+
+
 def baseline_map(groups: list[Group], baseline: str) -> dict[str, Group]:
-    """Each group's baseline: the group named `baseline`; else the `baseline`-optimizer group with the same
-    settings, else with the same settings apart from AP keys (which that optimizer ignores), else the only group
-    of that optimizer."""
-    by_name = {g.name: g for g in groups}
-    if baseline in by_name:
-        return {g.name: by_name[baseline] for g in groups}
-    candidates = [g for g in groups if g.optim == baseline]
+    """Each group's baseline, always of the same protocol: the group named `baseline` (with or without its
+    `@p<k>` suffix); else the `baseline`-optimizer group with the same settings, else with the same settings apart
+    from AP keys (which that optimizer ignores), else the only group of that optimizer."""
     mapping = {}
     for g in groups:
+        peers = [b for b in groups if b.protocol == g.protocol]
+        named = [b for b in peers if baseline in (b.name, _unsuffixed(b))]
+        if named:
+            mapping[g.name] = named[0]
+            continue
+        candidates = [b for b in peers if b.optim == baseline]
         for same in (lambda b: b.settings == g.settings, lambda b: _strip_ap(b.settings) == _strip_ap(g.settings)):
             matches = [b for b in candidates if same(b)]
             if len(matches) == 1:
@@ -125,4 +143,3 @@ def baseline_map(groups: list[Group], baseline: str) -> dict[str, Group]:
             if len(candidates) == 1:
                 mapping[g.name] = candidates[0]
     return mapping
-

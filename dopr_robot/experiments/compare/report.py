@@ -9,6 +9,7 @@ from dopr_robot.errors import UserError
 from dopr_robot.experiments.compare.analysis import (difference, perturbation_curves, perturbation_differences,
                                                      perturbation_levels, select_best_config, summarize)
 from dopr_robot.experiments.compare.groups import Group, assign_settings, baseline_map, make_groups
+from dopr_robot.experiments.compare.protocol import check_protocols, check_seeds
 from dopr_robot.experiments.compare.runs import Run
 from dopr_robot.experiments.compare.trends import grid_panels
 
@@ -18,23 +19,22 @@ SELECTIONS = ("same-config", "best-config")
 # ---------------------------------------------------------------- the report
 
 def build_report(runs: list[Run], baseline: str | None = None, select: str = "same-config", last_n: int = 5,
-                 n_boot: int = 10_000, seed: int = 0) -> dict[str, Any]:
-    """compare.json's content from loaded runs (no file is read or written; fills each run's settings/group)."""
+                 n_boot: int = 10_000, seed: int = 0, split_protocols: bool = False) -> dict[str, Any]:
+    """compare.json's content from loaded runs (no file is read or written; fills each run's settings/group).
+    Runs of different protocols are refused, or compared apart with `split_protocols` (see `protocol`)."""
     if select not in SELECTIONS:
         raise UserError(f"--select must be one of {', '.join(SELECTIONS)}, not {select!r}")
     if last_n < 1 or n_boot < 1:
         raise UserError("need --last-n >= 1 and --n-boot >= 1")
     varying = assign_settings(runs)
+    protocols = check_protocols(runs, split_protocols)
     groups = make_groups(runs)
     if not groups:
         raise UserError("no complete run (with eval.json) to compare: "
                         + "; ".join(f"{r.dir}: {', '.join(r.problems)}" for r in runs[:5]))
+    check_seeds(groups)
     notes: list[str] = []
-    summaries = {g.name: summarize(g, last_n) for g in groups}
-    for g in groups:
-        seeds = [r.seed for r in g.runs]
-        if len(set(seeds)) != len(seeds):
-            notes.append(f"group {g.name}: duplicate training seeds {seeds}")
+    summaries = {g.name: {**summarize(g, last_n), "protocol": g.protocol} for g in groups}
     levels = {g.name: perturbation_levels(g, notes) for g in groups}
     curves = {g.name: perturbation_curves(levels[g.name]) for g in groups}
     for g in groups:
@@ -78,9 +78,16 @@ def build_report(runs: list[Run], baseline: str | None = None, select: str = "sa
                                        "statistic": "difference of mean per-seed success, two-sided"},
                        "paired": "exact sign-flip over episode seeds (McNemar for one run per group)",
                        "success_sd": "sample standard deviation over training seeds (ddof 1)"},
+        "protocols": protocols,
+        "errored_episodes": [e for r in runs for e in r.errored],
         "grid": grid,
         "notes": notes,
     }
+    if report["errored_episodes"]:
+        n = sum(e["n_errors"] for e in report["errored_episodes"])
+        notes.append(f"--allow-errors: {n} errored episode(s) in {len(report['errored_episodes'])} report(s) are "
+                     f"missing, not failures; those runs' rates are over their completed episodes "
+                     f"(errored_episodes in compare.json)")
     if select == "best-config":
         chosen = select_best_config(groups, summaries)
         entries = {g.name: {**summaries[g.name], "selection_score": summaries[g.name]["intrain_last_mean"],
@@ -88,10 +95,10 @@ def build_report(runs: list[Run], baseline: str | None = None, select: str = "sa
                                            for c in groups if c.optim == g.optim}}
                    for g in chosen.values()}
         chosen_list = sorted(chosen.values(), key=lambda g: g.name)
-        base = chosen.get(baseline) or next((g for g in chosen_list if g.name == baseline), None)
-        if base is None:
+        base_of = baseline_map(chosen_list, baseline)  # one chosen group per optimizer and protocol
+        if not base_of:
             notes.append(f"best-config: no selected {baseline!r} group, no differences computed")
-        add_diffs(entries, chosen_list, {g.name: base for g in chosen_list} if base else {})
+        add_diffs(entries, chosen_list, base_of)
         report["best_config"] = {
             "criterion": f"highest mean over training seeds of the last {last_n} in-training success evaluations "
                          f"(selection seeds, metrics.jsonl); reported on the held-out seeds (eval.json)",

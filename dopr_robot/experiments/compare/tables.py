@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from dopr_robot import stats
@@ -126,6 +127,17 @@ def format_markdown(report: dict[str, Any]) -> str:
     if "best_config" in report:
         parts += ["", "## Best configuration per optimizer", "", report["best_config"]["criterion"] + ".", "",
                   table(report["best_config"]["groups"], last_n)]
+    if report.get("errored_episodes"):
+        parts += ["", "## Errored episodes (--allow-errors)", "",
+                  "Episodes that raised or timed out are missing, not failures: these reports' rates are over their "
+                  "completed episodes, and paired tests over the episode seeds every run completed.", ""]
+        parts += [f"- {e['report']}: {e['n_errors']} of {e['episodes']} episodes errored ({e['n_completed']} "
+                  f"completed)" for e in report["errored_episodes"]]
+    if len(report.get("protocols") or []) > 1:
+        parts += ["", "## Protocols (--split-protocols: each compared apart)", ""]
+        parts += [f"- p{p['index']} ({p['runs']} runs): "
+                  + ", ".join(f"{k} {json.dumps(p['fields'][k])}" for k in p["differs_in"])
+                  for p in report["protocols"]]
     if report["incomplete"]:
         parts += ["", "## Incomplete runs (left out)", ""]
         parts += [f"- {i['run']}: {i['reason']}" for i in report["incomplete"]]
