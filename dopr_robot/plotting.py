@@ -30,6 +30,12 @@ AXIS_LABELS = {"action_noise": "action noise (std, env action units)",
 NOTE_STYLE = {"ha": "center", "va": "center", "fontsize": 9, "color": "0.4", "wrap": True}
 
 
+def _metric_axis(ax, metric: str) -> None:
+    """Success is a rate: its axis spans 0-1; returns take the data's range."""
+    if metric == "success":
+        ax.set_ylim(-0.03, 1.03)
+
+
 def new_figure(rows: int, cols: int, width: float = 4.4, height: float = 3.2):
     fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
     FigureCanvasAgg(fig)
@@ -210,9 +216,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, missing_ok: boo
 
 # ---------------------------------------------------------------- a comparison
 
-def success_vs_val_loss(points: dict[str, list[tuple[float, float]]], colors: dict, path: Path) -> Path:
-    """(a) One point per run: held-out success against final validation loss, colored by group. If validation
-    loss predicted success the points would line up; test-time feedback is the scatter around that line."""
+def success_vs_val_loss(points: dict[str, list[tuple[float, float]]], colors: dict, path: Path,
+                        metric: str = "success") -> Path:
+    """(a) One point per run: held-out success (or the compared metric) against final validation loss, colored by
+    group. If validation loss predicted success the points would line up; test-time feedback is the scatter around
+    that line."""
     fig, axes = new_figure(1, 1, width=6.4, height=4.4)
     ax = axes[0, 0]
     for name, pts in points.items():
@@ -222,11 +230,11 @@ def success_vs_val_loss(points: dict[str, list[tuple[float, float]]], colors: di
         ax.scatter(xs, ys, color=colors[name], label=f"{name} (n={len(pts)})", s=28, alpha=0.85)
         ax.scatter([np.mean(xs)], [np.mean(ys)], color=colors[name], marker="X", s=90, edgecolor="k", linewidth=0.6)
     ax.set_xlabel("final validation loss (EMA policy)")
-    ax.set_ylabel("success, held-out seeds")
-    ax.set_ylim(-0.03, 1.03)
+    ax.set_ylabel(f"{stats.METRIC_LABELS[metric]}, held-out seeds")
+    _metric_axis(ax, metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, title="one dot per run; X = group mean", title_fontsize=8)
-    ax.set_title("closed-loop success vs validation loss")
+    ax.set_title(f"closed-loop {stats.METRIC_LABELS[metric]} vs validation loss")
     return save_png(fig, path)
 
 
@@ -289,8 +297,9 @@ def drift_curves(drifts: dict[str, list[dict]], colors: dict, path: Path) -> Pat
     return save_png(fig, path)
 
 
-def perturbation_curves(groups: list[dict], colors: dict, path: Path) -> Path:
-    """(d) Success against perturbation level per group, one panel per kind (pooled, Wilson 95% bars)."""
+def perturbation_curves(groups: list[dict], colors: dict, path: Path, metric: str = "success") -> Path:
+    """(d) Success (or the compared metric) against perturbation level per group, one panel per kind (pooled,
+    Wilson 95% bars for success, t intervals over episodes for returns)."""
     kinds = sorted({k for g in groups for k in (g.get("perturbation") or {})})
     fig, axes = new_figure(1, len(kinds))
     for ax, kind in zip(axes[0], kinds):
@@ -301,25 +310,27 @@ def perturbation_curves(groups: list[dict], colors: dict, path: Path) -> Path:
             if not rows:
                 continue
             x = [r["level"] + (i - (len(groups) - 1) / 2) * dodge for r in rows]
-            y = [r["success_pooled"] for r in rows]
-            err = [[yi - r["success_ci"][0] for yi, r in zip(y, rows)], [r["success_ci"][1] - yi
-                                                                         for yi, r in zip(y, rows)]]
+            y = [r[f"{metric}_pooled"] for r in rows]
+            err = [[yi - r[f"{metric}_ci"][0] for yi, r in zip(y, rows)], [r[f"{metric}_ci"][1] - yi
+                                                                           for yi, r in zip(y, rows)]]
             ax.errorbar(x, y, yerr=err, color=colors[g["name"]], marker="o", markersize=4, capsize=3,
                         label=g["name"])
         ax.set_xlabel(AXIS_LABELS.get(kind.split(" ", 1)[0], kind) + kind[len(kind.split(" ", 1)[0]):])
-        ax.set_ylabel("success (pooled, Wilson 95%)")
-        ax.set_ylim(-0.03, 1.03)
+        ax.set_ylabel(f"{stats.METRIC_LABELS[metric]} (pooled, {stats.POOLED_INTERVAL[metric]})")
+        _metric_axis(ax, metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        ax.set_title(f"success under {kind}", fontsize=10)
+        ax.set_title(f"{stats.METRIC_LABELS[metric]} under {kind}", fontsize=10)
     return save_png(fig, path)
 
 
-def _percent(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.0f}%"
+def _value(x: float | None, metric: str) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.4g}" if metric == "return" else f"{100 * x:.0f}%"
 
 
-def grid_curves(panels: list[dict], colors: dict, path: Path) -> Path:
+def grid_curves(panels: list[dict], colors: dict, path: Path, metric: str = "success") -> Path:
     """(e) Held-out success against a numeric setting swept within an optimizer, one panel per setting key
     (`compare.grid_panels`). Per series (an optimizer, at fixed other settings): pooled success with Wilson 95%
     bars (dots) and the mean over training seeds (open diamonds), each point labelled with its number of training
@@ -341,16 +352,16 @@ def grid_curves(panels: list[dict], colors: dict, path: Path) -> Path:
             color = next(palette)
             pts = s["points"]
             x = [p["x"] * (hi / lo) ** shift if panel["log_x"] else p["x"] + shift * (hi - lo) for p in pts]
-            y = [p["success_pooled"] for p in pts]
-            err = [[yi - p["success_ci"][0] for yi, p in zip(y, pts)],
-                   [p["success_ci"][1] - yi for yi, p in zip(y, pts)]]
+            y = [p[f"{metric}_pooled"] for p in pts]
+            err = [[yi - p[f"{metric}_ci"][0] for yi, p in zip(y, pts)],
+                   [p[f"{metric}_ci"][1] - yi for yi, p in zip(y, pts)]]
             fixed = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(s["fixed"].items()))
             label = s["optim"] + (f" ({fixed})" if fixed else "")
             if s.get("trend"):
                 label += f"; trend {stats.trend_label(s['trend'])}, p {s['trend']['p']:.2g}"
             series_labels.add(label)
             ax.errorbar(x, y, yerr=err, color=color, marker="o", markersize=5, capsize=3, linewidth=1.6, label=label)
-            ax.scatter(x, [p["success_mean"] for p in pts], marker="D", s=34, facecolor="none", edgecolor=color,
+            ax.scatter(x, [p[f"{metric}_mean"] for p in pts], marker="D", s=34, facecolor="none", edgecolor=color,
                        linewidth=1.1, zorder=3)
             left = shift < 0  # the seed counts on the outer side of dodged series
             for xi, yi, p in zip(x, y, pts):
@@ -361,11 +372,12 @@ def grid_curves(panels: list[dict], colors: dict, path: Path) -> Path:
         for j, line in enumerate(lines):
             color = next(palette)
             bold = line["baseline"]
-            ax.axhspan(*line["success_ci"], color=color, alpha=0.16 if bold else 0.09, linewidth=0)
-            ax.axhline(line["success_pooled"], color=color, linestyle=("--", "-.", ":")[j % 3],
+            pooled, (lo, hi) = line[f"{metric}_pooled"], line[f"{metric}_ci"]
+            ax.axhspan(lo, hi, color=color, alpha=0.16 if bold else 0.09, linewidth=0)
+            ax.axhline(pooled, color=color, linestyle=("--", "-.", ":")[j % 3],
                        linewidth=2.4 if bold else 1.2,
-                       label=f"{line['group']}{' (baseline)' if bold else ''}: {_percent(line['success_pooled'])} "
-                             f"[{_percent(line['success_ci'][0])}, {_percent(line['success_ci'][1])}], "
+                       label=f"{line['group']}{' (baseline)' if bold else ''}: {_value(pooled, metric)} "
+                             f"[{_value(lo, metric)}, {_value(hi, metric)}], "
                              f"n={line['n_seeds']}")
         if panel["log_x"]:
             ax.set_xscale("log")
@@ -377,14 +389,15 @@ def grid_curves(panels: list[dict], colors: dict, path: Path) -> Path:
         ax.set_xticks(xs, [f"{x:g}" + ("\n(config)" if x in from_config else "") for x in xs])
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(key + (" (log scale)" if panel["log_x"] else ""))
-        ax.set_ylabel("success, held-out seeds")
-        ax.set_ylim(-0.03, 1.03)
+        ax.set_ylabel(f"{stats.METRIC_LABELS[metric]}, held-out seeds")
+        _metric_axis(ax, metric)
         ax.grid(alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
         order = sorted(range(len(labels)), key=lambda i: labels[i] not in series_labels)  # curves first
         ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=7, loc="best",
-                  title="dot: pooled [Wilson 95%]; diamond: mean over seeds; n: training seeds", title_fontsize=7)
-        ax.set_title(f"success vs {key.rsplit('.', 1)[-1]}", fontsize=10)
+                  title=f"dot: pooled [{stats.POOLED_INTERVAL[metric]}]; diamond: mean over seeds; n: training seeds",
+                  title_fontsize=7)
+        ax.set_title(f"{stats.METRIC_LABELS[metric]} vs {key.rsplit('.', 1)[-1]}", fontsize=10)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     return save_png(fig, path)
@@ -403,6 +416,7 @@ def compare_plots(groups: list, report: dict[str, Any], out: Path) -> tuple[dict
     drifts = {g.name: [r.drift for r in g.runs if _valid_drift(r.drift)] for g in groups}
     drifts = {k: v for k, v in drifts.items() if v}
     perturbed = [g for g in report["groups"] if g.get("perturbation")]
+    metric = report.get("metric", "success")
     plans = [  # (plot, its data, how to draw it, why it is left out when there is no data)
         ("success_vs_val_loss", points if any(points.values()) else None, success_vs_val_loss,
          "plot (a) left out: no run has a validation loss (no `valid` demos?)"),
@@ -420,7 +434,8 @@ def compare_plots(groups: list, report: dict[str, Any], out: Path) -> tuple[dict
             plots[name] = None
             notes.append(missing)
         else:
-            plots[name] = str(draw(data, colors, out / f"{name}.png"))
+            extra = {} if draw is group_training_curves or draw is drift_curves else {"metric": metric}
+            plots[name] = str(draw(data, colors, out / f"{name}.png", **extra))
     return plots, notes
 
 

@@ -106,6 +106,8 @@ def test_same_config_numbers_and_tests(tmp_path):
     lo, hi = dopr["diff_ci"]
     assert 0.3 < lo < 0.6 < hi < 0.9
     assert dopr["p_permutation"] == pytest.approx(2 / 252)  # perfectly separated, 5 vs 5 seeds
+    assert dopr["p_permutation_min"] == pytest.approx(2 / 252) and dopr["few_seeds"] is False
+    assert dopr["diff_interval"]["method"].startswith("Welch t") and dopr["diff_ci_bootstrap"][0] < 0.6
     # every run played episode seeds 100000..100009: both succeed on the first 2, only dopr on the next 6, neither
     # on the last 2 -> d_e = 1 on 6 episode seeds, 0 elsewhere -> p = P(all 6 signs agree) = 2 / 2^6
     assert dopr["p_paired"] == pytest.approx(2 / 64) and dopr["paired"]["n_discordant"] == 6
@@ -113,7 +115,7 @@ def test_same_config_numbers_and_tests(tmp_path):
     assert saved["groups"][1]["p_permutation"] == dopr["p_permutation"]
     assert saved["provenance"]["command"] and saved["statistics"]["bootstrap"]["n_boot"] == 2000
     md = (sweep / "compare" / "compare.md").read_text()
-    assert "| dopr " in md and "+60.0 pp" in md
+    assert "| dopr " in md and "+60.0 pp" in md and "0.008 (min 0.008)" in md and "†" not in md.split("\n## ")[1]
     for plot in ("success_vs_val_loss", "training_curves"):
         assert (sweep / "compare" / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert saved["plots"]["drift"] is None and any("diagnose" in n for n in saved["notes"])
@@ -423,7 +425,13 @@ def test_perturbation_differences_per_level(tmp_path):
     # shared episode seeds: both succeed on the first 4, only dopr on the next 3 -> p = 2 / 2^3
     assert at["p_paired"] == pytest.approx(2 / 8) and at["paired"]["n_discordant"] == 3
     expected = stats.hierarchical_bootstrap_diff([[1] * 4 + [0] * 6] * 3, [[1] * 7 + [0] * 3] * 3, n_boot=500)
-    assert at["diff_ci"] == pytest.approx(expected["ci"])
+    assert at["diff_ci_bootstrap"] == pytest.approx(expected["ci"])
+    # Welch on per-seed rates, by hand: the sample variances are 0, so each is its binomial floor q(1-q)/10
+    v_adam, v_dopr = 0.4 * 0.6 / 10 / 3, 0.7 * 0.3 / 10 / 3
+    df = (v_adam + v_dopr) ** 2 / ((v_adam ** 2 + v_dopr ** 2) / 2)
+    half = pytest.importorskip("scipy.stats").t.ppf(0.975, df) * math.sqrt(v_adam + v_dopr)
+    assert at["diff_ci"] == pytest.approx([0.3 - half, 0.3 + half]) and at["few_seeds"] is True
+    assert at["p_permutation_min"] == pytest.approx(2 / 20) and at["p_paired_min"] == pytest.approx(2 / 8)
     only = rows[0.3]
     assert only["success_pooled"] == pytest.approx(0.2)
     assert all(only[k] is None for k in ("diff_vs_baseline", "diff_ci", "p_permutation", "p_paired", "paired"))
@@ -440,8 +448,8 @@ def test_perturbation_differences_per_level(tmp_path):
         "level", "adam [Wilson 95%]", "dopr [Wilson 95%]", "dopr vs adam [95% CI]", "p perm", "p paired"]
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
     assert [c[0] for c in cells] == ["0", "0.1", "0.3"]
-    assert cells[1][1].startswith("40.0% [") and cells[1][3].startswith("+30.0 pp [")
-    assert cells[1][4:] == ["0.100", "0.250"]
+    assert cells[1][1].startswith("40.0% [") and cells[1][3].startswith("+30.0 pp [") and cells[1][3].endswith("] †")
+    assert cells[1][4:] == ["0.100 (min 0.100)", "0.250 (min 0.250)"]
     assert cells[2][1] == "-" and cells[2][3:] == ["no baseline runs", "-", "-"]
 
 

@@ -6,8 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from dopr_robot.stats import (hierarchical_bootstrap_diff, mcnemar_exact, paired_episode_test,
-                                          permutation_test, trend_test, wilson_interval)
+from dopr_robot import stats
+from dopr_robot.stats import (binomial_variance_floor, hierarchical_bootstrap_diff, mcnemar_exact,
+                              paired_episode_test, permutation_test, seed_t_interval, trend_test, wilson_interval)
 
 
 @pytest.mark.parametrize("successes, n, lo, hi", [
@@ -151,3 +152,91 @@ def test_trend_with_many_runs_is_a_seeded_monte_carlo():
     assert a["p"] < 1e-3
     with pytest.raises(ValueError, match="two or more distinct"):
         trend_test([1, 1, 1], [0.1, 0.2, 0.3])
+
+
+def test_seed_t_interval_is_welchs_t_interval():
+    """Against scipy's Welch test (ttest_ind(equal_var=False).confidence_interval) on per-seed rates. Mutants
+    caught: a pooled-variance (Student) interval, a z quantile instead of t, or df = m + n - 2."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    base, group = [0.5, 0.58, 0.48, 0.3, 0.42], [0.66, 0.7, 0.62]
+    ours = seed_t_interval(base, group)
+    ref = scipy_stats.ttest_ind(group, base, equal_var=False).confidence_interval(0.95)
+    assert ours["ci"] == pytest.approx([ref.low, ref.high], rel=1e-9)
+    assert ours["diff"] == pytest.approx(np.mean(group) - np.mean(base))
+    assert seed_t_interval([0.5], group)["ci"] is None  # one seed has no variance to estimate
+
+
+def test_binomial_variance_floor_raises_a_too_small_sample_variance_only():
+    """Var(seed rate) >= q (1 - q) / n. Identical per-seed rates (sample variance 0) get the floor; a larger
+    sample variance is kept. Mutant caught: a floor of q(1-q) without / n, or the floor added instead of max'ed."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    assert binomial_variance_floor([0.4, 0.4, 0.4], [10, 10, 10]) == pytest.approx(0.024)
+    assert binomial_variance_floor([0.2, 0.6], [10, 40]) == pytest.approx(0.4 * 0.6 * (0.1 + 0.025) / 2)
+    floor = (0.024, 0.021)
+    point = seed_t_interval([0.4] * 3, [0.7] * 3, variance_floor=floor)
+    v = (0.024 / 3, 0.021 / 3)
+    df = sum(v) ** 2 / ((v[0] ** 2 + v[1] ** 2) / 2)
+    half = scipy_stats.t.ppf(0.975, df) * math.sqrt(sum(v))
+    assert point["ci"] == pytest.approx([0.3 - half, 0.3 + half]) and point["df"] == pytest.approx(df)
+    wide = [0.2, 0.5, 0.8]  # sample variance 0.09 > floor: unchanged by it
+    assert seed_t_interval(wide, [0.7] * 3, variance_floor=(0.024, 0.0))["ci"] == pytest.approx(
+        seed_t_interval(wide, [0.7] * 3)["ci"])
+
+
+@pytest.mark.parametrize("m, n, expected", [(3, 3, 2 / 20), (5, 5, 2 / 252), (3, 5, 1 / 56), (2, 3, 1 / 10)])
+def test_smallest_attainable_permutation_p(m, n, expected):
+    """min_p is the p of perfectly separated groups with distinct values: 3 vs 3 seeds cannot go below 0.10."""
+    separated = permutation_test(np.arange(m), np.arange(m, m + n) + 0.5)
+    assert separated["min_p"] == pytest.approx(expected) and separated["p"] == pytest.approx(expected)
+    assert permutation_test([0.1] * m, [0.2] * n)["min_p"] == pytest.approx(expected)
+
+
+def test_trend_and_paired_min_p_match_brute_force():
+    x = [0, 0, 1, 1, 2]  # ties in x: runs at one value swap without changing the slope
+    best = min(trend_test(x, list(perm))["p"] for perm in itertools.permutations([0.1, 0.2, 0.3, 0.5, 0.8]))
+    assert trend_test(x, [0.4, 0.1, 0.3, 0.3, 0.2])["min_p"] == pytest.approx(best)
+    # paired, one run per group: d_e in {-1, 0, 1}; 4 discordant episodes -> at best 2 / 2^4
+    result = paired_episode_test([[1, 0, 0, 1, 1, 0]], [[0, 1, 1, 1, 1, 1]])
+    assert result["n_discordant"] == 4 and result["min_p"] == pytest.approx(2 / 16)
+
+
+def test_paired_test_on_returns_is_exact_up_to_20_episodes_then_seeded_monte_carlo():
+    """Real-valued per-episode returns: all 2^E sign flips of d_e for E <= 20 (brute force here), a seeded Monte
+    Carlo above. Mutant caught: rounding real d_e to integers (the success path) would make d = 0.4 and 0.6
+    ties."""
+    rng = np.random.default_rng(4)
+    base, grp = rng.normal(100, 20, (2, 10)), rng.normal(110, 20, (3, 10))
+    d = grp.mean(axis=0) - base.mean(axis=0)
+    flips = np.array(list(itertools.product([-1, 1], repeat=10)))
+    brute = np.mean(np.abs(flips @ d) >= abs(d.sum()) - 1e-9)
+    result = paired_episode_test(base, grp)
+    assert result["p"] == pytest.approx(brute, rel=1e-12) and "all 2^E" in result["method"]
+    assert result["min_p"] == pytest.approx(2 / 1024)
+    assert paired_episode_test([[0.4, 0.0]], [[1.0, 0.0]])["p"] == pytest.approx(1.0)  # d = (0.6, 0): p = 1
+    big_base, big_grp = rng.normal(100, 20, (2, 40)), rng.normal(130, 20, (2, 40))
+    a = paired_episode_test(big_base, big_grp, n_resamples=5000, seed=3)
+    assert a == paired_episode_test(big_base, big_grp, n_resamples=5000, seed=3)
+    assert "5000 seeded random flips" in a["method"] and a["min_p"] == pytest.approx(1 / 5001)
+    assert a["p"] == pytest.approx(1 / 5001)  # a 30-point shift over 40 episodes: no random flip is as extreme
+
+
+def test_bootstrap_on_returns_resamples_episodes_within_seeds():
+    """Real values take the episode-resampling path: seeded, centred on the observed difference, and a group
+    whose every episode has the same return has no within-seed spread (mutant caught: a binomial draw on
+    non-0/1 values, which fails or draws counts)."""
+    base = [[10.0, 12.0, 14.0], [11.0, 13.0, 15.0]]
+    grp = [[20.0, 20.0, 20.0], [20.0, 20.0, 20.0]]
+    a = hierarchical_bootstrap_diff(base, grp, n_boot=400, seed=2)
+    assert a == hierarchical_bootstrap_diff(base, grp, n_boot=400, seed=2)
+    assert a["diff"] == pytest.approx(20.0 - 12.5)
+    lo, hi = a["ci"]
+    assert 20 - 15 <= lo < 7.5 < hi <= 20 - 10  # bounded by the most and least any resample can give
+    assert hierarchical_bootstrap_diff(grp, grp, n_boot=50)["ci"] == [0.0, 0.0]
+
+
+def test_mean_interval_is_the_one_sample_t_interval():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    values = [3.0, 5.0, 4.0, 8.0]
+    ref = scipy_stats.ttest_1samp(values, 0.0).confidence_interval(0.95)
+    assert stats.mean_interval(values)["ci"] == pytest.approx([ref.low, ref.high])
+    assert stats.mean_interval([2.0]) == {"mean": 2.0, "ci": None}

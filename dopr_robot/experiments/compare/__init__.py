@@ -46,25 +46,26 @@ def default_out(paths: Sequence[Path]) -> Path:
 def compare(paths: Sequence[Path], baseline: str | None = None, select: str = "same-config",
             out: Path | None = None, last_n: int = 5, n_boot: int = 10_000, seed: int = 0,
             command: Sequence[str] | None = None, allow_errors: bool = False,
-            split_protocols: bool = False) -> tuple[dict[str, Any], list[str]]:
+            split_protocols: bool = False, metric: str = "success") -> tuple[dict[str, Any], list[str]]:
     """Read the runs, compute the report, write OUT/compare.json, compare.md and the plots.
     Returns (report, warnings). Reports with errored episodes are refused unless `allow_errors`; runs of
-    different protocols unless `split_protocols`."""
+    different protocols unless `split_protocols`. `metric`: success, return or normalized_return per episode."""
     from dopr_robot import plotting
 
     out = Path(out) if out is not None else default_out(paths)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
     warnings: list[str] = []
-    runs, sweeps = discover(paths, warnings, allow_errors=allow_errors)
-    report = build_report(runs, baseline, select, last_n, n_boot, seed, split_protocols=split_protocols)
+    runs, sweeps = discover(paths, warnings, metric=metric, allow_errors=allow_errors)
+    report = build_report(runs, baseline, select, last_n, n_boot, seed, split_protocols=split_protocols,
+                          metric=metric)
     report["allow_errors"] = allow_errors
     for run in runs:
         if not run.complete:
             warnings.append(f"{run.dir}: incomplete ({'; '.join(run.problems)}), left out")
     report["inputs"] = {"paths": [str(p) for p in paths], "sweeps": sweeps}
     report["provenance"] = provenance(command=command if command is not None else sys.argv)
-    groups = make_groups(runs)
+    groups = make_groups(runs, metric)
     report["plots"], plot_notes = plotting.compare_plots(groups, report, out)
     report["notes"] += plot_notes
     out.mkdir(parents=True, exist_ok=True)

@@ -10,19 +10,36 @@ import numpy as np
 from dopr_robot import stats
 from dopr_robot.errors import UserError
 from dopr_robot.experiments.compare.groups import Group, Sample
-from dopr_robot.experiments.compare.runs import (PERTURBATION_KINDS, is_perturbed, perturbation_of,
-                                                 report_completed, report_rate, report_successes)
+from dopr_robot.experiments.compare.runs import (PERTURBATION_KINDS, is_perturbed, perturbation_of, report_rate,
+                                                 report_successes)
 
 # ---------------------------------------------------------------- per-group numbers
 
+def over_runs(sample: Sample) -> dict[str, Any]:
+    """The metric of one sample over its runs: mean ± sample sd over training seeds, and pooled over every
+    completed episode with a 95% interval that treats episodes as independent (Wilson for success, a t interval
+    for returns). Keys are prefixed by the metric: success_mean, return_pooled, ..."""
+    m = sample.metric
+    values = sample.values()
+    mean, sd = stats.mean_sd(sample.rates())
+    episodes = sum(len(v) for v in values)
+    out = {f"{m}_mean": mean, f"{m}_sd": sd, "episodes": episodes}
+    if m == "success":
+        successes = sum(report_successes(r) for r in sample.reports)
+        out.update(successes=successes, success_pooled=successes / episodes,
+                   success_ci=list(stats.wilson_interval(successes, episodes)))
+    else:
+        pooled = stats.mean_interval([x for v in values for x in v])
+        out.update({f"{m}_pooled": pooled["mean"], f"{m}_ci": pooled["ci"]})
+    return out
+
+
 def summarize(group: Group, last_n: int) -> dict[str, Any]:
-    """The numbers of one group over its training seeds (mean +- sample sd) and pooled over episodes."""
-    rates = group.sample().rates()
-    success_mean, success_sd = stats.mean_sd(rates)
-    successes = sum(report_successes(r.eval) for r in group.runs)
-    episodes = sum(report_completed(r.eval) for r in group.runs)
-    lo, hi = stats.wilson_interval(successes, episodes)
-    best_rates = [report_rate(r.eval_best) for r in group.runs if r.eval_best is not None]
+    """The numbers of one group over its training seeds (mean +- sample sd) and pooled over episodes, in the
+    group's metric; validation loss and in-training success (always success) from metrics.jsonl."""
+    m = group.metric
+    sample = group.sample()
+    best_rates = [report_rate(r.eval_best, m) for r in group.runs if r.eval_best is not None]
     best_mean, best_sd = stats.mean_sd(best_rates)
     val_final = [r.val_losses()[-1] for r in group.runs if r.val_losses()]
     val_best = [min(r.val_losses()) for r in group.runs if r.val_losses()]
@@ -36,10 +53,8 @@ def summarize(group: Group, last_n: int) -> dict[str, Any]:
         "runs": [str(r.dir) for r in group.runs],
         "train_seeds": [r.seed for r in group.runs],
         "n_seeds": len(group.runs),
-        "success_mean": success_mean, "success_sd": success_sd, "success_per_seed": rates,
-        "successes": successes, "episodes": episodes,
-        "success_pooled": successes / episodes if episodes else None, "success_ci": [lo, hi],
-        "best_success_mean": best_mean, "best_success_sd": best_sd, "best_n_seeds": len(best_rates),
+        **over_runs(sample), f"{m}_per_seed": sample.rates(),
+        f"best_{m}_mean": best_mean, f"best_{m}_sd": best_sd, "best_n_seeds": len(best_rates),
         "val_loss_mean": val_mean, "val_loss_sd": val_sd,
         "val_loss_best_mean": stats.mean_sd(val_best)[0],
         "intrain_last_n": last_n, "intrain_last_mean": last_mean, "intrain_last_sd": last_sd,
@@ -61,24 +76,47 @@ def _common_episodes(sample: Sample) -> tuple[list[int], list[list[float]]] | st
     return common, [[run[e] for e in common] for run in values]
 
 
+def no_difference(baseline_name: str | None) -> dict[str, Any]:
+    """The difference fields of an entry without a baseline to compare with (the same keys as `difference`)."""
+    return {"baseline_group": baseline_name, "diff_vs_baseline": None, "diff_ci": None, "diff_interval": None,
+            "diff_ci_bootstrap": None, "few_seeds": None, "p_permutation": None, "p_permutation_min": None,
+            "permutation": None, "p_paired": None, "p_paired_min": None, "paired": None}
+
+
 def difference(baseline: Sample, group: Sample, n_boot: int, seed: int) -> dict[str, Any]:
-    """diff of mean success vs the baseline, its bootstrap interval, and both tests (for the unperturbed eval and
-    for each perturbation level alike). The paired test is over the episode seeds every run of both groups
-    completed (all of them, unless --allow-errors let errored episodes in)."""
+    """The difference of means vs the baseline with its interval, and both tests (for the unperturbed eval and
+    for each perturbation level alike).
+
+    `diff_ci` is Welch's t interval on the per-seed means (`stats.seed_t_interval`; for success each group's
+    variance at least a seed's binomial variance), the interval that holds at 2-5 training seeds;
+    `diff_ci_bootstrap` the hierarchical percentile bootstrap (under-covers at 2-3 seeds; for reference). Each
+    p comes with the smallest p the design allows (`*_min`), and `few_seeds` flags fewer than 5 training seeds in
+    either group. The paired test is over the episode seeds every run of both groups completed (all of them,
+    unless --allow-errors let errored episodes in)."""
+    base_rates, group_rates = baseline.rates(), group.rates()
+    floor = (0.0, 0.0)
+    if group.metric == "success":
+        floor = tuple(stats.binomial_variance_floor(s.rates(), [len(v) for v in s.values()])
+                      for s in (baseline, group))
+    interval = stats.seed_t_interval(base_rates, group_rates, variance_floor=floor)
     boot = stats.hierarchical_bootstrap_diff(baseline.values(), group.values(), n_boot=n_boot, seed=seed)
-    perm = stats.permutation_test(baseline.rates(), group.rates(), seed=seed)
-    out: dict[str, Any] = {"baseline_group": baseline.name, "diff_vs_baseline": boot["diff"], "diff_ci": boot["ci"],
-                           "p_permutation": perm["p"], "permutation": {k: perm[k] for k in
-                                                                       ("method", "n_permutations", "seed")},
-                           "p_paired": None, "paired": None}
+    perm = stats.permutation_test(base_rates, group_rates, seed=seed)
+    out: dict[str, Any] = {
+        **no_difference(baseline.name),
+        "diff_vs_baseline": interval["diff"], "diff_ci": interval["ci"],
+        "diff_interval": {k: interval[k] for k in ("method", "level", "se", "df")},
+        "diff_ci_bootstrap": boot["ci"], "few_seeds": min(len(base_rates), len(group_rates)) < stats.FEW_SEEDS,
+        "p_permutation": perm["p"], "p_permutation_min": perm["min_p"],
+        "permutation": {k: perm[k] for k in ("method", "n_permutations", "seed", "min_p")}}
     both = _common_episodes(Sample(group.name, baseline.reports + group.reports, group.metric))
     if isinstance(both, str):
         out["paired"] = {"skipped": both}
     else:
         _, values = both
-        paired = stats.paired_episode_test(values[:len(baseline.reports)], values[len(baseline.reports):])
-        out["p_paired"] = paired["p"]
-        out["paired"] = {k: paired[k] for k in ("n_episodes", "n_discordant", "mean_diff", "method")}
+        paired = stats.paired_episode_test(values[:len(baseline.reports)], values[len(baseline.reports):],
+                                           seed=seed)
+        out["p_paired"], out["p_paired_min"] = paired["p"], paired["min_p"]
+        out["paired"] = {k: paired[k] for k in ("n_episodes", "n_discordant", "mean_diff", "method", "min_p")}
     return out
 
 
@@ -112,24 +150,16 @@ def perturbation_levels(group: Group, notes: list[str]) -> Levels:
     return {kind: {0.0: zero, **levels} if zero else levels for kind, levels in sorted(cells.items())}
 
 
-def perturbation_curves(levels: Levels) -> dict[str, list[dict[str, Any]]]:
-    """Success against perturbation level per kind (pooled with a Wilson interval, and mean ± sd over runs)."""
-    out = {}
-    for kind, by_level in levels.items():
-        rows = []
-        for level in sorted(by_level):
-            reports = by_level[level]
-            s, n = sum(report_successes(r) for r in reports), sum(report_completed(r) for r in reports)
-            mean, sd = stats.mean_sd([report_rate(r) for r in reports])
-            rows.append({"level": level, "n_seeds": len(reports), "success_mean": mean, "success_sd": sd,
-                         "success_pooled": s / n if n else None, "success_ci": list(stats.wilson_interval(s, n))})
-        out[kind] = rows
-    return out
+def perturbation_curves(levels: Levels, metric: str = "success") -> dict[str, list[dict[str, Any]]]:
+    """The metric against perturbation level per kind (pooled with its interval, and mean ± sd over runs)."""
+    return {kind: [{"level": level, "n_seeds": len(by_level[level]),
+                    **over_runs(Sample("", by_level[level], metric))} for level in sorted(by_level)]
+            for kind, by_level in levels.items()}
 
 
 def perturbation_differences(name: str, curves: dict[str, list[dict[str, Any]]], levels: Levels,
-                             base_name: str, base_levels: Levels, n_boot: int,
-                             seed: int) -> dict[str, list[dict[str, Any]]]:
+                             base_name: str, base_levels: Levels, n_boot: int, seed: int,
+                             metric: str = "success") -> dict[str, list[dict[str, Any]]]:
     """The curves' rows (copies) with the difference to the baseline group at the same kind and level: the group's
     reports at that level against the baseline's, by `difference` (level 0 gives the group's main numbers). A level
     the baseline has no report at gets None and a `note`."""
@@ -139,12 +169,11 @@ def perturbation_differences(name: str, curves: dict[str, list[dict[str, Any]]],
         for row in rows:
             base_reports = base_levels.get(kind, {}).get(row["level"])
             if base_reports:
-                diff = difference(Sample(base_name, base_reports), Sample(name, levels[kind][row["level"]]),
-                                  n_boot, seed)
+                diff = difference(Sample(base_name, base_reports, metric),
+                                  Sample(name, levels[kind][row["level"]], metric), n_boot, seed)
                 note = None
             else:
-                diff = {"baseline_group": base_name, "diff_vs_baseline": None, "diff_ci": None,
-                        "p_permutation": None, "permutation": None, "p_paired": None, "paired": None}
+                diff = no_difference(base_name)
                 note = f"baseline group {base_name} has no runs at {kind} {row['level']:g}"
             out[kind].append({**row, **diff, "note": note})
     return out

@@ -6,8 +6,9 @@ from typing import Any
 
 from dopr_robot import stats
 from dopr_robot.errors import UserError
-from dopr_robot.experiments.compare.analysis import (difference, perturbation_curves, perturbation_differences,
-                                                     perturbation_levels, select_best_config, summarize)
+from dopr_robot.experiments.compare.analysis import (difference, no_difference, perturbation_curves,
+                                                     perturbation_differences, perturbation_levels,
+                                                     select_best_config, summarize)
 from dopr_robot.experiments.compare.groups import Group, assign_settings, baseline_map, make_groups
 from dopr_robot.experiments.compare.protocol import check_protocols, check_seeds
 from dopr_robot.experiments.compare.runs import Run
@@ -19,16 +20,19 @@ SELECTIONS = ("same-config", "best-config")
 # ---------------------------------------------------------------- the report
 
 def build_report(runs: list[Run], baseline: str | None = None, select: str = "same-config", last_n: int = 5,
-                 n_boot: int = 10_000, seed: int = 0, split_protocols: bool = False) -> dict[str, Any]:
+                 n_boot: int = 10_000, seed: int = 0, split_protocols: bool = False,
+                 metric: str = "success") -> dict[str, Any]:
     """compare.json's content from loaded runs (no file is read or written; fills each run's settings/group).
-    Runs of different protocols are refused, or compared apart with `split_protocols` (see `protocol`)."""
+    Runs of different protocols are refused, or compared apart with `split_protocols` (see `protocol`). Every
+    number is of `metric` per episode (success, return or normalized_return; the runs were read for it by
+    `discover`), except validation loss and in-training success."""
     if select not in SELECTIONS:
         raise UserError(f"--select must be one of {', '.join(SELECTIONS)}, not {select!r}")
     if last_n < 1 or n_boot < 1:
         raise UserError("need --last-n >= 1 and --n-boot >= 1")
     varying = assign_settings(runs)
     protocols = check_protocols(runs, split_protocols)
-    groups = make_groups(runs)
+    groups = make_groups(runs, metric)
     if not groups:
         raise UserError("no complete run (with eval.json) to compare: "
                         + "; ".join(f"{r.dir}: {', '.join(r.problems)}" for r in runs[:5]))
@@ -36,7 +40,7 @@ def build_report(runs: list[Run], baseline: str | None = None, select: str = "sa
     notes: list[str] = []
     summaries = {g.name: {**summarize(g, last_n), "protocol": g.protocol} for g in groups}
     levels = {g.name: perturbation_levels(g, notes) for g in groups}
-    curves = {g.name: perturbation_curves(levels[g.name]) for g in groups}
+    curves = {g.name: perturbation_curves(levels[g.name], metric) for g in groups}
     for g in groups:
         if curves[g.name]:
             summaries[g.name]["perturbation"] = curves[g.name]
@@ -53,31 +57,37 @@ def build_report(runs: list[Run], baseline: str | None = None, select: str = "sa
         for g in chosen_groups:
             base = base_of.get(g.name)
             entry = entries[g.name]
-            entry.update({"baseline_group": base.name if base else None, "diff_vs_baseline": None,
-                          "diff_ci": None, "p_permutation": None, "permutation": None, "p_paired": None,
-                          "paired": None})
+            entry.update(no_difference(base.name if base else None))
             if curves[g.name]:
                 entry["perturbation"] = curves[g.name]  # without differences (a best-config copy may have some)
             if base is not None and base is not g:
                 entry.update(difference(base.sample(), g.sample(), n_boot, seed))
                 if curves[g.name]:
                     entry["perturbation"] = perturbation_differences(g.name, curves[g.name], levels[g.name],
-                                                                     base.name, levels[base.name], n_boot, seed)
+                                                                     base.name, levels[base.name], n_boot, seed,
+                                                                     metric)
 
     add_diffs(summaries, groups, mapping)
     grid = grid_panels(groups, summaries, notes, seed)
     report: dict[str, Any] = {
-        "baseline": baseline, "select": select,
+        "baseline": baseline, "select": select, "metric": metric,
         "groups": [summaries[g.name] for g in groups],
         "settings_keys": sorted({k for g in groups for k in g.settings} | set(varying)),
         "incomplete": [{"run": str(r.dir), "group": r.group, "reason": "; ".join(r.problems)}
                        for r in runs if not r.complete],
-        "statistics": {"bootstrap": {"n_boot": n_boot, "seed": seed, "level": 0.95,
-                                     "method": "hierarchical: training seeds, then episodes within seed"},
+        "statistics": {"interval": {"level": 0.95, "method": "Welch t interval on per-seed means (diff_ci); for "
+                                    "success each group's variance at least a seed's binomial variance q(1-q)/n",
+                                    "few_seeds": f"few_seeds: fewer than {stats.FEW_SEEDS} training seeds in a group"},
+                       "bootstrap": {"n_boot": n_boot, "seed": seed, "level": 0.95,
+                                     "method": "hierarchical: training seeds, then episodes within seed "
+                                               "(diff_ci_bootstrap; percentile, under-covers at 2-3 seeds)"},
                        "permutation": {"exact_limit": stats.EXACT_PERMUTATION_LIMIT, "seed": seed,
-                                       "statistic": "difference of mean per-seed success, two-sided"},
-                       "paired": "exact sign-flip over episode seeds (McNemar for one run per group)",
-                       "success_sd": "sample standard deviation over training seeds (ddof 1)"},
+                                       "statistic": f"difference of mean per-seed {metric}, two-sided",
+                                       "min_p": "p_permutation_min: the smallest p these group sizes allow"},
+                       "paired": "sign-flip over episode seeds (exact for success: McNemar for one run per group; "
+                                 f"exact up to {stats.EXACT_SIGN_FLIP_EPISODES} episodes, else seeded Monte Carlo, "
+                                 "for returns); p_paired_min: the smallest p it allows",
+                       f"{metric}_sd": "sample standard deviation over training seeds (ddof 1)"},
         "protocols": protocols,
         "errored_episodes": [e for r in runs for e in r.errored],
         "grid": grid,

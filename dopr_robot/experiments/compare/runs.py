@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import yaml
 
 from dopr_robot.errors import UserError
+from dopr_robot.stats import METRICS
 from dopr_robot.rundir import DRIFT_REPORT, read_metrics
 
 PERTURBATION_KINDS = ("action_noise", "obs_noise", "push")
@@ -55,9 +56,6 @@ class Run:
 
 def finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-METRICS = ("success", "return", "normalized_return")
 
 
 def report_errors(report: dict) -> int:

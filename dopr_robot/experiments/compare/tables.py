@@ -9,20 +9,26 @@ from dopr_robot import stats
 
 # ---------------------------------------------------------------- tables
 
-def _pct(x: float | None, digits: int = 1) -> str:
-    return "-" if x is None else f"{100 * x:.{digits}f}%"
+def _value(x: float | None, metric: str, digits: int = 1) -> str:
+    """Success and normalized return as percentages, a return in its own units."""
+    if x is None:
+        return "-"
+    return f"{x:.4g}" if metric == "return" else f"{100 * x:.{digits}f}%"
 
 
-def _pm(mean: float | None, sd: float | None, pct: bool = True) -> str:
+def _pm(mean: float | None, sd: float | None, metric: str | None = "success") -> str:
+    """mean ± sd; metric None: a plain number (validation loss)."""
     if mean is None:
         return "-"
-    if pct:
-        return _pct(mean) + (f" ± {100 * sd:.1f}" if sd is not None else "")
-    return f"{mean:.4g}" + (f" ± {sd:.2g}" if sd is not None else "")
+    if metric is None or metric == "return":
+        return f"{mean:.4g}" + (f" ± {sd:.2g}" if sd is not None else "")
+    return _value(mean, metric) + (f" ± {100 * sd:.1f}" if sd is not None else "")
 
 
-def _p(p: float | None) -> str:
-    return "-" if p is None else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
+def _p(p: float | None, min_p: float | None = None) -> str:
+    """A p-value with the smallest p its test could give here: "0.300 (min 0.100)"."""
+    text = lambda x: f"{x:.3f}" if x >= 0.001 else f"{x:.1e}"  # noqa: E731
+    return "-" if p is None else text(p) + ("" if min_p is None else f" (min {text(min_p)})")
 
 
 def _aligned(header: list[str], rows: list[list[str]]) -> str:
@@ -32,41 +38,56 @@ def _aligned(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
-def _diff(e: dict[str, Any]) -> str:
+def _diff(e: dict[str, Any], metric: str) -> str:
+    """The difference with its interval; "†" marks fewer than 5 training seeds in a group."""
     if e.get("diff_vs_baseline") is None:
         return "-"
+    mark = " †" if e.get("few_seeds") else ""
+    if metric == "return":
+        number = lambda x: f"{x:+.4g}"  # noqa: E731
+    else:
+        number = lambda x: f"{100 * x:+.1f}"  # noqa: E731
+    unit = "" if metric == "return" else " pp"
+    if e["diff_ci"] is None:
+        return f"{number(e['diff_vs_baseline'])}{unit} [needs 2+ seeds per group]{mark}"
     lo, hi = e["diff_ci"]
-    return f"{100 * e['diff_vs_baseline']:+.1f} pp [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+    return f"{number(e['diff_vs_baseline'])}{unit} [{number(lo)}, {number(hi)}]{mark}"
 
 
-def _pooled(e: dict[str, Any]) -> str:
-    lo, hi = e["success_ci"]
-    return f"{_pct(e['success_pooled'])} [{100 * lo:.1f}, {100 * hi:.1f}]"
+def _pooled(e: dict[str, Any], metric: str) -> str:
+    pooled, ci = e[f"{metric}_pooled"], e[f"{metric}_ci"]
+    if ci is None:
+        return _value(pooled, metric)
+    scale = (lambda x: f"{x:.4g}") if metric == "return" else (lambda x: f"{100 * x:.1f}")  # noqa: E731
+    return f"{_value(pooled, metric)} [{scale(ci[0])}, {scale(ci[1])}]"
 
 
 def _has_baseline(e: dict[str, Any]) -> bool:
     return e.get("baseline_group") not in (None, e["name"])
 
 
-def table(entries: list[dict[str, Any]], last_n: int) -> str:
+def table(entries: list[dict[str, Any]], last_n: int, metric: str = "success") -> str:
     """A markdown table (aligned, so it reads in a terminal too)."""
-    header = ["group", "seeds", "val loss (final)", "val loss (best)", "success final", "pooled [Wilson 95%]",
-              "success best ckpt", f"in-train last {last_n}", "diff vs baseline [95% CI]", "p perm", "p paired"]
+    label = stats.METRIC_LABELS[metric]
+    header = ["group", "seeds", "val loss (final)", "val loss (best)", f"{label} final",
+              f"pooled [{stats.POOLED_INTERVAL[metric]}]", f"{label} best ckpt", f"in-train success last {last_n}",
+              "diff vs baseline [95% CI]", "p perm", "p paired"]
     rows = []
     for e in entries:
-        diff = "baseline" if e.get("baseline_group") == e["name"] else _diff(e)
-        rows.append([e["name"], str(e["n_seeds"]), _pm(e["val_loss_mean"], e["val_loss_sd"], pct=False),
+        diff = "baseline" if e.get("baseline_group") == e["name"] else _diff(e, metric)
+        rows.append([e["name"], str(e["n_seeds"]), _pm(e["val_loss_mean"], e["val_loss_sd"], None),
                      "-" if e["val_loss_best_mean"] is None else f"{e['val_loss_best_mean']:.4g}",
-                     _pm(e["success_mean"], e["success_sd"]), _pooled(e),
-                     _pm(e["best_success_mean"], e["best_success_sd"]),
+                     _pm(e[f"{metric}_mean"], e[f"{metric}_sd"], metric), _pooled(e, metric),
+                     _pm(e[f"best_{metric}_mean"], e[f"best_{metric}_sd"], metric),
                      _pm(e["intrain_last_mean"], e["intrain_last_sd"]), diff,
-                     _p(e.get("p_permutation")), _p(e.get("p_paired"))])
+                     _p(e.get("p_permutation"), e.get("p_permutation_min")),
+                     _p(e.get("p_paired"), e.get("p_paired_min"))])
     return _aligned(header, rows)
 
 
-def perturbation_tables(entries: list[dict[str, Any]]) -> list[str]:
-    """Per perturbation kind, a markdown table: one row per level; per group its pooled success [Wilson 95%] and,
-    for a group with a baseline, its difference to it at that level with both p-values."""
+def perturbation_tables(entries: list[dict[str, Any]], metric: str = "success") -> list[str]:
+    """Per perturbation kind, a markdown table: one row per level; per group its pooled metric with its interval
+    and, for a group with a baseline, its difference to it at that level with both p-values."""
     kinds = sorted({k for e in entries for k in e.get("perturbation") or {}})
     parts: list[str] = []
     for kind in kinds:
@@ -74,7 +95,7 @@ def perturbation_tables(entries: list[dict[str, Any]]) -> list[str]:
         by_level = [{r["level"]: r for r in e["perturbation"][kind]} for e in present]
         header = ["level"]
         for e in present:
-            header.append(f"{e['name']} [Wilson 95%]")
+            header.append(f"{e['name']} [{stats.POOLED_INTERVAL[metric]}]")
             if _has_baseline(e):
                 header += [f"{e['name']} vs {e['baseline_group']} [95% CI]", "p perm", "p paired"]
         rows = []
@@ -82,10 +103,12 @@ def perturbation_tables(entries: list[dict[str, Any]]) -> list[str]:
             cells = [f"{level:g}"]
             for e, rows_of in zip(present, by_level):
                 r = rows_of.get(level)
-                cells.append("-" if r is None else _pooled(r))
+                cells.append("-" if r is None else _pooled(r, metric))
                 if _has_baseline(e):
-                    diff = "-" if r is None else ("no baseline runs" if r.get("note") else _diff(r))
-                    cells += [diff, _p(r and r.get("p_permutation")), _p(r and r.get("p_paired"))]
+                    diff = "-" if r is None else ("no baseline runs" if r.get("note") else _diff(r, metric))
+                    r = r or {}
+                    cells += [diff, _p(r.get("p_permutation"), r.get("p_permutation_min")),
+                              _p(r.get("p_paired"), r.get("p_paired_min"))]
             rows.append(cells)
         parts += ["", f"### {kind}", "", _aligned(header, rows)]
     return parts
@@ -98,35 +121,44 @@ def trend_table(trends: list[tuple[dict[str, Any], dict[str, Any]]]) -> str:
         fixed = ", ".join(f"{k}={v}" for k, v in sorted(s["fixed"].items()))
         values = ", ".join(f"{p['x']:g}" for p in s["points"])
         rows.append([panel["key"], s["optim"] + (f" ({fixed})" if fixed else ""), values,
-                     str(s["trend"]["n_runs"]), stats.trend_label(s["trend"]), _p(s["trend"]["p"])])
+                     str(s["trend"]["n_runs"]), stats.trend_label(s["trend"]),
+                     _p(s["trend"]["p"], s["trend"].get("min_p"))])
     return _aligned(header, rows)
 
 
 def format_markdown(report: dict[str, Any]) -> str:
     last_n = report["groups"][0]["intrain_last_n"]
-    parts = [f"# compare: baseline {report['baseline']}", "",
-             "Success: held-out seeds (eval.json, final checkpoint), mean ± sd over training seeds; pooled over "
-             "all episodes with a Wilson 95% interval. diff: mean success minus the baseline group's, hierarchical "
-             f"bootstrap 95% interval (B = {report['statistics']['bootstrap']['n_boot']}, seed "
-             f"{report['statistics']['bootstrap']['seed']}); p perm: permutation test over training seeds; "
-             "p paired: sign-flip test over shared episode seeds.", "",
-             "## Same configuration", "", table(report["groups"], last_n)]
+    metric = report.get("metric", "success")
+    label = stats.METRIC_LABELS[metric]
+    boot = report["statistics"]["bootstrap"]
+    parts = [f"# compare: baseline {report['baseline']}" + ("" if metric == "success" else f", metric {label}"), "",
+             f"{label.capitalize()}: per episode on the held-out seeds (eval.json, final checkpoint), mean ± sd over "
+             f"training seeds; pooled over all episodes with a {stats.POOLED_INTERVAL[metric]} interval. diff: mean "
+             f"minus the baseline group's, with Welch's t 95% interval on the per-seed means"
+             + (" (each group's variance at least a seed's binomial variance)" if metric == "success" else "")
+             + f"; † marks fewer than {stats.FEW_SEEDS} training seeds in a group. p perm: permutation test over "
+             "training seeds; p paired: sign-flip test over shared episode seeds; (min ...): the smallest p each "
+             "test can give with these groups. The hierarchical bootstrap interval (B = "
+             f"{boot['n_boot']}, seed {boot['seed']}; under-covers at 2-3 seeds) is diff_ci_bootstrap in "
+             "compare.json.", "",
+             "## Same configuration", "", table(report["groups"], last_n, metric)]
     trends = [(panel, s) for panel in report.get("grid", []) for s in panel["series"] if s.get("trend")]
     if trends:
         parts += ["", "## Trend over a swept setting", "",
-                  "Least-squares slope of per-seed held-out success on the setting (on log10 of it for a log-spaced "
-                  "sweep: the change per decade), over every run of the curve; p perm: permutation test of the "
-                  "slope (runs' success reassigned across the setting values).", "",
+                  f"Least-squares slope of per-seed held-out {label} on the setting (on log10 of it for a "
+                  "log-spaced sweep: the change per decade), over every run of the curve; p perm: permutation test "
+                  f"of the slope (runs' {label} reassigned across the setting values).", "",
                   trend_table(trends)]
     if any(g.get("perturbation") for g in report["groups"]):
-        parts += ["", "## Success under perturbation", "",
+        parts += ["", f"## {label.capitalize()} under perturbation", "",
                   "Per perturbation level (eval_<tag>.json of the final checkpoint; level 0 is eval.json): pooled "
-                  "success [Wilson 95%], and the difference to the baseline group's runs at the same kind and level "
-                  "with the same bootstrap interval and tests as above (level 0 repeats the main difference)."]
-        parts += perturbation_tables(report["groups"])
+                  f"{label} [{stats.POOLED_INTERVAL[metric]}], and the difference to the baseline group's runs at "
+                  "the same kind and level with the same interval and tests as above (level 0 repeats the main "
+                  "difference)."]
+        parts += perturbation_tables(report["groups"], metric)
     if "best_config" in report:
         parts += ["", "## Best configuration per optimizer", "", report["best_config"]["criterion"] + ".", "",
-                  table(report["best_config"]["groups"], last_n)]
+                  table(report["best_config"]["groups"], last_n, metric)]
     if report.get("errored_episodes"):
         parts += ["", "## Errored episodes (--allow-errors)", "",
                   "Episodes that raised or timed out are missing, not failures: these reports' rates are over their "

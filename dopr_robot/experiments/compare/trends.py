@@ -35,7 +35,7 @@ def _config_value(group: Group, key: str) -> float | None:
 
 def grid_panels(groups: list[Group], summaries: dict[str, dict], notes: list[str], seed: int = 0
                 ) -> list[dict[str, Any]]:
-    """Success against each numeric setting key that varies within an optimizer, the data of plot (e).
+    """The metric (success by default) against each numeric setting key that varies within an optimizer, the data of plot (e).
 
     Per key, an optimizer's groups are split by their other settings; a part with a group that names the key
     becomes a series, one point per group at the key's value. A group of that optimizer without the key in its
@@ -50,8 +50,8 @@ def grid_panels(groups: list[Group], summaries: dict[str, dict], notes: list[str
 
     def numbers(g: Group, **extra) -> dict[str, Any]:
         s = summaries[g.name]
-        return {**extra, "group": g.name, "n_seeds": s["n_seeds"], "success_pooled": s["success_pooled"],
-                "success_ci": s["success_ci"], "success_mean": s["success_mean"], "success_sd": s["success_sd"]}
+        return {**extra, "group": g.name, "n_seeds": s["n_seeds"],
+                **{f"{g.metric}_{k}": s[f"{g.metric}_{k}"] for k in ("pooled", "ci", "mean", "sd")}}
 
     keys = sorted({k for g in groups for k, v in g.settings.items() if applies(g.optim, k) and _number(v) is not None})
     panels = []
@@ -95,7 +95,8 @@ def grid_panels(groups: list[Group], summaries: dict[str, dict], notes: list[str
 
 def series_trend(points: list[dict[str, Any]], groups: dict[str, Group], key: str, log_x: bool, seed: int
                  ) -> dict[str, Any] | None:
-    """The trend test over every run of a series: each run's held-out success against its point's value."""
+    """The trend test over every run of a series: each run's held-out mean of the metric against its point's
+    value."""
     xs, rates = [], []
     for p in points:
         run_rates = groups[p["group"]].sample().rates()
@@ -103,5 +104,6 @@ def series_trend(points: list[dict[str, Any]], groups: dict[str, Group], key: st
         rates += run_rates
     if len(set(xs)) < 2:
         return None
-    return {**stats.trend_test(xs, rates, seed=seed), "x": f"log10({key})" if log_x else key}
+    return {**stats.trend_test(xs, rates, seed=seed), "x": f"log10({key})" if log_x else key,
+            "metric": groups[points[0]["group"]].metric}
 
