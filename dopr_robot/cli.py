@@ -235,6 +235,8 @@ def compare_cmd(
                                                   "ones; listed in the outputs) instead of refusing them"),
     split_protocols: bool = typer.Option(False, help="compare runs of different protocols (max_steps, episode "
                                                      "seeds, dataset...) apart instead of refusing them"),
+    metric: str = typer.Option("success", help="per-episode metric compared: success | return | "
+                                               "normalized_return (by the report's reference_scores)"),
 ):
     """Group runs by optimizer and grid point; success with intervals and tests vs the baseline, and plots."""
     from dopr_robot.experiments.compare import compare, default_out, format_markdown
@@ -242,7 +244,7 @@ def compare_cmd(
     out = out if out is not None else default_out(paths)
     report, warnings = compare(paths, baseline=baseline, select=select, out=out, last_n=last_n, n_boot=n_boot,
                                seed=seed, command=sys.argv, allow_errors=allow_errors,
-                               split_protocols=split_protocols)
+                               split_protocols=split_protocols, metric=metric)
     for warning in warnings:
         typer.echo(f"warning: {warning}", err=True)
     typer.echo(format_markdown(report))

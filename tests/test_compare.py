@@ -103,8 +103,10 @@ def test_same_config_numbers_and_tests(tmp_path):
     assert dopr["intrain_last_mean"] == pytest.approx(0.6)  # mean of the last (up to 5) evaluations: 0.4, 0.8
     assert adam["diff_vs_baseline"] is None and adam["baseline_group"] == "adam"
     assert dopr["diff_vs_baseline"] == pytest.approx(0.6)
-    lo, hi = dopr["diff_ci"]
-    assert 0.3 < lo < 0.6 < hi < 0.9
+    # Welch by hand (mutant caught: any interval merely around 0.6, e.g. the old bootstrap's): each group's per-seed
+    # rates are equal, so each variance is its binomial floor 0.2 * 0.8 / 10 = 0.016, se = 0.08, df = 8
+    half = pytest.importorskip("scipy.stats").t.ppf(0.975, 8) * 0.08
+    assert dopr["diff_ci"] == pytest.approx([0.6 - half, 0.6 + half]) and dopr["diff_interval"]["df"] == pytest.approx(8)
     assert dopr["p_permutation"] == pytest.approx(2 / 252)  # perfectly separated, 5 vs 5 seeds
     assert dopr["p_permutation_min"] == pytest.approx(2 / 252) and dopr["few_seeds"] is False
     assert dopr["diff_interval"]["method"].startswith("Welch t") and dopr["diff_ci_bootstrap"][0] < 0.6
@@ -203,13 +205,17 @@ def _with_errors(run_dir, n_errors, legacy=False):
     path.write_text(json.dumps(report))
 
 
-@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize("legacy", [False, True, "counts only"])
 def test_errored_episodes_are_refused_unless_allowed(tmp_path, legacy):
     """Old behaviour (the mutant this catches): compare warned on stderr only and counted errored episodes as
     failures, with no trace in compare.json / compare.md. Now: one `error:` line naming the report; with
     --allow-errors the rates are over completed episodes and both outputs list the report and its errors."""
     root = two_optimizer_sweep(tmp_path / "sweep", n_seeds=2)
-    _with_errors(root / "dopr_s1", 2, legacy=legacy)  # dopr_s1 succeeds on episodes 0-7, 8-9 errored
+    _with_errors(root / "dopr_s1", 2, legacy=bool(legacy))  # dopr_s1 succeeds on episodes 0-7, 8-9 errored
+    if legacy == "counts only":  # an older report without per-episode records: only its `errors` count tells
+        report = json.loads((root / "dopr_s1" / "eval.json").read_text())
+        del report["per_episode"]
+        (root / "dopr_s1" / "eval.json").write_text(json.dumps(report))
     result = run_cli("compare", str(root), "--n-boot", "50")
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
     assert result.stderr.startswith("error: ") and "dopr_s1/eval.json: 2 of 10 episodes errored" in result.stderr
@@ -218,7 +224,8 @@ def test_errored_episodes_are_refused_unless_allowed(tmp_path, legacy):
     dopr = report["groups"][1]
     assert dopr["success_per_seed"] == pytest.approx([0.8, 1.0])  # 8/8 completed, not 8/10
     assert dopr["episodes"] == 18 and dopr["successes"] == 16
-    assert dopr["paired"]["n_episodes"] == 8  # the episode seeds every run completed
+    if legacy != "counts only":
+        assert dopr["paired"]["n_episodes"] == 8  # the episode seeds every run completed
     [errored] = report["errored_episodes"]
     assert errored == {"report": str(root / "dopr_s1" / "eval.json"), "n_errors": 2, "episodes": 10,
                        "n_completed": 8}
@@ -238,7 +245,7 @@ def _protocol_runs(root, **per_run_extra):
 
 
 @pytest.mark.parametrize("field, value", [("max_steps", 200), ("seed_start", 0), ("env_name", "PickPlaceCan"),
-                                          ("checkpoint_name", "last")])
+                                          ("checkpoint_name", "last"), ("episodes", 6)])
 def test_runs_of_another_protocol_are_refused_or_split(tmp_path, field, value):
     """Old behaviour: runs evaluated with other max_steps / episode seeds / task / checkpoint were averaged into
     one group silently. Now one `error:` line names the field; --split-protocols compares each protocol apart."""
@@ -246,6 +253,10 @@ def test_runs_of_another_protocol_are_refused_or_split(tmp_path, field, value):
     if field == "seed_start":
         extra["per_episode"] = [{"seed": i, "success": s, "steps": 10, "return": float(s)}
                                 for i, s in enumerate([True, False, False, True])]
+    if field == "episodes":
+        extra.update(successes=3, success_rate=0.5, per_episode=[
+            {"seed": EPISODE_SEED_START + i, "success": s, "steps": 10, "return": float(s)}
+            for i, s in enumerate([True, False, False, True, True, False])])
     root = _protocol_runs(tmp_path / "runs", dopr_s1=extra)
     result = run_cli("compare", str(root), "--n-boot", "50")
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
@@ -256,7 +267,8 @@ def test_runs_of_another_protocol_are_refused_or_split(tmp_path, field, value):
     assert names["dopr@p1"]["runs"] == [str(root / "dopr_s1")] and names["dopr@p1"]["baseline_group"] is None
     assert names["dopr@p0"]["baseline_group"] == "adam@p0" and names["dopr@p0"]["n_seeds"] == 1
     assert [p["fields"][field] for p in report["protocols"]] == [
-        {"max_steps": 400, "seed_start": EPISODE_SEED_START, "env_name": "Lift", "checkpoint_name": "final"}[field],
+        {"max_steps": 400, "seed_start": EPISODE_SEED_START, "env_name": "Lift", "checkpoint_name": "final",
+         "episodes": 4}[field],
         value]
 
 
@@ -269,6 +281,24 @@ def test_dataset_and_sweep_identity_are_protocol(tmp_path):
                           dopr_s1={"provenance": {"run": {"dataset": {"sha256": "b" * 64}}}})
     with pytest.raises(UserError, match="protocol field dataset_sha256 differs"):
         compare([root], n_boot=50)
+    # a swept data.path (here: the plain runs' configs differ in it) may change the dataset between groups, never
+    # within one (mutant caught: checking dataset_sha256 across all runs, or not at all)
+    for name, path in (("adam_s0", "a.hdf5"), ("adam_s1", "a.hdf5"), ("dopr_s0", "b.hdf5"), ("dopr_s1", "b.hdf5")):
+        config = yaml.safe_load((root / name / "config.yaml").read_text())
+        config["data"] = {"path": path}
+        (root / name / "config.yaml").write_text(yaml.safe_dump(config))
+        report = json.loads((root / name / "eval.json").read_text())
+        report["provenance"]["run"]["dataset"]["sha256"] = path[0] * 64
+        (root / name / "eval.json").write_text(json.dumps(report))
+    swept = build_report(discover([root], [])[0], n_boot=50)
+    assert [g["name"] for g in swept["groups"]] == ["adam_path-a.hdf5", "dopr_path-b.hdf5"]
+    assert swept["groups"][1]["baseline_group"] is None  # no adam group trained on b.hdf5: nothing to compare
+    assert swept["protocols"][0]["fields"]["dataset_sha256"] == "varies with data.path"
+    report = json.loads((root / "dopr_s1" / "eval.json").read_text())
+    report["provenance"]["run"]["dataset"]["sha256"] = "c" * 64
+    (root / "dopr_s1" / "eval.json").write_text(json.dumps(report))
+    with pytest.raises(UserError, match="protocol field dataset_sha256 differs"):
+        build_report(discover([root], [])[0], n_boot=50)
     sweeps = []
     for k, (sha, sets) in enumerate([("1" * 64, ["train.device=cuda"]),
                                      ("1" * 64, ["train.threads=1", "train.device=cpu"])]):
@@ -673,3 +703,86 @@ def test_a_run_never_imports_the_sweep_layer():
             "print(sorted(m for m in sys.modules if m.startswith('dopr_robot.experiments')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _return_runs(root, reference_scores=None):
+    """adam's seeds have mean returns 25, 20, 30 and dopr's 40, 45, 50 (4 episodes each, seeds 100000-100003);
+    every run fails the task, so success cannot tell them apart."""
+    returns = {"adam": [[10, 20, 30, 40], [20] * 4, [30] * 4], "dopr": [[40] * 4, [45] * 4, [50] * 4]}
+    extra = None if reference_scores is None else {"reference_scores": reference_scores}
+    for optim, per_seed in returns.items():
+        for seed, values in enumerate(per_seed):
+            write_run(root, f"{optim}_s{seed}", optim, seed, [0] * 4, returns=values, report_extra=extra)
+    return root
+
+
+def test_compare_on_returns_has_the_known_answer(tmp_path):
+    """--metric return: the difference of mean returns is 45 - 25 = 20; the seeds separate perfectly (exact
+    permutation p = 2 / C(6, 3) = 0.1, also its minimum); per episode seed d_e = 25, 21.7, 18.3, 15 all > 0, so
+    the paired sign-flip p = 2 / 2^4; Welch by hand: both seed variances 25, se = sqrt(50 / 3), df = 4. Mutant
+    caught: a compare that reads `success` whatever --metric says (every difference 0, p 1)."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    root = _return_runs(tmp_path / "runs")
+    result = run_cli("compare", str(root), "--metric", "return", "--n-boot", "200")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((root / "compare" / "compare.json").read_text())
+    adam, dopr = report["groups"]
+    assert report["metric"] == "return" and adam["return_per_seed"] == pytest.approx([25, 20, 30])
+    assert dopr["return_mean"] == pytest.approx(45) and dopr["return_sd"] == pytest.approx(5)
+    assert adam["return_pooled"] == pytest.approx(25)
+    ref = scipy_stats.ttest_1samp([10, 20, 30, 40] + [20] * 4 + [30] * 4, 0).confidence_interval(0.95)
+    assert adam["return_ci"] == pytest.approx([ref.low, ref.high])
+    assert dopr["diff_vs_baseline"] == pytest.approx(20)
+    half = scipy_stats.t.ppf(0.975, 4) * math.sqrt(50 / 3)
+    assert dopr["diff_ci"] == pytest.approx([20 - half, 20 + half]) and dopr["diff_interval"]["df"] == pytest.approx(4)
+    assert dopr["p_permutation"] == pytest.approx(0.1) and dopr["p_permutation_min"] == pytest.approx(0.1)
+    assert dopr["p_paired"] == pytest.approx(2 / 16) and dopr["paired"]["mean_diff"] == pytest.approx(20)
+    lo, hi = dopr["diff_ci_bootstrap"]
+    assert 20 - 25 <= lo < 20 < hi <= 20 + 25
+    assert "| dopr" in result.stdout and f"+20 [{20 - half:+.4g}, {20 + half:+.4g}] †" in result.stdout
+    assert "return final" in result.stdout and "t 95% over episodes" in result.stdout
+    assert _png_size(root / "compare" / "success_vs_val_loss.png")[0] > 500
+    success = build_report(discover([root], [])[0], n_boot=100)["groups"][1]
+    assert success["diff_vs_baseline"] == 0.0 and success["p_permutation"] == 1.0
+
+
+def test_normalized_return_needs_reference_scores(tmp_path):
+    """normalized_return = (return - min) / (max - min) with the report's reference_scores; a report without them
+    is refused with one line naming it."""
+    root = _return_runs(tmp_path / "runs", reference_scores={"min": 0.0, "max": 100.0})
+    report, _ = compare([root], metric="normalized_return", n_boot=100)
+    adam, dopr = report["groups"]
+    assert dopr["normalized_return_mean"] == pytest.approx(0.45) and dopr["diff_vs_baseline"] == pytest.approx(0.2)
+    assert dopr["p_permutation"] == pytest.approx(0.1)
+    md = (root / "compare" / "compare.md").read_text()
+    assert "metric normalized return" in md and "+20.0 pp [" in md
+    plain = _return_runs(tmp_path / "plain")
+    result = run_cli("compare", str(plain), "--metric", "normalized_return")
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+    assert "adam_s0/eval.json: --metric normalized_return needs the report's reference_scores" in result.stderr
+    bad = run_cli("compare", str(plain), "--metric", "reward")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --metric must be one of success, return")
+
+
+def test_return_metric_through_the_grid_and_perturbation_plots(tmp_path):
+    """Every plot and table that shows success shows the metric: in these runs each episode's return is its
+    success (0 or 1), so the return numbers must equal the success ones, key for key."""
+    paths = damping_sweep_and_plain_runs(tmp_path)
+    by_metric = {m: compare(paths, out=tmp_path / m, n_boot=100, metric=m)[0] for m in ("success", "return")}
+    s_points = by_metric["success"]["grid"][0]["series"][0]["points"]
+    r_points = by_metric["return"]["grid"][0]["series"][0]["points"]
+    assert [p["return_pooled"] for p in r_points] == pytest.approx([p["success_pooled"] for p in s_points])
+    trend = by_metric["return"]["grid"][0]["series"][0]["trend"]
+    assert trend["metric"] == "return" and stats.trend_label(trend).endswith(" per decade")
+    assert "pp" not in stats.trend_label(trend)
+    assert (tmp_path / "return" / "grid.png").is_file()
+    root = tmp_path / "perturbed"
+    for optim, k in (("adam", 4), ("dopr", 7)):
+        for seed in range(2):
+            write_run(root, f"{optim}_s{seed}", optim, seed, [1] * k + [0] * (10 - k),
+                      perturbed=[("an1", "action_noise", 0.1, [1] * (k - 1) + [0] * (11 - k))])
+    report, _ = compare([root], out=tmp_path / "pcmp", n_boot=100, metric="return")
+    row = report["groups"][1]["perturbation"]["action_noise"][1]
+    assert row["return_mean"] == pytest.approx(0.6) and row["diff_vs_baseline"] == pytest.approx(0.3)
+    assert (tmp_path / "pcmp" / "perturbation.png").is_file()
+    assert "## Return under perturbation" in (tmp_path / "pcmp" / "compare.md").read_text()

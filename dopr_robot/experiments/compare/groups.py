@@ -13,6 +13,8 @@ from dopr_robot.experiments.compare.runs import Run, report_episode_seeds, repor
 IGNORED_KEYS = {"optim.name", "train.seed", "train.device", "train.threads", "train.logger",
                 "train.checkpoint_every", "train.log_every", "train.val_every"}
 IGNORED_PREFIXES = ("eval.",)
+# Settings that change the protocol (the training data): a group is only ever compared with groups of its value
+PROTOCOL_SETTINGS = ("data.path",)
 
 
 # ---------------------------------------------------------------- grouping
@@ -124,7 +126,7 @@ def _unsuffixed(group: Group) -> str:
 
 def baseline_map(groups: list[Group], baseline: str) -> dict[str, Group]:
     """Each group's baseline, always of the same protocol: the group named `baseline` (with or without its
-    `@p<k>` suffix); else the `baseline`-optimizer group with the same settings, else with the same settings apart
+    `@p<k>` suffix); else, among the `baseline`-optimizer groups with the same training data setting, the group with the same settings, else with the same settings apart
     from AP keys (which that optimizer ignores), else the only group of that optimizer."""
     mapping = {}
     for g in groups:
@@ -133,7 +135,8 @@ def baseline_map(groups: list[Group], baseline: str) -> dict[str, Group]:
         if named:
             mapping[g.name] = named[0]
             continue
-        candidates = [b for b in peers if b.optim == baseline]
+        candidates = [b for b in peers if b.optim == baseline
+                      and all(b.settings.get(k) == g.settings.get(k) for k in PROTOCOL_SETTINGS)]
         for same in (lambda b: b.settings == g.settings, lambda b: _strip_ap(b.settings) == _strip_ap(g.settings)):
             matches = [b for b in candidates if same(b)]
             if len(matches) == 1:

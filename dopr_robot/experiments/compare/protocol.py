@@ -18,12 +18,12 @@ import json
 from typing import Any
 
 from dopr_robot.errors import UserError
-from dopr_robot.experiments.compare.groups import Group, ignored
+from dopr_robot.experiments.compare.groups import PROTOCOL_SETTINGS, Group, ignored
 from dopr_robot.experiments.compare.runs import PERTURBATION_KINDS, Run, perturbation_of
 
 PROTOCOL_FIELDS = ("env_name", "dataset_sha256", "max_steps", "seed_start", "episodes", "checkpoint_name",
                    "perturbation", "sweep_config_sha256", "sweep_set")
-SWEPT_BY = {"dataset_sha256": "data.path"}  # a field that follows a setting: checked within each of its values
+SWEPT_BY = {"dataset_sha256": PROTOCOL_SETTINGS[0]}  # a field that follows a setting: checked within each value
 
 
 def protocol_of(run: Run) -> dict[str, Any]:
