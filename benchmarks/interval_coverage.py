@@ -10,7 +10,7 @@ simulated comparison the script computes, with the package's own functions (`dop
 - old: the hierarchical percentile bootstrap (`hierarchical_bootstrap_diff`, B = --n-boot), compare's interval
   before this change;
 - new: Welch's t interval on the per-seed rates with each group's variance at least a seed's binomial variance
-  (`seed_t_interval` with `binomial_variance_floor`), compare's interval now;
+  (`difference_interval`, the call compare makes), compare's interval now;
 and prints, per scenario and number of seeds (baseline vs group), the fraction of intervals that contain the true
 difference (coverage, with its Monte Carlo standard error) and the mean width in percentage points.
 Seeded: the same command prints the same table.
@@ -48,14 +48,6 @@ def draw_group(rng: np.random.Generator, seeds: int, mu: float, tau: float) -> l
     return [(rng.random(EPISODES) < qs).astype(float) for qs in q]
 
 
-def new_interval(baseline: list[np.ndarray], group: list[np.ndarray]) -> list[float]:
-    """compare's interval: the same call as `compare.analysis.difference` makes for success."""
-    floors = tuple(stats.binomial_variance_floor([r.mean() for r in g], [r.size for r in g])
-                   for g in (baseline, group))
-    return stats.seed_t_interval([r.mean() for r in baseline], [r.mean() for r in group],
-                                 variance_floor=floors)["ci"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=2000, help="simulated comparisons per cell")
@@ -81,7 +73,7 @@ def main() -> None:
                 group = draw_group(rng, n, mu + delta, tau)
                 intervals = {"old": stats.hierarchical_bootstrap_diff(baseline, group, n_boot=args.n_boot,
                                                                       seed=rep)["ci"],
-                             "new": new_interval(baseline, group)}
+                             "new": stats.difference_interval(baseline, group, binary=True)["ci"]}
                 for key, (lo, hi) in intervals.items():
                     covered[key] += lo <= delta <= hi
                     width[key] += hi - lo

@@ -115,6 +115,19 @@ def _per_seed(group: Sequence[Sequence[float]]) -> tuple[list[np.ndarray], np.nd
     return runs, np.array([run.mean() for run in runs])
 
 
+def difference_interval(baseline: Sequence[Sequence[float]], group: Sequence[Sequence[float]],
+                        binary: bool, level: float = 0.95) -> dict:
+    """compare's interval for the difference of mean per-episode values between two groups of runs (a list of
+    per-episode values per run): `seed_t_interval` on the per-run means, with each group's variance at least
+    `binomial_variance_floor` when the values are successes (`binary`)."""
+    means = [[float(np.mean(run)) for run in runs] for runs in (baseline, group)]
+    floor = (0.0, 0.0)
+    if binary:
+        floor = tuple(binomial_variance_floor(m, [len(run) for run in runs])
+                      for m, runs in zip(means, (baseline, group)))
+    return seed_t_interval(means[0], means[1], level, floor)
+
+
 def hierarchical_bootstrap_diff(baseline: Sequence[Sequence[float]], group: Sequence[Sequence[float]],
                                 n_boot: int = 10_000, seed: int = 0, level: float = 0.95) -> dict:
     """Bootstrap interval of mean(group) - mean(baseline) of per-episode values (success 0/1, or a return).

@@ -34,7 +34,8 @@ def moments(mean: float, sd: float | None, n: int) -> tuple[float, float, int]:
 
 def new_interval(base: dict, group: dict, episodes_per_run: tuple[float, float]) -> dict:
     """The interval compare computes now, from a group's (or a perturbation row's) mean, sd and seeds."""
-    floors = tuple(e["success_mean"] * (1 - e["success_mean"]) / n for e, n in zip((base, group), episodes_per_run))
+    floors = tuple(stats.binomial_variance_floor([e["success_mean"]], [n])
+                   for e, n in zip((base, group), episodes_per_run))
     return stats.welch_interval(moments(base["success_mean"], base["success_sd"], base["n_seeds"]),
                                 moments(group["success_mean"], group["success_sd"], group["n_seeds"]),
                                 variance_floor=floors)

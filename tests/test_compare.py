@@ -106,7 +106,8 @@ def test_same_config_numbers_and_tests(tmp_path):
     # Welch by hand (mutant caught: any interval merely around 0.6, e.g. the old bootstrap's): each group's per-seed
     # rates are equal, so each variance is its binomial floor 0.2 * 0.8 / 10 = 0.016, se = 0.08, df = 8
     half = pytest.importorskip("scipy.stats").t.ppf(0.975, 8) * 0.08
-    assert dopr["diff_ci"] == pytest.approx([0.6 - half, 0.6 + half]) and dopr["diff_interval"]["df"] == pytest.approx(8)
+    assert dopr["diff_ci"] == pytest.approx([0.6 - half, 0.6 + half])
+    assert dopr["diff_interval"]["df"] == pytest.approx(8)
     assert dopr["p_permutation"] == pytest.approx(2 / 252)  # perfectly separated, 5 vs 5 seeds
     assert dopr["p_permutation_min"] == pytest.approx(2 / 252) and dopr["few_seeds"] is False
     assert dopr["diff_interval"]["method"].startswith("Welch t") and dopr["diff_ci_bootstrap"][0] < 0.6

@@ -94,11 +94,7 @@ def difference(baseline: Sample, group: Sample, n_boot: int, seed: int) -> dict[
     either group. The paired test is over the episode seeds every run of both groups completed (all of them,
     unless --allow-errors let errored episodes in)."""
     base_rates, group_rates = baseline.rates(), group.rates()
-    floor = (0.0, 0.0)
-    if group.metric == "success":
-        floor = tuple(stats.binomial_variance_floor(s.rates(), [len(v) for v in s.values()])
-                      for s in (baseline, group))
-    interval = stats.seed_t_interval(base_rates, group_rates, variance_floor=floor)
+    interval = stats.difference_interval(baseline.values(), group.values(), binary=group.metric == "success")
     boot = stats.hierarchical_bootstrap_diff(baseline.values(), group.values(), n_boot=n_boot, seed=seed)
     perm = stats.permutation_test(base_rates, group_rates, seed=seed)
     out: dict[str, Any] = {
@@ -180,8 +176,9 @@ def perturbation_differences(name: str, curves: dict[str, list[dict[str, Any]]],
 
 
 def select_best_config(groups: list[Group], summaries: dict[str, dict]) -> dict[tuple[str, int], Group]:
-    """Per optimizer (and protocol), the grid point with the highest mean in-training success on the selection seeds (mean over
-    training seeds of each run's last-N in-training evaluations); ties go to the first name in sorted order."""
+    """Per optimizer (and protocol), the grid point with the highest mean in-training success on the selection
+    seeds (mean over training seeds of each run's last-N in-training evaluations); ties go to the first name in
+    sorted order."""
     missing = [g.name for g in groups if summaries[g.name]["intrain_last_mean"] is None]
     if missing:
         raise UserError(f"--select best-config needs in-training success (train.eval_every > 0) in metrics.jsonl; "

@@ -126,8 +126,9 @@ def _unsuffixed(group: Group) -> str:
 
 def baseline_map(groups: list[Group], baseline: str) -> dict[str, Group]:
     """Each group's baseline, always of the same protocol: the group named `baseline` (with or without its
-    `@p<k>` suffix); else, among the `baseline`-optimizer groups with the same training data setting, the group with the same settings, else with the same settings apart
-    from AP keys (which that optimizer ignores), else the only group of that optimizer."""
+    `@p<k>` suffix); else, among the `baseline`-optimizer groups with the same training data setting, the group
+    with the same settings, else with the same settings apart from AP keys (which that optimizer ignores), else
+    the only one."""
     mapping = {}
     for g in groups:
         peers = [b for b in groups if b.protocol == g.protocol]

@@ -35,7 +35,8 @@ def _config_value(group: Group, key: str) -> float | None:
 
 def grid_panels(groups: list[Group], summaries: dict[str, dict], notes: list[str], seed: int = 0
                 ) -> list[dict[str, Any]]:
-    """The metric (success by default) against each numeric setting key that varies within an optimizer, the data of plot (e).
+    """The metric (success by default) against each numeric setting key that varies within an optimizer, the
+    data of plot (e).
 
     Per key, an optimizer's groups are split by their other settings; a part with a group that names the key
     becomes a series, one point per group at the key's value. A group of that optimizer without the key in its
@@ -43,7 +44,7 @@ def grid_panels(groups: list[Group], summaries: dict[str, dict], notes: list[str
     config.yaml hold, if they all agree (`from`: "config"). A panel needs some series with two or more distinct
     values. Groups of optimizers without a series whose settings lack the key, or to which it does not apply
     (AP keys for optimizers without AP), are the panel's horizontal `lines`. Each series with two or more
-    distinct values gets `trend`: `stats.trend_test` of its runs' success on the value (log10 of it on a log
+    distinct values gets `trend`: `stats.trend_test` of its runs' metric on the value (log10 of it on a log
     panel), so a whole curve is one test."""
     baselines = {s.get("baseline_group") for s in summaries.values()}
     by_name = {g.name: g for g in groups}
