@@ -234,6 +234,11 @@ def test_errored_episodes_are_refused_unless_allowed(tmp_path, legacy):
     assert saved["allow_errors"] is True and saved["errored_episodes"] == [errored]
     md = (root / "compare" / "compare.md").read_text()
     assert "## Errored episodes" in md and "dopr_s1/eval.json: 2 of 10 episodes errored" in md
+    # a report marked incomplete (an eval stopped with episodes missing) is refused too, even at n_errors 0
+    report = json.loads((root / "adam_s0" / "eval.json").read_text())
+    (root / "adam_s0" / "eval.json").write_text(json.dumps({**report, "complete": False}))
+    with pytest.raises(UserError, match="adam_s0/eval.json: 0 of 10 episodes errored"):
+        compare([root], n_boot=50)
 
 
 def _protocol_runs(root, **per_run_extra):
@@ -750,13 +755,13 @@ def test_compare_on_returns_has_the_known_answer(tmp_path):
 def test_normalized_return_needs_reference_scores(tmp_path):
     """normalized_return = (return - min) / (max - min) with the report's reference_scores; a report without them
     is refused with one line naming it."""
-    root = _return_runs(tmp_path / "runs", reference_scores={"min": 0.0, "max": 100.0})
+    root = _return_runs(tmp_path / "runs", reference_scores={"min": 10.0, "max": 60.0})
     report, _ = compare([root], metric="normalized_return", n_boot=100)
-    adam, dopr = report["groups"]
-    assert dopr["normalized_return_mean"] == pytest.approx(0.45) and dopr["diff_vs_baseline"] == pytest.approx(0.2)
-    assert dopr["p_permutation"] == pytest.approx(0.1)
+    adam, dopr = report["groups"]  # (45 - 10) / 50 and (25 - 10) / 50 (mutant caught: dividing without the min)
+    assert dopr["normalized_return_mean"] == pytest.approx(0.7) and adam["normalized_return_mean"] == pytest.approx(0.3)
+    assert dopr["diff_vs_baseline"] == pytest.approx(0.4) and dopr["p_permutation"] == pytest.approx(0.1)
     md = (root / "compare" / "compare.md").read_text()
-    assert "metric normalized return" in md and "+20.0 pp [" in md
+    assert "metric normalized return" in md and "+40.0 pp [" in md
     plain = _return_runs(tmp_path / "plain")
     result = run_cli("compare", str(plain), "--metric", "normalized_return")
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1

@@ -232,6 +232,10 @@ def test_bootstrap_on_returns_resamples_episodes_within_seeds():
     lo, hi = a["ci"]
     assert 20 - 15 <= lo < 7.5 < hi <= 20 - 10  # bounded by the most and least any resample can give
     assert hierarchical_bootstrap_diff(grp, grp, n_boot=50)["ci"] == [0.0, 0.0]
+    # seeds with equal means but spread-out episodes: only the within-seed stage gives the interval its width
+    # (mutant caught: stage 2 left out for real values, which would give [0, 0] here)
+    spread = hierarchical_bootstrap_diff([[0.0, 20.0], [20.0, 0.0]], [[10.0, 10.0]] * 2, n_boot=400, seed=1)["ci"]
+    assert spread[0] < 0 < spread[1]
 
 
 def test_mean_interval_is_the_one_sample_t_interval():
