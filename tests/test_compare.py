@@ -6,6 +6,7 @@ the test data of a pure function over files); one end-to-end test compares real 
 
 import json
 import math
+import pathlib
 import struct
 
 import pytest
@@ -792,3 +793,29 @@ def test_return_metric_through_the_grid_and_perturbation_plots(tmp_path):
     assert row["return_mean"] == pytest.approx(0.6) and row["diff_vs_baseline"] == pytest.approx(0.3)
     assert (tmp_path / "pcmp" / "perturbation.png").is_file()
     assert "## Return under perturbation" in (tmp_path / "pcmp" / "compare.md").read_text()
+
+
+def test_compare_normalized_return_on_real_gymnasium_runs(minari_pendulum, tmp_path, monkeypatch):
+    """Interface (b) end to end: two tiny policies trained on a real Minari dataset and evaluated on
+    InvertedPendulum-v5 write reports with per-episode returns and the dataset's reference_scores; compare
+    --metric normalized_return reads them: each run's mean is its mean return / 40 (reference min 0, max 40)."""
+    from tiny_data import run_cli as run_in_process, train_args
+
+    root, dataset_id, _ = minari_pendulum
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    runs = tmp_path / "runs"
+    for optim in ("adam", "dopr"):
+        trained = run_in_process(*train_args(f"minari:{dataset_id}", runs / f"{optim}_s0", f"optim.name={optim}",
+                                             "eval.max_steps=20", "data.horizon=8", "data.n_action_steps=4"))
+        assert trained.returncode == 0, trained.stderr
+        evaluated = run_in_process("eval", str(runs / f"{optim}_s0"), "--episodes", "3", "--workers", "1")
+        assert evaluated.returncode == 0, evaluated.stderr
+    result = run_in_process("compare", str(runs), "--metric", "normalized_return", "--n-boot", "100")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((runs / "compare" / "compare.json").read_text())
+    for group in report["groups"]:
+        [run] = group["runs"]
+        returns = [e["return"] for e in json.loads((pathlib.Path(run) / "eval.json").read_text())["per_episode"]]
+        assert group["normalized_return_mean"] == pytest.approx(sum(returns) / len(returns) / 40)
+    assert report["protocols"][0]["fields"]["env_name"] == "InvertedPendulum-v5"
+    assert report["groups"][1]["p_paired_min"] is not None and "normalized return final" in result.stdout
