@@ -45,10 +45,11 @@ sys.path.insert(0, str(REPO))  # measure the tree this file is in (an editable i
 
 import torch  # noqa: E402
 
+from dopr_robot.collect import prepare_dataset  # noqa: E402
 from dopr_robot.config import Config, load_config  # noqa: E402
 from dopr_robot.datasets import WindowDataset, open_demos  # noqa: E402
 from dopr_robot.optim import build_optimizer, clip_grad_norm_  # noqa: E402
-from dopr_robot.training.trainer import policy_for_demos, prepare_dataset, resolve_device, train  # noqa: E402
+from dopr_robot.training.trainer import policy_for_demos, resolve_device, train  # noqa: E402
 
 
 def _replace_steps(cfg: Config, steps: int) -> Config:

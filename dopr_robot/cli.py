@@ -12,9 +12,9 @@ from typing import List, Optional
 
 import typer
 
-from dopr_robot.errors import UserError
+from dopr_robot.errors import Interrupted, UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Train diffusion / flow action-chunking policies with AdamW, Muon or DoPr; "
                        "measure closed-loop success.")
 
@@ -67,15 +67,28 @@ def train_cmd(
         if config is None:
             config = out / "config.yaml"  # continue the run with the config it was started with
     overrides = list(set_ or [])
-    for key, value in (("data.path", dataset), ("optim.name", optim), ("policy.type", policy),
-                       ("train.steps", steps), ("train.seed", seed), ("train.device", device)):
+    for flag, key, value in (("--dataset", "data.path", dataset), ("--optim", "optim.name", optim),
+                             ("--policy", "policy.type", policy), ("--steps", "train.steps", steps),
+                             ("--seed", "train.seed", seed), ("--device", "train.device", device)):
         if value is not None:
+            clash = [item for item in set_ or [] if item.partition("=")[0].strip() == key]
+            if clash:  # which one would win is a guess the user should not have to make
+                raise UserError(f"{flag} {value} and --set {clash[0]} both set {key}; give one")
             overrides.append(f"{key}={value}")
     cfg = load_config(config, overrides)
     if out is None:
         name = config.stem if config else "lift"
         out = Path("runs") / f"{name}_{cfg.policy.type}_{cfg.optim.name}_s{cfg.train.seed}"
-    run = train(cfg, out, collect_if_missing=dataset is None, resume=resume, until=until, overwrite=overwrite)
+    try:
+        run = train(cfg, out, collect_if_missing=dataset is None, resume=resume, until=until, overwrite=overwrite)
+    except KeyboardInterrupt:
+        from dopr_robot.rundir import saved_state_step
+
+        step = saved_state_step(out)
+        raise Interrupted(f"{out} keeps its trainer state of step {step} (the steps after it are lost): "
+                          f"`dopr-robot train --out {out} --resume` continues from there" if step is not None else
+                          f"no trainer state of {out} was saved yet (every train.checkpoint_every steps): "
+                          f"start it again with --overwrite") from None
     if is_writer():  # under torchrun only rank 0 writes and speaks
         from dopr_robot.plotting import plot_run
         curves = plot_run(run, missing_ok=True)  # RUN/training_curves.png; None when no metrics record exists yet
@@ -292,22 +305,41 @@ def convert_cmd(
     typer.echo(f"{len(demos.names)} demos: {src} -> {dst}")
 
 
+# What Ctrl-C leaves behind, per command (a command that knows more raises `Interrupted` with its own line).
+INTERRUPTED = {
+    "eval": "finished episodes are kept in the report's journal: the same command with --resume runs only the rest",
+    "sweep": "finished cells are kept, an unfinished one loses its steps since its last trainer state: "
+             "the same command again resumes the sweep",
+}
+INTERRUPTED_DEFAULT = "nothing half-written was left (files are written whole or not at all); run the command again"
+
+
+def _interrupted(error: KeyboardInterrupt) -> None:
+    note = str(error) if isinstance(error, Interrupted) and str(error) else \
+        INTERRUPTED.get(sys.argv[1] if len(sys.argv) > 1 else "", INTERRUPTED_DEFAULT)
+    typer.echo(f"interrupted: {note}", err=True)
+    sys.exit(130)
+
+
 def main() -> None:
+    command = typer.main.get_command(app)
     try:
-        code = app(standalone_mode=False)  # without standalone mode, Ctrl-C and typer.Exit come back as a return value
-        if isinstance(code, int) and code:
-            sys.exit(code)
+        # parse and run without typer's main, which turns Ctrl-C into a silent exit code 130 (no interrupted line)
+        with command.make_context("dopr-robot", sys.argv[1:]) as ctx:
+            command.invoke(ctx)
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        _interrupted(e)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except Exception as e:
         # Usage errors come from click, or from the copy of click newer typer versions vendor: match by name.
         kinds = {cls.__name__ for cls in type(e).__mro__}
+        if "NoArgsIsHelpError" in kinds:  # `dopr-robot` alone: the help, not an error line
+            typer.echo(e.format_message(), err=True)
+            sys.exit(2)
         if "ClickException" in kinds:
             typer.echo(f"error: {e.format_message()}", err=True)
             sys.exit(2)

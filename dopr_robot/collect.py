@@ -1,4 +1,5 @@
-"""`dopr-robot collect`: roll out a scripted expert in robosuite and write a robomimic-layout HDF5 file.
+"""`dopr-robot collect`: roll out a scripted expert in robosuite and write a robomimic-layout HDF5 file; and
+`prepare_dataset`, which collects a training config's dataset when it is missing.
 
 Attempt i uses environment seed `seed + i`; only successful attempts are kept, each with its seed recorded,
 until `episodes` demonstrations are written. 10% of the demos (at least one) form the `valid` mask.
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dopr_robot.config import Config
+from dopr_robot.datasets.minari_source import is_minari
 from dopr_robot.datasets.robomimic_hdf5 import Episode, write_robomimic
 from dopr_robot.envs import RobosuiteEnv, default_env_args, make_env
 from dopr_robot.envs.experts import EXPERTS, NoisyOperator
@@ -57,6 +60,8 @@ def collect(task: str, episodes: int, seed: int, out: str | Path, max_steps: int
         raise UserError(f"no scripted expert for task {task!r}; choose one of {', '.join(EXPERTS)}")
     if episodes < 1:
         raise UserError(f"--episodes must be >= 1; got {episodes}")
+    if max_steps < 1:
+        raise UserError(f"--max-steps must be >= 1; got {max_steps}")
     if not 0 <= noise <= 3 or not np.isfinite(noise):
         raise UserError(f"--noise must be in [0, 3]; got {noise}")
     env_args = default_env_args(task)
@@ -86,3 +91,19 @@ def collect(task: str, episodes: int, seed: int, out: str | Path, max_steps: int
         "expert_success_rate": len(kept) / attempts,
         "mean_length": float(np.mean([len(e) for e in kept])), "seconds": time.time() - start, "out": str(out),
     }
+
+
+def prepare_dataset(cfg: Config, collect_if_missing: bool, progress: bool) -> None:
+    """The dataset `cfg.data.path` exists afterwards: with `collect_if_missing`, a missing one is collected from
+    the scripted expert of `cfg.data.task` (`train` without --dataset, `sweep`); otherwise it is an error."""
+    path = Path(cfg.data.path)
+    if path.exists() or is_minari(cfg.data.path):  # Minari datasets are downloaded, never collected here
+        return
+    if not collect_if_missing:
+        raise UserError(f"dataset not found: {path}")
+    d = cfg.data
+    noise = f" (operator noise {d.collect_noise})" if d.collect_noise else ""
+    print(f"{path} not found: collecting {d.collect_episodes} scripted {d.task} demos{noise} first")
+    summary = collect(d.task, d.collect_episodes, d.collect_seed, path, noise=d.collect_noise, progress=progress)
+    print(f"expert success {summary['expert_success_rate']:.0%} ({summary['demos']}/{summary['attempts']}), "
+          f"{summary['seconds']:.0f} s -> {path}")

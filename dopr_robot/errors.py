@@ -9,3 +9,7 @@ def error_summary(error: BaseException) -> str:
     """`Type: first line of the message` of an exception from a library, for a one-line UserError."""
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}{': ' + lines[0] if lines else ''}"
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with one line saying what was saved and what is lost (the CLI prints `interrupted: <message>`)."""

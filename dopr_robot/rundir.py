@@ -9,6 +9,7 @@
 - `clear_run_dir(run_dir)`: empties a run directory under its lock (the lock file itself stays).
 - `resolve_checkpoint(RUN, name)`: RUN/checkpoints/<name>.json (default `final`, else the newest); no torch.
 - `read_metrics(RUN/metrics.jsonl)`: its records, one per step, for everything that reads a run's metrics.
+- `saved_state_step(RUN)`: the step a `train --resume` would continue from.
 """
 
 from __future__ import annotations
@@ -150,6 +151,22 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             path.unlink()
         os.close(fd)
+
+
+def saved_state_step(run_dir: str | Path) -> int | None:
+    """The step of RUN/trainer_state.pt, from the newest step checkpoint saved with it (train writes
+    checkpoints/step_NNNNNNN or final, then the state); None when the run has no trainer state."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "trainer_state.pt").is_file():
+        return None
+    steps = []
+    for path in (run_dir / "checkpoints").glob("*.json"):
+        if path.stem == "final" or (path.stem.startswith("step_") and path.stem[5:].isdigit()):
+            try:
+                steps.append(int(json.loads(path.read_text())["step"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    return max(steps) if steps else None
 
 
 def read_metrics(path: Path, warnings: list[str] | None = None) -> list[dict[str, Any]]:

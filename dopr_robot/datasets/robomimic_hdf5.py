@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 
 from dopr_robot.errors import UserError
-from dopr_robot.fileio import atomic_path
+from dopr_robot.fileio import atomic_buffer
 
 
 @dataclass
@@ -53,7 +53,7 @@ def write_robomimic(
     compression: str | None = None,
 ) -> None:
     """Write episodes as `data/demo_0..N-1` atomically. `masks` maps filter names to episode indices."""
-    with atomic_path(path, suffix=".hdf5") as tmp:
+    with atomic_buffer(path) as tmp:  # built in memory: HDF5 cannot survive a full disk (see atomic_buffer)
         with h5py.File(tmp, "w") as f:
             data = f.create_group("data")
             total = 0
@@ -96,6 +96,8 @@ class RobomimicFile:
         """`what` names the file in error messages (e.g. "rollouts" for `eval --save-trajectories` output)."""
         self.path = Path(path)
         self.what = what
+        if self.path.is_dir():
+            raise UserError(f"{self.what} {self.path} is a directory; give a robomimic-layout .hdf5 file")
         if not self.path.is_file():
             raise UserError(f"{self.what} not found: {self.path}")
         try:

@@ -24,6 +24,9 @@ class Demos:
             self.masks: dict[str, list[str]] = {}
         elif not self.path.exists():
             raise UserError(f"dataset not found: {self.path}")
+        elif self.path.is_dir() and not is_zarr(self.path):
+            raise UserError(f"dataset {self.path} is a directory, and not a zarr store (no .zgroup or zarr.json) "
+                            f"or a Minari dataset; give a robomimic .hdf5 file, a ReplayBuffer .zarr store or minari:ID")
         elif is_zarr(self.path):
             self._episodes, self.masks, self.env_args, self.attrs = read_zarr(self.path, obs_keys)
         else:

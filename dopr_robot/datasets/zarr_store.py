@@ -22,6 +22,7 @@ import numpy as np
 
 from dopr_robot.datasets.robomimic_hdf5 import Episode
 from dopr_robot.errors import UserError
+from dopr_robot.fileio import out_of_space_error
 
 
 def is_zarr(path: str | Path) -> bool:
@@ -69,9 +70,9 @@ def write_zarr(path: str | Path, episodes: list[Episode], env_args: dict[str, An
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise out_of_space_error(path, e) or e  # a full disk: one line; the earlier store was never touched
 
 
 def read_zarr(path: str | Path, obs_keys: list[str] | None = None):

@@ -15,6 +15,7 @@ So it says where a damping sweep reaches "DoPr-Adam = AdamW": only when gamma_me
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +85,8 @@ def spectrum(run: str | Path, out: str | Path | None = None, checkpoint: str | P
         raise UserError(f"--out must be a .json file path, got {out}")
     if batches < 1:
         raise UserError(f"--batches must be >= 1, got {batches}")
-    if gammas is not None and any(g < 0 for g in gammas):
-        raise UserError(f"--gamma values must be >= 0, got {gammas}")
+    if gammas is not None and not all(0 <= g < math.inf for g in gammas):  # NaN fails every comparison
+        raise UserError(f"--gamma values must be finite and >= 0, got {gammas}")
     ckpt = resolve_checkpoint(Path(checkpoint) if checkpoint is not None else run)
     policy, meta = load_policy(ckpt)
     cfg = config_from_dict(meta["config"])

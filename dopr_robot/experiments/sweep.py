@@ -256,7 +256,7 @@ def _prepare_datasets(configs: list) -> None:
     """Collect a missing dataset once here, not in parallel in every cell's `train`."""
     missing = {c.data.path: c for c in configs if not Path(c.data.path).exists()}
     if missing:
-        from dopr_robot.training.trainer import prepare_dataset
+        from dopr_robot.collect import prepare_dataset
 
         for cfg in missing.values():
             prepare_dataset(cfg, collect_if_missing=True, progress=True)

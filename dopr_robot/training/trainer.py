@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dopr_robot.collect import collect
+from dopr_robot.collect import prepare_dataset
 from dopr_robot.config import Config, dump_config
 from dopr_robot.config import DEFAULT_OBS_KEYS
 from dopr_robot.datasets import WindowDataset, flatten_obs, open_demos
@@ -26,7 +26,7 @@ from dopr_robot.datasets.minari_source import is_minari
 from dopr_robot.envs.compat import action_mode, version_warning
 from dopr_robot.envs.gymnasium_env import is_gymnasium
 from dopr_robot.errors import UserError
-from dopr_robot.fileio import atomic_path, write_json, write_text
+from dopr_robot.fileio import atomic_file, write_json, write_text
 from dopr_robot.optim import build_optimizer, clip_grad_norm_, optimizer_health
 from dopr_robot.progress import progress_bar
 from dopr_robot.policies import RangeNormalizer, build_policy
@@ -59,20 +59,6 @@ def cosine_with_warmup(warmup: int, total: int):
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
-
-
-def prepare_dataset(cfg: Config, collect_if_missing: bool, progress: bool) -> None:
-    path = Path(cfg.data.path)
-    if path.exists() or is_minari(cfg.data.path):  # Minari datasets are downloaded, never collected here
-        return
-    if not collect_if_missing:
-        raise UserError(f"dataset not found: {path}")
-    d = cfg.data
-    noise = f" (operator noise {d.collect_noise})" if d.collect_noise else ""
-    print(f"{path} not found: collecting {d.collect_episodes} scripted {d.task} demos{noise} first")
-    summary = collect(d.task, d.collect_episodes, d.collect_seed, path, noise=d.collect_noise, progress=progress)
-    print(f"expert success {summary['expert_success_rate']:.0%} ({summary['demos']}/{summary['attempts']}), "
-          f"{summary['seconds']:.0f} s -> {path}")
 
 
 def policy_for_demos(cfg: Config, train_eps, device: torch.device):
@@ -167,13 +153,23 @@ def _train(cfg: Config, run_dir: Path, collect_if_missing: bool, progress: bool,
             **({"reference_scores": demos.reference_scores} if demos.reference_scores else {}),
             "train_demos": len(train_eps), "valid_demos": len(valid_eps)}
 
+    saved_step = start_step if resume else None  # the step of the trainer state on disk
+
     def save(name: str, step: int) -> None:
+        nonlocal saved_step
         if not ddp.is_writer:
             return
-        save_checkpoint(run_dir / "checkpoints", name, ema.model, {**meta, "step": step})
-        with atomic_path(state_path, suffix=".pt") as tmp:
-            torch.save({"policy": policy.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "generator": generator.get_state(), "step": step}, tmp)
+        try:
+            save_checkpoint(run_dir / "checkpoints", name, ema.model, {**meta, "step": step})
+            with atomic_file(state_path, suffix=".pt") as f:
+                torch.save({"policy": policy.state_dict(), "ema": ema.state_dict(),
+                            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                            "generator": generator.get_state(), "step": step}, f)
+        except UserError as e:  # a full disk: say what the run still has
+            kept = (f"the run keeps its trainer state of step {saved_step}: free space, then continue it with "
+                    f"`train --out {run_dir} --resume`") if saved_step is not None else "no trainer state of this run was saved"
+            raise UserError(f"{e}; {kept}") from None
+        saved_step = step
 
     # --- everything is validated: from here on the run directory is ours (locked) and written
     if ddp.is_writer:
