@@ -161,6 +161,23 @@ NON_NEGATIVE = (
 UNIT_INTERVAL = ("optim.ap.ema_decay", "train.ema_max_decay")
 
 
+# Keys an optimizer never reads: configs that differ only in these train the same run (a sweep runs such cells
+# once). The `optim.ap` block only matters with AP; torch's AdamW has no Muon settings.
+_MUON_KEYS = ("optim.momentum", "optim.nesterov", "optim.ns_steps", "optim.adjust_lr", "optim.matrix_layers")
+
+
+def applies_to_optimizer(optim_name: str, key: str) -> bool:
+    """Whether the dotted config `key` can change a run trained with optimizer `optim_name`."""
+    if key.startswith("optim.ap."):
+        return optim_name in ("dopr", "dopr-muon")
+    return not (key in _MUON_KEYS and optim_name == "adam")
+
+
+def effective_config(config: Config) -> dict[str, Any]:
+    """The flattened config without the keys its optimizer never reads: equal for two configs that train alike."""
+    return {k: v for k, v in _flatten(config.to_dict()).items() if applies_to_optimizer(config.optim.name, k)}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- YAML file <- `key=value` overrides (values parsed as YAML), then validated."""
     raw: dict[str, Any] = {}

@@ -109,6 +109,22 @@ def mean_band(ax, curves: Sequence[tuple[Sequence[float], Sequence[float]]], col
 
 # ---------------------------------------------------------------- one run
 
+def unmeasured_layers_note(records: list[dict[str, Any]]) -> str | None:
+    """The health panel's note on the AP layers it has no curve for: DoPr measures cond(S_d) only on layers that
+    took the primal path (the only one that factorizes S_d); the dual and backward paths never form it. Counts
+    from the last record with path counts (`ap_layers_<path>`); None when every AP layer took the primal path."""
+    last = next((r for r in reversed(records) if any(k.startswith("ap_layers_") for k in r)), None)
+    if last is None:
+        return None
+    counts = {path: int(last.get(f"ap_layers_{path}") or 0) for path in ("dual", "backward")}
+    if not sum(counts.values()):
+        return None
+    which = ", ".join(f"{n} on the {path} path" for path, n in counts.items() if n)
+    return (f"not shown: {sum(counts.values())} AP layer(s) ({which}),\nwhich never form S_d; "
+            f"`dopr-robot spectrum RUN` gives every layer's cond(S_d)")
+
+
+
 def training_curves(records: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Loss and validation loss, learning rate, step time, gradient norm, DoPr health and in-training success
     of one run's metrics.jsonl records, as one PNG."""
@@ -168,10 +184,13 @@ def training_curves(records: list[dict[str, Any]], path: str | Path, title: str 
         handles, labels = handles + more[0], labels + more[1]
     if handles:
         ax.legend(handles, labels, fontsize=7, loc="upper left")
+    unmeasured = unmeasured_layers_note(records)
     if cond_keys or fallbacks:
         ax.set_title("DoPr: condition number of damped S per layer")
+        if unmeasured:
+            ax.text(0.02, 0.02, unmeasured, transform=ax.transAxes, fontsize=7, va="bottom", color="0.3")
     else:
-        _note(ax, "no DoPr health keys in metrics.jsonl\n(AdamW and Muon report none)")
+        _note(ax, unmeasured or "no DoPr health keys in metrics.jsonl\n(AdamW and Muon report none)")
 
     ax = axes[1, 2]
     if series(ax, "success", "in-training success (selection seeds)", color="C5"):

@@ -30,6 +30,7 @@ LOCK_NAME = "run.lock"
 RUN_MARKER = "config.yaml"  # every run directory this tool writes has its resolved config here
 DRIFT_REPORT = "drift.json"  # `diagnose` writes it, `compare` reads it
 SPECTRUM_REPORT = "spectrum.json"  # `spectrum` writes it
+ROLLOUTS_SOURCE = "dopr-robot eval"  # the `source` attribute of rollouts `eval --save-trajectories` writes
 
 
 def _nearest_existing(path: Path) -> Path:

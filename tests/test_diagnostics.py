@@ -2,6 +2,7 @@
 and covariance shift against closed forms, and `dopr-robot diagnose` end to end on a real tiny run."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -137,11 +138,44 @@ def test_diagnose_bad_input_is_one_line(evaluated_run, tmp_path):
     with RobomimicFile(evaluated_run / "eval_rollouts.hdf5") as f:
         env_args, episodes = f.env_args, [f.read(name, ["object", "robot0_eef_pos"]) for name in f.demos]
     partial = tmp_path / "partial_rollouts.hdf5"
-    write_robomimic(partial, episodes, env_args, attrs={"checkpoint": "final.json"})
+    write_robomimic(partial, episodes, env_args, attrs={"source": "dopr-robot eval", "checkpoint": "final.json"})
     assert_user_error(run_cli("diagnose", str(evaluated_run), "--rollouts", str(partial)),
                       "no observation key(s) robot0_eef_quat, robot0_gripper_qpos")
     after = (evaluated_run / "drift.json").read_bytes() if (evaluated_run / "drift.json").exists() else None
     assert after == before  # validation fails before anything is written
+
+
+def test_diagnose_refuses_files_that_are_not_this_runs_rollouts(evaluated_run, lift_demos, tmp_path):
+    """Fault: `diagnose --rollouts DEMOS.hdf5` took demonstrations for rollouts (every demo a success: 100%
+    closed-loop success for a 17% policy); rollouts of another run's checkpoint were read as this run's."""
+    before = (evaluated_run / "drift.json").read_bytes() if (evaluated_run / "drift.json").exists() else None
+    assert_user_error(run_cli("diagnose", str(evaluated_run), "--rollouts", str(lift_demos)),
+                      "is not a rollouts file of `dopr-robot eval --save-trajectories`")
+    other = tmp_path / "other" / "checkpoints" / "final.json"
+    other.parent.mkdir(parents=True)
+    other.write_text("{}")
+    with RobomimicFile(evaluated_run / "eval_rollouts.hdf5") as f:
+        env_args, episodes = f.env_args, [f.read(name) for name in f.demos]
+    foreign = tmp_path / "foreign_rollouts.hdf5"
+    write_robomimic(foreign, episodes, env_args, attrs={"source": "dopr-robot eval", "checkpoint": str(other)})
+    assert_user_error(run_cli("diagnose", str(evaluated_run), "--rollouts", str(foreign)),
+                      f"come from checkpoint {other}, which is not a checkpoint of {evaluated_run}")
+    after = (evaluated_run / "drift.json").read_bytes() if (evaluated_run / "drift.json").exists() else None
+    assert after == before
+
+
+def test_diagnose_archives_the_report_it_replaces(evaluated_run, tmp_path):
+    """Fault: a second `diagnose` overwrote drift.json and drift.png; like eval's reports, the earlier pair is
+    now renamed aside (<stem>-<its time>.json / .png), never lost."""
+    out = tmp_path / "drift.json"
+    out.write_text('{"earlier": true}\n')
+    out.with_suffix(".png").write_bytes(b"earlier plot")
+    diagnose(evaluated_run, out=out, seed=0)
+    archived = sorted(tmp_path.glob("drift-*.json"))
+    assert len(archived) == 1 and re.fullmatch(r"drift-\d{8}-\d{6}\.json", archived[0].name)
+    assert archived[0].read_text() == '{"earlier": true}\n'
+    assert archived[0].with_suffix(".png").read_bytes() == b"earlier plot"
+    assert "drift_mean" in json.loads(out.read_text()) and out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
 # --- spectrum: what damping leaves of AP's preconditioner

@@ -6,12 +6,15 @@ The space: each observation frame is flattened with `datasets.flatten_obs` over 
 normalized with the checkpoint's obs normalizer, (x - center) * scale, exactly as the policy maps each frame of
 its input window (the policy's condition is n_obs_steps such frames side by side).
 
-Output: RUN/drift.json (keys in `diagnose`'s docstring) and RUN/drift.png beside it.
+Only rollouts that `eval --save-trajectories` wrote for a checkpoint of RUN are read (demonstrations would pass
+for a perfect policy). Output: RUN/drift.json (keys in `diagnose`'s docstring) and RUN/drift.png beside it; an
+earlier pair is renamed aside as eval renames its reports (drift-<time>.json / .png), never overwritten.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +28,10 @@ from dopr_robot.diagnostics.drift import demo_band, departure_step, drift_curve,
 from dopr_robot.diagnostics.openloop import open_loop_chunk_mse
 from dopr_robot.diagnostics.shift import DEFAULT_RIDGE, distribution_shift
 from dopr_robot.errors import UserError
-from dopr_robot.evaluation.evaluate import ROLLOUTS_SUFFIX
+from dopr_robot.evaluation.evaluate import ROLLOUTS_SUFFIX, archive_report
 from dopr_robot.fileio import write_json
 from dopr_robot.provenance import provenance
-from dopr_robot.rundir import DRIFT_REPORT, check_writable_dir, resolve_checkpoint
+from dopr_robot.rundir import DRIFT_REPORT, ROLLOUTS_SOURCE, check_writable_dir, resolve_checkpoint
 
 BAND_PERCENTILES = (5.0, 95.0)
 
@@ -48,6 +51,8 @@ def diagnose(run: str | Path, rollouts: str | Path | None = None, out: str | Pat
     if not run.is_dir():
         raise UserError(f"run directory not found: {run}")
     rollouts = Path(rollouts) if rollouts is not None else run / "eval_rollouts.hdf5"
+    if rollouts.is_dir():
+        raise UserError(f"--rollouts {rollouts} is a directory; give the .hdf5 file `eval --save-trajectories` wrote")
     if not rollouts.is_file():
         raise UserError(f"rollouts file not found: {rollouts} (write it with `dopr-robot eval {run} "
                         f"--save-trajectories`, or pass --rollouts PATH)")
@@ -56,7 +61,7 @@ def diagnose(run: str | Path, rollouts: str | Path | None = None, out: str | Pat
         raise UserError(f"--out must be a .json file path (the plot goes beside it as .png), got {out}")
 
     # --- validate and load everything before computing or writing anything
-    rollout_env, recorded_ckpt, names = _rollout_header(rollouts)
+    rollout_env, recorded_ckpt, names = _rollout_header(rollouts, run)
     ckpt = _choose_checkpoint(run, checkpoint, recorded_ckpt)
     policy, meta = load_policy(ckpt)
     obs_keys, obs_dim = list(meta["obs_keys"]), int(meta["obs_dim"])
@@ -113,6 +118,7 @@ def diagnose(run: str | Path, rollouts: str | Path | None = None, out: str | Pat
         "provenance": provenance(dataset, files={"rollouts": rollouts}, run_dir=run),
     }
     try:
+        _archive_earlier(out)
         write_json(out, report)
         if plot:
             from dopr_robot.diagnostics.plot import plot_drift
@@ -123,9 +129,29 @@ def diagnose(run: str | Path, rollouts: str | Path | None = None, out: str | Pat
     return report
 
 
-def _rollout_header(path: Path) -> tuple[dict[str, Any], str | None, list[str]]:
+def _rollout_header(path: Path, run: Path) -> tuple[dict[str, Any], str, list[str]]:
+    """(env_args, recorded checkpoint, episode names) of rollouts that `eval --save-trajectories` wrote for a
+    checkpoint of `run`; anything else (demonstrations, another run's rollouts) is refused with one line."""
     with RobomimicFile(path, what="rollouts") as f:
-        return f.env_args, f.attrs.get("checkpoint"), list(f.demos)
+        env_args, attrs, names = f.env_args, f.attrs, list(f.demos)
+    recorded = attrs.get("checkpoint")
+    if attrs.get("source") != ROLLOUTS_SOURCE or not isinstance(recorded, str):
+        raise UserError(f"{path} is not a rollouts file of `dopr-robot eval --save-trajectories` (no source "
+                        f"{ROLLOUTS_SOURCE!r} and checkpoint attributes; demonstrations are not rollouts)")
+    own = run / "checkpoints" / Path(recorded).name
+    elsewhere = Path(recorded).is_file() and Path(recorded).resolve() != own.resolve()
+    if elsewhere or not own.is_file():
+        raise UserError(f"rollouts {path} come from checkpoint {recorded}, which is not a checkpoint of {run}")
+    return env_args, recorded, names
+
+
+def _archive_earlier(out: Path) -> None:
+    """An earlier report at `out` and its plot go aside as eval's reports do (`archive_report`: the report renamed
+    <stem>-<its time>.json; the plot beside it under the same name, .png)."""
+    plot = out.with_suffix(".png")
+    archived = archive_report(out, with_journal_and_videos=False)
+    if archived is not None and plot.is_file() and not archived.with_suffix(".png").exists():
+        os.rename(plot, archived.with_suffix(".png"))
 
 
 def _choose_checkpoint(run: Path, explicit: str | Path | None, recorded: str | None) -> Path:

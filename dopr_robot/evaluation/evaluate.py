@@ -38,7 +38,7 @@ from dopr_robot.evaluation.video import VideoPlan, videos_dir_for
 from dopr_robot.stats import wilson_interval
 from dopr_robot.progress import progress_bar
 from dopr_robot.provenance import file_sha256, provenance
-from dopr_robot.rundir import check_writable_dir, resolve_checkpoint
+from dopr_robot.rundir import ROLLOUTS_SOURCE, check_writable_dir, resolve_checkpoint
 
 DEFAULT_EPISODE_TIMEOUT_S = 600.0
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -328,7 +328,7 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
 
         trajectories = [outcomes[s].trajectory for s in seeds if outcomes[s].trajectory is not None]
         write_robomimic(save_trajectories, trajectories, meta["env_args"],
-                        attrs={"source": "dopr-robot eval", "checkpoint": str(ckpt)}, compression="gzip")
+                        attrs={"source": ROLLOUTS_SOURCE, "checkpoint": str(ckpt)}, compression="gzip")
         report["trajectories"] = str(save_trajectories)
     if video_plan is not None:
         report["videos"] = video_plan.listing({s: o.record for s, o in outcomes.items()}, reruns)

@@ -3,17 +3,19 @@
 Name: `<optim>[_<key>-<value>...]_s<seed>`, key = last component of the dotted grid key, value = the grid value as
 typed with separators folded to '-' (e.g. `dopr_damping-3_s2`, `adam_down_dims-16-32_s0`). Every optimizer gets the
 same grid points and the same seeds (fair tuning), and cells are ordered seed-major, so a sweep stopped half-way has
-the same seeds done for every optimizer.
+the same seeds done for every optimizer. Cells that would train the same run (their resolved configs equal but for
+keys their optimizer never reads, e.g. AdamW across a damping grid) run once, as the first of them (`distinct_cells`).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dopr_robot.config import CHOICES, Config, load_config
+from dopr_robot.config import CHOICES, Config, effective_config, load_config
 from dopr_robot.errors import UserError
 
 PERTURBATIONS = {"action_noise": "--action-noise", "obs_noise": "--obs-noise", "push": "--push"}
@@ -129,6 +131,21 @@ def perturb_tag(name: str, level: float) -> str:
 def enumerate_cells(optims: list[str], grid: dict[str, list[str]], seeds: list[int]) -> list[Cell]:
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     return [Cell(optim, seed, point) for seed in seeds for point in points for optim in optims]
+
+
+def distinct_cells(cells: list[Cell], configs: dict[str, Config]) -> tuple[list[Cell], dict[str, str]]:
+    """The cells whose resolved configs differ (`effective_config`: keys the cell's optimizer never reads left
+    out), the first of equal ones kept; and {dropped cell: the kept cell it equals}. E.g. a grid over
+    optim.ap.damping gives AdamW one cell per seed, not one per damping value."""
+    kept: dict[str, Cell] = {}
+    same: dict[str, str] = {}
+    for cell in cells:
+        key = json.dumps(effective_config(configs[cell.name]), sort_keys=True, default=str)
+        if key in kept:
+            same[cell.name] = kept[key].name
+        else:
+            kept[key] = cell
+    return list(kept.values()), same
 
 
 def check_overrides(overrides: list[str]) -> None:

@@ -23,8 +23,8 @@ import yaml
 from dopr_robot.config import load_config
 from dopr_robot.errors import UserError
 from dopr_robot.experiments.cells import CellJob, is_done, summary
-from dopr_robot.experiments.grid import (Cell, cell_config, check_overrides, enumerate_cells, parse_grid,
-                                         parse_optims, parse_perturb, parse_seeds, perturb_tag)
+from dopr_robot.experiments.grid import (Cell, cell_config, check_overrides, distinct_cells, enumerate_cells,
+                                         parse_grid, parse_optims, parse_perturb, parse_seeds, perturb_tag)
 from dopr_robot.experiments.launchers import check_available, launch
 from dopr_robot.fileio import write_json
 from dopr_robot.provenance import file_sha256
@@ -65,6 +65,7 @@ def run_sweep(config: Path, out: Path, optims: str, seeds: str, grid: list[str],
             raise UserError(f"--grid {key}: {e}") from None
     cells = enumerate_cells(optim_list, grid_values, seed_list)
     configs = {cell.name: cell_config(config, sets, cell) for cell in cells}
+    cells, same = distinct_cells(cells, configs)  # cells that would train the same run run once
     out = out.absolute()
     previous = _existing_sweep(out)
     identity = {"config": str(config.resolve()), "config_sha256": file_sha256(config),
@@ -83,6 +84,9 @@ def run_sweep(config: Path, out: Path, optims: str, seeds: str, grid: list[str],
     done = {job.name: is_done(job) for job in job_list}
     to_run = [job for job in job_list if not done[job.name]]
 
+    if same:
+        echo(f"{len(same)} cell(s) left out, each the same run as a kept one (settings its optimizer never reads): "
+             + ", ".join(f"{dropped} = {kept}" for dropped, kept in same.items()))
     if dry_run:
         echo(f"sweep {out}: {len(cells)} cells ({len(cells) - len(to_run)} done, {len(to_run)} to run); "
              f"{jobs} at a time, {threads} threads each")
