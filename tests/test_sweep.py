@@ -150,7 +150,10 @@ def test_dry_run_lists_cells_and_writes_nothing(tmp_path):
                      "--dry-run")
     assert result.returncode == 0, result.stderr
     cells = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("  todo")]
-    assert len(cells) == 2 * 2 * 2 * 2 and len(set(cells)) == 16
+    # adam never reads the damping: one adam cell per down_dims and seed (the first damping value's name)
+    assert len(cells) == 2 * 2 * 2 + 2 * 2 and len(set(cells)) == 12
+    assert [c for c in cells if c.startswith("adam")] == [f"adam_damping-0.3_down_dims-{d}_s{s}" for s in (0, 1)
+                                                          for d in ("16-32", "32-64")]
     assert cells[0] == "adam_damping-0.3_down_dims-16-32_s0" and cells[-1] == "dopr_damping-3_down_dims-32-64_s1"
     assert not out.exists()
 
