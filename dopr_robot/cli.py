@@ -6,6 +6,7 @@ Bad input (missing or corrupt files, unknown keys, invalid values) ends with one
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -103,8 +104,8 @@ def eval_cmd(
     workers: Optional[int] = typer.Option(None, help="parallel worker processes, 0 = one per CPU core [eval.workers]"),
     seed_start: Optional[int] = typer.Option(None, help="episode i uses seed SEED_START + i [eval.seed_start: 100000]"),
     max_steps: Optional[int] = typer.Option(None, help="step limit per episode [eval.max_steps: 400]"),
-    n_action_steps: Optional[int] = typer.Option(None, help="actions executed per chunk, 1..horizon-n_obs_steps+1 "
-                                                            "(default: training's)"),
+    n_action_steps: Optional[int] = typer.Option(None, help="actions executed per chunk, 1 to horizon - "
+                                                            "n_obs_steps + 1 (default: training's)"),
     out: Optional[Path] = typer.Option(None, help="report path (default: RUN/eval.json, RUN/eval_<checkpoint>.json "
                                                   "or RUN/eval_<tag>.json)"),
     tag: Optional[str] = typer.Option(None, help="name this report RUN/eval_<TAG>.json"),
@@ -334,6 +335,9 @@ def main() -> None:
         _interrupted(e)
     except typer.Exit as e:
         sys.exit(e.exit_code)
+    except BrokenPipeError:  # `dopr-robot ... | head`: the reader left; no traceback, and none at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except Exception as e:
         # Usage errors come from click, or from the copy of click newer typer versions vendor: match by name.
         kinds = {cls.__name__ for cls in type(e).__mro__}

@@ -66,16 +66,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         raise
 
 
-class _RecordingFile(io.RawIOBase):
+class _RecordingFile:
     """A binary file that keeps the OSError of a failed write, for callers whose library replaces it with its
     own exception (torch.save raises RuntimeError("unexpected pos ...") instead)."""
 
     def __init__(self, f: BinaryIO):
-        super().__init__()
         self._f, self.error = f, None
-
-    def writable(self) -> bool:
-        return True
 
     def write(self, data) -> int:
         try:
@@ -93,12 +89,6 @@ class _RecordingFile(io.RawIOBase):
 
     def tell(self) -> int:
         return self._f.tell()
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self._f.seek(offset, whence)
-
-    def seekable(self) -> bool:
-        return True
 
 
 @contextlib.contextmanager
