@@ -126,8 +126,9 @@ def atomic_buffer(path: str | os.PathLike) -> Iterator[io.BytesIO]:
     """An in-memory binary buffer, written to `path` (atomically, by `write_bytes`) on clean exit.
 
     For HDF5 (`h5py.File(buffer, "w")`): once one of its own writes fails (ENOSPC), HDF5 2.0 segfaults in the
-    next flush or close, killing the process with its temporary file left behind; a Python write of the
-    finished image fails cleanly instead."""
+    next flush or close, killing the process with its temporary file left behind (a known HDF5 limitation, h5py
+    issues #914 and #2160: a file that failed to write cannot be closed); a Python write of the finished image
+    fails cleanly instead. The cost: the file's bytes are held in memory once."""
     buffer = io.BytesIO()
     yield buffer
     write_bytes(path, buffer.getbuffer())
