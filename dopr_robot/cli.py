@@ -83,13 +83,9 @@ def train_cmd(
     try:
         run = train(cfg, out, collect_if_missing=dataset is None, resume=resume, until=until, overwrite=overwrite)
     except KeyboardInterrupt:
-        from dopr_robot.rundir import saved_state_step
+        from dopr_robot.rundir import saved_state_note
 
-        step = saved_state_step(out)
-        raise Interrupted(f"{out} keeps its trainer state of step {step} (the steps after it are lost): "
-                          f"`dopr-robot train --out {out} --resume` continues from there" if step is not None else
-                          f"no trainer state of {out} was saved yet (every train.checkpoint_every steps): "
-                          f"start it again with --overwrite") from None
+        raise Interrupted(saved_state_note(out)) from None
     if is_writer():  # under torchrun only rank 0 writes and speaks
         from dopr_robot.plotting import plot_run
         curves = plot_run(run, missing_ok=True)  # RUN/training_curves.png; None when no metrics record exists yet

@@ -124,7 +124,6 @@ def unmeasured_layers_note(records: list[dict[str, Any]]) -> str | None:
             f"`dopr-robot spectrum RUN` gives every layer's cond(S_d)")
 
 
-
 def training_curves(records: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Loss and validation loss, learning rate, step time, gradient norm, DoPr health and in-training success
     of one run's metrics.jsonl records, as one PNG."""

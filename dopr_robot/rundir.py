@@ -9,7 +9,7 @@
 - `clear_run_dir(run_dir)`: empties a run directory under its lock (the lock file itself stays).
 - `resolve_checkpoint(RUN, name)`: RUN/checkpoints/<name>.json (default `final`, else the newest); no torch.
 - `read_metrics(RUN/metrics.jsonl)`: its records, one per step, for everything that reads a run's metrics.
-- `saved_state_step(RUN)`: the step a `train --resume` would continue from.
+- `saved_state_step(RUN)`: the step a `train --resume` would continue from; `saved_state_note(RUN)` says so.
 """
 
 from __future__ import annotations
@@ -155,19 +155,35 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
 
 
 def saved_state_step(run_dir: str | Path) -> int | None:
-    """The step of RUN/trainer_state.pt, from the newest step checkpoint saved with it (train writes
-    checkpoints/step_NNNNNNN or final, then the state); None when the run has no trainer state."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "trainer_state.pt").is_file():
+    """The step of RUN/trainer_state.pt (what `train --resume` continues from), without loading it: train writes
+    a step_NNNNNNN or final checkpoint and then the state, so it is the newest such checkpoint written before the
+    state (a later one lost its state to a crash or a full disk). None when the run has no trainer state."""
+    state = Path(run_dir) / "trainer_state.pt"
+    try:
+        written = state.stat().st_mtime_ns
+    except OSError:
         return None
     steps = []
-    for path in (run_dir / "checkpoints").glob("*.json"):
+    for path in (Path(run_dir) / "checkpoints").glob("*.json"):
         if path.stem == "final" or (path.stem.startswith("step_") and path.stem[5:].isdigit()):
             try:
-                steps.append(int(json.loads(path.read_text())["step"]))
+                if path.stat().st_mtime_ns <= written:
+                    steps.append(int(json.loads(path.read_text())["step"]))
             except (OSError, ValueError, KeyError, TypeError):
                 continue
     return max(steps) if steps else None
+
+
+def saved_state_note(run_dir: str | Path) -> str:
+    """What a stopped `train` leaves, in words: the trainer state a --resume continues from, or none."""
+    step = saved_state_step(run_dir)
+    if step is None and not (Path(run_dir) / RUN_MARKER).is_file():
+        return f"training had not started writing {run_dir}: run the command again"
+    if step is None:
+        return (f"no trainer state of {run_dir} was saved yet (one is every train.checkpoint_every steps): start "
+                f"it again with --overwrite")
+    return (f"{run_dir} keeps its trainer state of step {step} (the steps after it are lost): "
+            f"`dopr-robot train --out {run_dir} --resume` continues from there")
 
 
 def read_metrics(path: Path, warnings: list[str] | None = None) -> list[dict[str, Any]]:

@@ -32,7 +32,7 @@ from dopr_robot.progress import progress_bar
 from dopr_robot.policies import RangeNormalizer, build_policy
 from dopr_robot.checkpoint import save_checkpoint
 from dopr_robot.provenance import run_provenance
-from dopr_robot.rundir import check_run_dir, clear_run_dir, run_lock
+from dopr_robot.rundir import check_run_dir, clear_run_dir, run_lock, saved_state_note
 from dopr_robot.training.distributed import init_distributed
 from dopr_robot.training.ema import EMA
 from dopr_robot.training.selection import RolloutSelector
@@ -153,10 +153,7 @@ def _train(cfg: Config, run_dir: Path, collect_if_missing: bool, progress: bool,
             **({"reference_scores": demos.reference_scores} if demos.reference_scores else {}),
             "train_demos": len(train_eps), "valid_demos": len(valid_eps)}
 
-    saved_step = start_step if resume else None  # the step of the trainer state on disk
-
     def save(name: str, step: int) -> None:
-        nonlocal saved_step
         if not ddp.is_writer:
             return
         try:
@@ -166,10 +163,7 @@ def _train(cfg: Config, run_dir: Path, collect_if_missing: bool, progress: bool,
                             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                             "generator": generator.get_state(), "step": step}, f)
         except UserError as e:  # a full disk: say what the run still has
-            kept = (f"the run keeps its trainer state of step {saved_step}: free space, then continue it with "
-                    f"`train --out {run_dir} --resume`") if saved_step is not None else "no trainer state of this run was saved"
-            raise UserError(f"{e}; {kept}") from None
-        saved_step = step
+            raise UserError(f"{e}; {saved_state_note(run_dir)} once there is space") from None
 
     # --- everything is validated: from here on the run directory is ours (locked) and written
     if ddp.is_writer:
