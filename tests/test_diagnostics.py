@@ -237,7 +237,8 @@ def test_spectrum_cli_reports_damping_tending_to_identity(evaluated_run, tmp_pat
 def test_spectrum_bad_input_is_one_line(evaluated_run, tmp_path):
     assert_user_error(run_cli("spectrum", str(tmp_path / "nope")), "run directory not found")
     assert_user_error(run_cli("spectrum", str(evaluated_run), "--batches", "0"), "--batches must be >= 1")
-    assert_user_error(run_cli("spectrum", str(evaluated_run), "--gamma", "-1"), "--gamma values must be finite and >= 0")
+    assert_user_error(run_cli("spectrum", str(evaluated_run), "--gamma", "-1"),
+                      "--gamma values must be finite and >= 0")
     assert_user_error(run_cli("spectrum", str(evaluated_run), "--out", str(tmp_path / "x.txt")),
                       "--out must be a .json file path")
     assert not (evaluated_run / "spectrum.json").exists()
