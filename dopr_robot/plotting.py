@@ -119,8 +119,8 @@ def unmeasured_layers_note(records: list[dict[str, Any]]) -> str | None:
     counts = {path: int(last.get(f"ap_layers_{path}") or 0) for path in ("dual", "backward")}
     if not sum(counts.values()):
         return None
-    which = ", ".join(f"{n} on the {path} path" for path, n in counts.items() if n)
-    return (f"not shown: {sum(counts.values())} AP layer(s) ({which}),\nwhich never form S_d; "
+    which = ", ".join(f"{n} AP layer{'s' if n > 1 else ''} on the {path} path" for path, n in counts.items() if n)
+    return (f"not shown: {which}\n(those paths never form S_d);\n"
             f"`dopr-robot spectrum RUN` gives every layer's cond(S_d)")
 
 
@@ -186,8 +186,10 @@ def training_curves(records: list[dict[str, Any]], path: str | Path, title: str 
     unmeasured = unmeasured_layers_note(records)
     if cond_keys or fallbacks:
         ax.set_title("DoPr: condition number of damped S per layer")
-        if unmeasured:
-            ax.text(0.02, 0.02, unmeasured, transform=ax.transAxes, fontsize=7, va="bottom", color="0.3")
+        if unmeasured:  # in the middle of an empty panel, else below the curves
+            where = dict(x=0.02, y=0.04, ha="left", va="bottom") if cond_keys else dict(x=0.5, y=0.5, ha="center",
+                                                                                      va="center")
+            ax.text(s=unmeasured, transform=ax.transAxes, fontsize=7, color="0.3", **where)
     else:
         _note(ax, unmeasured or "no DoPr health keys in metrics.jsonl\n(AdamW and Muon report none)")
 
