@@ -25,8 +25,8 @@ class Demos:
         elif not self.path.exists():
             raise UserError(f"dataset not found: {self.path}")
         elif self.path.is_dir() and not is_zarr(self.path):
-            raise UserError(f"dataset {self.path} is a directory, and not a zarr store (no .zgroup or zarr.json) "
-                            f"or a Minari dataset; give a robomimic .hdf5 file, a ReplayBuffer .zarr store or minari:ID")
+            raise UserError(f"dataset {self.path} is a directory, but neither a zarr store (.zgroup, zarr.json) nor "
+                            f"a Minari dataset; give a robomimic .hdf5 file, a ReplayBuffer .zarr store or minari:ID")
         elif is_zarr(self.path):
             self._episodes, self.masks, self.env_args, self.attrs = read_zarr(self.path, obs_keys)
         else:
