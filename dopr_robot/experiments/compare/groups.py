@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from dopr_robot.config import applies_to_optimizer
 from dopr_robot.experiments.compare.runs import Run, report_episode_seeds, report_rate, report_values
 
 # Config keys that do not define a group: the seed is the replicate, the rest is bookkeeping or evaluation.
@@ -29,8 +30,9 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def applies(optim: str | None, key: str) -> bool:
-    """AP settings mean nothing to optimizers without AP (they ignore the `optim.ap` block)."""
-    return not (key.startswith("optim.ap.") and not (optim or "").startswith("dopr"))
+    """Whether a setting can matter to `optim`'s runs (the AP block to AP optimizers, Muon's keys not to AdamW): the
+    rule by which a sweep runs such cells once (`config.applies_to_optimizer`)."""
+    return applies_to_optimizer(optim or "", key)
 
 
 def ignored(key: str) -> bool:
