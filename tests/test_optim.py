@@ -669,3 +669,53 @@ def test_ap_path_config_key_forces_the_path():
         opt.remove_hooks()
     with pytest.raises(UserError, match="optim.ap.path"):
         load_config(None, ["optim.ap.path=fastest"])
+
+
+# ---- numerics at the small end of the damping grid (gamma_mean 0.01) --------------------------------------
+def anisotropic_rows(n: int, d: int, seed: int) -> torch.Tensor:
+    """float32 inputs whose second moment has lambda_max / mean ~ 400, like the default MLP's hidden layers."""
+    g = torch.Generator().manual_seed(seed)
+    spectrum = torch.logspace(0, -4, d, dtype=torch.float64).sqrt()
+    spectrum[0] = 20.0
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return ((torch.randn(n, d, generator=g, dtype=torch.float64) * spectrum) @ q.T + 0.3).float()
+
+
+@pytest.mark.parametrize("bias_augment", [False, True])
+@pytest.mark.parametrize("path", ["primal", "dual", "backward"])
+def test_every_path_is_accurate_at_gamma_001_against_float64(path, bias_augment):
+    """float32 layer, float64 reference from the same inputs. Fails on the float32 Woodbury (dual) path, whose
+    G - (G Z^T) K^-1 Z cancels ~1/gamma of the digits (1e-2 relative error here)."""
+    torch.manual_seed(1)
+    n, d, d_out, gamma = 128, 256, 64, 0.01
+    layer = nn.Linear(d, d_out)
+    reference = copy.deepcopy(layer).double()
+    x = anisotropic_rows(n, d, 0)
+    upstream = torch.randn(n, d_out, generator=torch.Generator().manual_seed(5))
+    before = torch.cat([layer.weight.detach(), layer.bias.detach()[:, None]], 1).double()
+    opt = DoPr(layer, lr=1.0, base="sgd", damping=gamma, path=path, bias_augment=bias_augment)
+    (layer(x) * upstream).sum().backward()
+    opt.step()
+    step = before - torch.cat([layer.weight.detach(), layer.bias.detach()[:, None]], 1).double()
+    (reference(x.double()) * upstream.double()).sum().backward()
+    z, g = x.double(), reference.weight.grad
+    if bias_augment:
+        z = torch.cat([z, torch.ones(n, 1, dtype=torch.float64)], 1)
+        g = torch.cat([g, reference.bias.grad[:, None]], 1)
+    s = z.T @ z / n
+    s_d = s + (gamma * s.trace() / s.shape[0] + 1e-8) * torch.eye(s.shape[0], dtype=torch.float64)
+    m = torch.linalg.solve(s_d, g.T).T
+    if not bias_augment:
+        m = torch.cat([m, reference.bias.grad[:, None]], 1)
+    assert (torch.linalg.eigvalsh(s)[-1] / s.trace() * s.shape[0]) > 100  # anisotropic enough to matter
+    assert ((step - m).norm() / m.norm()).item() < 2e-3
+    assert opt.last_paths[""] == ("primal" if path == "backward" and bias_augment else path)
+
+
+def test_layers_ap_cannot_handle_are_counted_and_warned_about():
+    model = nn.Sequential(nn.Conv1d(4, 4, 3, groups=2, padding=1), nn.Conv1d(4, 4, 3, padding="same"),
+                          nn.Conv1d(4, 4, 3, padding=1, padding_mode="reflect"), nn.Conv1d(4, 4, 3, padding=1))
+    with pytest.warns(UserWarning, match="3 conv layer"):
+        opt = DoPr(model, base="adam")
+    assert opt.health()["ap_layers_unsupported"] == 3
+    assert [layer.name for layer in opt.layers] == ["3"]

@@ -44,9 +44,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, io_layers=()) -> torch.o
 
 def clip_grad_norm_(optimizer: torch.optim.Optimizer, parameters, max_norm: float) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ on the true gradient: DoPr layers whose .grad already holds the AP
-    gradient M (its backward path) are measured by ||G|| and their M scaled like G would be."""
-    parameters = list(parameters)
-    if isinstance(optimizer, DoPr) and optimizer.true_grad_norms_sq():
+    gradient M (its backward path) are measured by ||G|| and their M scaled like G would be. The norm is
+    computed once; a caller that does not clip should not call this (the norm is work)."""
+    if isinstance(optimizer, DoPr):
         return optimizer.clip_grad_norm_(parameters, max_norm)
     return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
 

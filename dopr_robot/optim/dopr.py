@@ -48,6 +48,7 @@ weight (reshaped to (C_out, C_in * k), never refused, never orthogonalized per o
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -86,12 +87,13 @@ def dual_precondition(g: torch.Tensor, z: torch.Tensor, k_inverse: torch.Tensor,
 def ap_costs(n: int, d_in: int, r: int, backward: str | None = None, n_out: int | None = None,
              d_out: int | None = None) -> dict[str, float]:
     """Flops each exact path adds to a plain backward for one layer: n input rows, d_in inputs, M of r x d_in
-    (a GEMM of m x k by k x p counts 2 m k p; factor + inverse of an m x m matrix m^3). `backward`: "linear" or
-    "conv" where the backward path is possible (n_out rows of D, d_out outputs); its M GEMM replaces G's, so it
-    is free, and it pays for ||G|| (clipping) with D D^T instead."""
+    (a GEMM of m x k by k x p counts 2 m k p; factor + inverse of an m x m matrix m^3). dual runs in float64
+    (see `DoPr._ap_gradient`), counted as twice the float32 flops. `backward`: "linear" or "conv" where the
+    backward path is possible (n_out rows of D, d_out outputs); its M GEMM replaces G's, so it is free, and it
+    pays for ||G|| (clipping) with D D^T instead."""
     costs = {
         "primal": 2 * n * d_in**2 + d_in**3 + 2 * r * d_in**2,
-        "dual": 2 * n**2 * d_in + n**3 + 4 * r * n * d_in + 2 * r * n**2,
+        "dual": 2 * (2 * n**2 * d_in + n**3 + 4 * r * n * d_in + 2 * r * n**2),
     }
     if backward:  # Z Z^T, K^-1, K^-1 D (Linear only) or K^-1 Z, and <D D^T, Z Z^T> for the true gradient norm
         n_out, d_out = n_out or n, d_out or r
@@ -319,7 +321,12 @@ class DoPr(torch.optim.Optimizer):
             raise ValueError("need damping >= 0, 0 <= ema_decay < 1, refresh_every >= 1")
         if stats_from not in ("batch", "previous_batch") or path not in ("auto", *PATHS):
             raise ValueError("stats_from must be batch|previous_batch and path auto|primal|dual|backward")
-        self.layers = self._find_layers(model, conv_mode, bias_augment, exclude)
+        self.layers, self.unsupported_layers = self._find_layers(model, conv_mode, bias_augment, exclude)
+        if self.unsupported_layers:
+            warnings.warn(f"DoPr: {len(self.unsupported_layers)} conv layer(s) are grouped, non-zero-padded or use "
+                          f"padding='same' ({', '.join(self.unsupported_layers[:5])}"
+                          f"{', ...' if len(self.unsupported_layers) > 5 else ''}): they get plain AdamW, no AP "
+                          "(counted in health()['ap_layers_unsupported'])", stacklevel=2)
         adam_ids = {id(m) for m in adam_layers}
         matrix = [layer.weight for layer in self.layers if id(layer.module) not in adam_ids]
         matrix_ids = {id(p) for p in matrix}
@@ -342,8 +349,11 @@ class DoPr(torch.optim.Optimizer):
             if ap else []
 
     @staticmethod
-    def _find_layers(model, conv_mode, bias_augment, exclude) -> list[_Layer]:
-        layers = []
+    def _find_layers(model, conv_mode, bias_augment, exclude) -> tuple[list[_Layer], list[str]]:
+        """(layers AP preconditions, names of conv layers it cannot: grouped, non-zero-padded or padding given
+        as a string, which the channel-mode derivation and the backward path's zero-padded products do not
+        cover)."""
+        layers, unsupported = [], []
         for name, m in model.named_modules():
             if not isinstance(m, (nn.Linear, nn.Conv1d, nn.ConvTranspose1d)) or not m.weight.requires_grad:
                 continue
@@ -352,7 +362,8 @@ class DoPr(torch.optim.Optimizer):
             if isinstance(m, nn.Linear):
                 mode = "linear"
             elif m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
-                continue  # grouped / non-zero-padded convs: not covered by the derivation; plain AdamW
+                unsupported.append(name)  # grouped / non-zero-padded / 'same' convs: AdamW, counted and warned
+                continue
             elif isinstance(m, nn.ConvTranspose1d):
                 mode = "convT_channel"
             else:
@@ -363,7 +374,7 @@ class DoPr(torch.optim.Optimizer):
                                  "shared by all taps, and a bias is not a tap; ConvTranspose1d has only this "
                                  "form, Conv1d also conv_mode='full')")
             layers.append(_Layer(name, m, mode, bias_augment and has_bias))
-        return layers
+        return layers, unsupported
 
     # ---- choosing the path (the one place) -----------------------------------------------------------------
     def _batch_exact(self) -> bool:
@@ -555,8 +566,8 @@ class DoPr(torch.optim.Optimizer):
         if path == "dual" and self.choose_path(layer, pending.rows) == "primal":
             pending.moment, pending.inputs, pending.path = sum(z.T @ z for z in pending.inputs), [], "primal"
             path = "primal"  # several calls made primal the cheaper path
-        if path == "dual":
-            z = torch.cat(pending.inputs) if len(pending.inputs) > 1 else pending.inputs[0]
+        if path == "dual":  # in float64: G - (G Z^T) K^-1 Z cancels ~1/gamma of float32's digits
+            z = (torch.cat(pending.inputs) if len(pending.inputs) > 1 else pending.inputs[0]).double()
             g = layer.grad_matrix(w.grad, g_bias, z.dtype)
             n = z.shape[0]
             gram = z @ z.T
@@ -708,6 +719,7 @@ class DoPr(torch.optim.Optimizer):
         took each path last step; with `spectrum`, per primal layer min / max eigenvalue of S_d and condition."""
         out: dict[str, float] = {"ap_fallbacks": 0, "ap_retries": 0, "ap_skipped_stats": 0}
         out.update({f"ap_layers_{p}": 0 for p in PATHS})
+        out["ap_layers_unsupported"] = len(self.unsupported_layers)
         for layer in self.layers:
             state = self.state.get(layer.weight, {})
             for key in ("ap_fallbacks", "ap_retries", "ap_skipped_stats"):

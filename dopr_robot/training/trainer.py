@@ -199,7 +199,9 @@ def _train(cfg: Config, run_dir: Path, collect_if_missing: bool, progress: bool,
         loss.backward()
         ddp.average_gradients(policy)
         # DoPr's clip: layers whose .grad already holds the AP gradient are measured by their true gradient
-        grad_norm = clip_grad_norm_(optimizer, policy.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+        # (||G||, not ||M||); with clipping off the norm is not computed (and not logged)
+        if t.grad_clip > 0:
+            window_norm += float(clip_grad_norm_(optimizer, policy.parameters(), t.grad_clip))
         optimizer.step()
         schedule.step()
         ema.update(policy)
@@ -207,7 +209,6 @@ def _train(cfg: Config, run_dir: Path, collect_if_missing: bool, progress: bool,
         if not math.isfinite(loss_value):
             raise UserError(f"training diverged: loss is {loss_value} at step {step + 1} (lower optim.lr?)")
         window_loss += loss_value
-        window_norm += float(grad_norm)
         window_time += time.perf_counter() - step_start
         window_steps += 1
 
@@ -215,8 +216,10 @@ def _train(cfg: Config, run_dir: Path, collect_if_missing: bool, progress: bool,
         is_last = done == t.steps
         if ddp.is_writer and (done % t.log_every == 0 or is_last):
             n = window_steps
-            record: dict[str, Any] = {"step": done, "loss": window_loss / n, "grad_norm": window_norm / n,
-                                      "lr": schedule.get_last_lr()[0], "step_time_s": window_time / n}
+            record: dict[str, Any] = {"step": done, "loss": window_loss / n, "lr": schedule.get_last_lr()[0],
+                                      "step_time_s": window_time / n}
+            if t.grad_clip > 0:
+                record["grad_norm"] = window_norm / n  # the true gradient's norm before clipping
             if valid_set is not None and (done % t.val_every == 0 or is_last):
                 record["val_loss"] = validation_loss(ema.model, valid_set, device)
             if selector is not None and done % t.eval_every == 0:  # eval_every is a multiple of log_every
