@@ -68,41 +68,49 @@ def test_ap_sgd_step_is_invariant_to_linear_reparametrization(optimizer, invaria
         assert gap > 1e-4
 
 
-def conv_pair(transpose: bool, a: torch.Tensor):
+def conv_pair(kind: str, a: torch.Tensor):
+    """The same network in two parametrizations: the conv under test fed z, or fed A z (a frozen 1x1 conv)
+    with its weight W'_j = W_j A^-1 for every tap. kind: conv1d, convT1d, conv2d (stride 2, padding 1, no bias,
+    as a ResNet's), convT2d."""
     torch.manual_seed(0)
     c = a.shape[0]
-    layer = nn.ConvTranspose1d(c, 5, 4, stride=2, padding=1) if transpose else nn.Conv1d(c, 5, 3, padding=1)
-    original = nn.Sequential(nn.Conv1d(3, c, 3, padding=1), nn.Tanh(), layer, nn.Tanh(), nn.Flatten(),
+    two_d = kind.endswith("2d")
+    conv, conv_t = (nn.Conv2d, nn.ConvTranspose2d) if two_d else (nn.Conv1d, nn.ConvTranspose1d)
+    layer = {"conv1d": lambda: nn.Conv1d(c, 5, 3, padding=1), "convT1d": lambda: nn.ConvTranspose1d(c, 5, 4, 2, 1),
+             "conv2d": lambda: nn.Conv2d(c, 5, 3, stride=2, padding=1, bias=False),
+             "convT2d": lambda: nn.ConvTranspose2d(c, 5, 4, stride=2, padding=1)}[kind]()
+    original = nn.Sequential(conv(3, c, 3, padding=1), nn.Tanh(), layer, nn.Tanh(), nn.Flatten(),
                              nn.LazyLinear(2)).double()
-    original(torch.zeros(1, 3, 8, dtype=torch.float64))  # materialize the lazy layer
+    original(torch.zeros((1, 3, 6, 6) if two_d else (1, 3, 8), dtype=torch.float64))  # materialize the lazy layer
     reparam = copy.deepcopy(original)
     w = reparam[2].weight.data
     a_inv = torch.linalg.inv(a)
-    if transpose:  # weight (C_in, C_out, k): W'[:, o, j] = A^-T W[:, o, j]
-        reparam[2].weight.data = torch.einsum("ij,jok->iok", a_inv.T, w)
-    else:  # weight (C_out, C_in, k): W'_j = W_j A^-1
-        reparam[2].weight.data = torch.einsum("oik,ij->ojk", w, a_inv)
-    mix = nn.Conv1d(c, c, 1, bias=False).double()
-    mix.weight.data = a[:, :, None].clone()
+    if kind.startswith("convT"):  # weight (C_in, C_out, *k): W'[:, o, j] = A^-T W[:, o, j]
+        reparam[2].weight.data = torch.einsum("ij,jo...->io...", a_inv.T, w)
+    else:  # weight (C_out, C_in, *k): W'_j = W_j A^-1
+        reparam[2].weight.data = torch.einsum("oi...,ij->oj...", w, a_inv)
+    mix = conv(c, c, 1, bias=False).double()
+    mix.weight.data = a.reshape(c, c, *([1] * (2 if two_d else 1))).clone()
     mix.weight.requires_grad_(False)
     reparam = nn.Sequential(reparam[0], reparam[1], mix, *list(reparam)[2:])
     return original, reparam
 
 
-@pytest.mark.parametrize("transpose", [False, True])
-def test_conv_channel_mode_is_invariant_to_channel_mixing(transpose):
+@pytest.mark.parametrize("kind", ["conv1d", "convT1d", "conv2d", "convT2d"])
+def test_conv_channel_mode_is_invariant_to_channel_mixing(kind):
     a = well_conditioned(4, 3)
-    original, reparam = conv_pair(transpose, a)
+    original, reparam = conv_pair(kind, a)
     g = torch.Generator().manual_seed(4)
-    x, y = torch.randn(64, 3, 8, generator=g, dtype=torch.float64), torch.randn(64, 2, generator=g, dtype=torch.float64)
-    fresh = torch.randn(32, 3, 8, generator=g, dtype=torch.float64)
+    shape = (3, 6, 6) if kind.endswith("2d") else (3, 8)
+    x, y = torch.randn(64, *shape, generator=g, dtype=torch.float64), torch.randn(64, 2, generator=g, dtype=torch.float64)
+    fresh = torch.randn(32, *shape, generator=g, dtype=torch.float64)
     assert torch.allclose(original(fresh), reparam(fresh), atol=1e-10)
     make = lambda m: DoPr(m, lr=0.1, base="sgd", damping=0.0, damping_eps=0.0, conv_mode="channel")
     one_step(original, make, x, y)
     one_step(reparam, make, x, y)
     assert (original(fresh) - reparam(fresh)).abs().max().item() < 1e-8
     # plain SGD is not invariant here
-    original, reparam = conv_pair(transpose, a)
+    original, reparam = conv_pair(kind, a)
     sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.1)
     one_step(original, sgd, x, y)
     one_step(reparam, sgd, x, y)
@@ -204,14 +212,16 @@ def test_our_muon_equals_torch_muon_on_matrices(adjust):
         assert torch.allclose(pa, pb, atol=1e-6)
 
 
-def test_muon_orthogonalizes_conv_weights_as_one_matrix():
-    conv = nn.Conv1d(4, 6, 3, bias=False)
+@pytest.mark.parametrize("two_d", [False, True])
+def test_muon_orthogonalizes_conv_weights_as_one_matrix(two_d):
+    """Conv1d (6, 4, 3) as a (6, 12) matrix, Conv2d (6, 4, 3, 3) as (6, 36), never per output channel."""
+    conv = nn.Conv2d(4, 6, 3, bias=False) if two_d else nn.Conv1d(4, 6, 3, bias=False)
     opt = DoPr(conv, lr=1.0, base="muon", ap=False, weight_decay=0.0, momentum=0.0, nesterov=False,
                adjust_lr="original", ns_steps=5)
     before = conv.weight.detach().clone()
-    conv(torch.randn(8, 4, 10)).pow(2).sum().backward()
+    conv(torch.randn(8, 4, 10, 10) if two_d else torch.randn(8, 4, 10)).pow(2).sum().backward()
     opt.step()
-    update = (before - conv.weight.detach()).reshape(6, 12)
+    update = (before - conv.weight.detach()).reshape(6, -1)
     # One orthogonalized (6 x 12) matrix has ~unit singular values; per-output-channel orthogonalization of
     # (4 x 3) slices would give 6 x 3 = 18 singular values spread differently, and its rows would not be
     # mutually orthogonal.
@@ -368,15 +378,19 @@ def make_layer(kind: str) -> nn.Module:
         return nn.Linear(12, 5).double()
     if kind == "conv":
         return nn.Conv1d(6, 4, 3, padding=1, stride=2).double()
+    if kind == "conv2d":  # a ResNet stem's shape: kernel 7, stride 2, padding 3
+        return nn.Conv2d(6, 4, 7, padding=3, stride=2).double()
+    if kind == "convT2d":
+        return nn.ConvTranspose2d(6, 4, 4, stride=2, padding=1).double()
     return nn.ConvTranspose1d(6, 4, 4, stride=2, padding=1).double()
 
 
 def layer_input(kind: str, batch: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    shape = (batch, 12) if kind == "linear" else (batch, 6, 5)
+    shape = {"linear": (batch, 12), "conv2d": (batch, 6, 3, 4), "convT2d": (batch, 6, 3, 4)}.get(kind, (batch, 6, 5))
     scale = torch.linspace(0.2, 3.0, shape[1], dtype=torch.float64)  # anisotropic inputs
     x = torch.randn(shape, generator=g, dtype=torch.float64)
-    x = x * (scale if kind == "linear" else scale[:, None])
+    x = x * scale.reshape(-1, *[1] * (len(shape) - 2))
     return x.requires_grad_()
 
 
@@ -391,17 +405,17 @@ def naive_ap(kind: str, layer: nn.Module, inputs: list[torch.Tensor]):
     ref = copy.deepcopy(layer)
     xs = [x.detach().clone().requires_grad_() for x in inputs]
     sum(layer_loss(ref, x, i) for i, x in enumerate(xs)).backward()
-    rows = torch.cat([x.detach() if kind == "linear" else x.detach().transpose(1, 2).reshape(-1, 6) for x in xs])
+    rows = torch.cat([x.detach() if kind == "linear" else x.detach().movedim(1, -1).reshape(-1, 6) for x in xs])
     s = rows.T @ rows / rows.shape[0]
     s_d = s + (GAMMA * s.trace() / s.shape[0] + 1e-8) * torch.eye(s.shape[0], dtype=s.dtype)
     s_inv = torch.linalg.inv(s_d)
     g = ref.weight.grad
     if kind == "linear":
         m = g @ s_inv
-    elif kind == "conv":  # (C_out, C_in, k): M_j = G_j S^-1
-        m = torch.einsum("oik,ij->ojk", g, s_inv)
-    else:  # (C_in, C_out, k): M[:, o, j] = S^-1 G[:, o, j]
-        m = torch.einsum("ij,jok->iok", s_inv, g)
+    elif kind.startswith("conv") and not kind.startswith("convT"):  # (C_out, C_in, *k): M_j = G_j S^-1
+        m = torch.einsum("oi...,ij->oj...", g, s_inv)
+    else:  # (C_in, C_out, *k): M[:, o, j] = S^-1 G[:, o, j]
+        m = torch.einsum("ij,jo...->io...", s_inv, g)
     return m, ref.bias.grad, [x.grad for x in xs], ref.weight.grad
 
 
@@ -420,7 +434,7 @@ def ap_step(kind: str, path: str, calls: int, pattern: str = "one_backward", **k
     return before_w - layer.weight.detach(), before_b - layer.bias.detach(), [x.grad for x in xs], opt, xs
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv", "convT"])
+@pytest.mark.parametrize("kind", ["linear", "conv", "convT", "conv2d", "convT2d"])
 @pytest.mark.parametrize("path", ["primal", "dual", "backward"])
 @pytest.mark.parametrize("calls, pattern", [(1, "one_backward"), (2, "one_backward"), (3, "accumulate")])
 def test_every_ap_path_gives_the_naive_solve(kind, path, calls, pattern):
@@ -533,12 +547,16 @@ def clip_model(kind):
     torch.manual_seed(0)
     if kind == "linear":
         return nn.Sequential(nn.Linear(40, 64), nn.Tanh(), nn.Linear(64, 3)).double()
+    if kind == "conv2d":  # ResNet-like: stride 2 with padding 1 and 3, no bias
+        return nn.Sequential(nn.Conv2d(40, 16, 3, padding=1, stride=2, bias=False), nn.Tanh(),
+                             nn.Conv2d(16, 8, 7, padding=3, stride=2, bias=False), nn.Tanh(),
+                             nn.ConvTranspose2d(8, 3, 4, stride=2, padding=1)).double()
     return nn.Sequential(nn.Conv1d(40, 16, 3, padding=1, stride=2), nn.Tanh(),
                          nn.ConvTranspose1d(16, 8, 4, stride=2, padding=1), nn.Tanh(), nn.Conv1d(8, 3, 5, padding=2)
                          ).double()
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv2d"])
 def test_clipping_sees_the_true_gradient_norm_on_the_backward_path(kind):
     from dopr_robot.optim import clip_grad_norm_
 
@@ -546,7 +564,7 @@ def test_clipping_sees_the_true_gradient_norm_on_the_backward_path(kind):
         model = clip_model(kind)
         model.load_state_dict(start)
         opt = DoPr(model, lr=1.0, base="sgd", damping=GAMMA, path=path)
-        shape = (8, 40) if kind == "linear" else (2, 40, 6)
+        shape = {"linear": (8, 40), "conv": (2, 40, 6), "conv2d": (2, 40, 5, 6)}[kind]
         x, y = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64), 3.0
         ((model(x) - y) ** 2).sum().backward()
         norm = clip(opt, model)
@@ -719,3 +737,47 @@ def test_layers_ap_cannot_handle_are_counted_and_warned_about():
         opt = DoPr(model, base="adam")
     assert opt.health()["ap_layers_unsupported"] == 3
     assert [layer.name for layer in opt.layers] == ["3"]
+
+
+def image_encoder():
+    """A ResNet-like encoder made of standard layers: a 3-channel stem (7x7, stride 2, padding 3, no bias),
+    GroupNorm, a 3x3 stride-2 conv, pooling and a Linear head."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 7, stride=2, padding=3, bias=False), nn.GroupNorm(2, 8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.GroupNorm(4, 16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+
+
+def test_conv2d_encoder_groups_under_dopr_muon():
+    """The stem (3 input channels) is an input layer: with matrix_layers hidden it gets AdamW, not Muon, and
+    keeps AP; GroupNorm gains/shifts and biases get AdamW; the hidden conv gets Muon after AP."""
+    model = image_encoder()
+    stem, hidden_conv, head = model[0], model[3], model[8]
+    opt = build_optimizer(model, OptimConfig(name="dopr-muon"), io_layers=[stem, head])
+    muon_ids = {id(p) for p in opt.param_groups[0]["params"]}
+    adam_ids = {id(p) for p in opt.param_groups[1]["params"]}
+    assert opt.param_groups[0]["update"] == "muon" and muon_ids == {id(hidden_conv.weight)}
+    norm_params = {id(p) for m in (model[1], model[4]) for p in m.parameters()}
+    assert norm_params | {id(stem.weight), id(head.weight), id(head.bias)} == adam_ids
+    assert {layer.name for layer in opt.layers} == {"0", "3", "8"}  # AP on every conv and the head
+    x = torch.rand(4, 3, 20, 20)
+    model(x).square().mean().backward()
+    before = stem.weight.detach().clone()
+    opt.step()
+    assert set(opt.last_paths) == {"0", "3", "8"} and not torch.equal(before, stem.weight)
+    assert opt.health()["ap_fallbacks"] == 0
+
+
+def test_auto_path_covers_conv2d_by_flop_count():
+    """A deep conv at low resolution (32 rows for 256 input channels) leaves primal; the stem (4096 rows for
+    3 channels) stays there."""
+    deep = nn.Conv2d(256, 64, 3, padding=1, bias=False)
+    opt = DoPr(deep, base="sgd")
+    deep(torch.randn(2, 256, 4, 4)).sum().backward()
+    opt.step()
+    assert opt.last_paths[""] == "backward"
+    stem = nn.Conv2d(3, 8, 7, stride=2, padding=3, bias=False)
+    opt = DoPr(stem, base="sgd")
+    stem(torch.randn(4, 3, 64, 64)).sum().backward()
+    opt.step()
+    assert opt.last_paths[""] == "primal"

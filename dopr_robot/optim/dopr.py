@@ -31,10 +31,13 @@ Gradient clipping must see ||G||, not ||M||: `clip_grad_norm_` measures a backwa
 ||D^T Z||_F^2 = <D D^T, Z Z^T> (for a conv summed over taps on the rows each tap pairs) and scales its M by the
 clip coefficient, which is exact because M is linear in D.
 
-Layers: Linear; Conv1d and ConvTranspose1d in "channel" mode (S over input channels, averaged over batch and
-positions, one S^{-1} for every kernel tap: M_j = G_j S_d^{-1}, the invariant form under channel-mixing maps)
-or, for Conv1d, "full" mode (S over unfolded patches of C_in * k, KFC-style). ConvTranspose1d weights are
-(C_in, C_out, k), so there M[:, o, j] = S_d^{-1} G[:, o, j]. All other parameters (biases, norm gains, ...) and
+Layers: Linear; Conv1d, Conv2d, ConvTranspose1d and ConvTranspose2d in "channel" mode (S over input channels,
+averaged over the batch and *every* input position, one S^{-1} for every kernel tap: M_j = G_j S_d^{-1}, the
+invariant form under channel-mixing maps; for a strided conv that includes positions the kernel never reads,
+e.g. the odd rows and columns a 1x1 stride-2 conv skips, which transforms as A S A^T all the same) or, for
+Conv1d only, "full" mode (S over unfolded patches of C_in * k, KFC-style; Conv2d stays in channel mode).
+Transposed conv weights are (C_in, C_out, *k), so there M[:, o, j] = S_d^{-1} G[:, o, j]. Grouped,
+non-zero-padded and padding='same' convs (and 3-d ones) get AdamW, with a warning and a count in health(). All other parameters (biases, norm gains, ...) and
 the weights of `adam_layers` get AdamW (torch's fused kernel where the device has one); with bias_augment a
 Linear (or full-mode Conv1d) bias is preconditioned jointly with its weight through a constant-1 input.
 
@@ -47,6 +50,7 @@ weight (reshaped to (C_out, C_in * k), never refused, never orthogonalized per o
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -59,6 +63,7 @@ from torch.optim.adamw import adamw as functional_adamw
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 PATHS = ("primal", "dual", "backward")
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)  # other convs: AdamW, warned
 
 
 # ---- the damped solve, three ways ------------------------------------------------------------------------
@@ -102,12 +107,18 @@ def ap_costs(n: int, d_in: int, r: int, backward: str | None = None, n_out: int 
     return costs
 
 
+def channels_last_rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, *spatial) -> (B * prod(spatial), C): one row per batch element and position."""
+    return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+
 @dataclass(eq=False)
 class _Layer:
     name: str
     module: nn.Module
     mode: str  # "linear" | "conv_channel" | "conv_full" | "convT_channel"
     augment: bool  # bias preconditioned jointly with the weight
+    _tap_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -136,13 +147,13 @@ class _Layer:
         if self.mode == "linear":
             rows = z.reshape(-1, z.shape[-1])
         else:
-            if z.dim() == 2:  # unbatched (C, L)
+            if z.dim() == self.weight.dim() - 1:  # unbatched (C, *spatial)
                 z = z.unsqueeze(0)
             if self.mode == "conv_full":
                 m = self.module
                 z = F.unfold(z.unsqueeze(2), kernel_size=(1, m.kernel_size[0]), dilation=(1, m.dilation[0]),
                              padding=(0, m.padding[0]), stride=(1, m.stride[0]))  # (B, C_in * k, L_out)
-            rows = z.transpose(1, 2).reshape(-1, z.shape[1])
+            rows = channels_last_rows(z)
         if self.augment:
             rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
         return rows
@@ -150,10 +161,10 @@ class _Layer:
     def grad_matrix(self, g_weight: torch.Tensor, g_bias: torch.Tensor | None, dtype) -> torch.Tensor:
         """G as the (r, d_in) matrix that AP multiplies by S_d^{-1} from the right."""
         g = g_weight.to(dtype)
-        if self.mode == "conv_channel":  # (C_out, C_in, k): every tap's G_j (C_out x C_in) stacked
-            return g.permute(0, 2, 1).reshape(-1, g.shape[1])
-        if self.mode == "convT_channel":  # (C_in, C_out, k): precondition along the input-channel axis
-            return g.permute(1, 2, 0).reshape(-1, g.shape[0])
+        if self.mode == "conv_channel":  # (C_out, C_in, *k): every tap's G_j (C_out x C_in) stacked
+            return g.movedim(1, -1).reshape(-1, g.shape[1])
+        if self.mode == "convT_channel":  # (C_in, C_out, *k): precondition along the input-channel axis
+            return g.movedim(0, -1).reshape(-1, g.shape[0])
         g = g.reshape(g.shape[0], -1)
         if self.augment:
             g = torch.cat([g, g_bias.to(dtype)[:, None]], dim=1)
@@ -163,9 +174,9 @@ class _Layer:
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
         shape = g_weight.shape
         if self.mode == "conv_channel":
-            m_w = m.reshape(shape[0], shape[2], shape[1]).permute(0, 2, 1)
+            m_w = m.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
         elif self.mode == "convT_channel":
-            m_w = m.reshape(shape[1], shape[2], shape[0]).permute(2, 0, 1)
+            m_w = m.reshape(shape[1], *shape[2:], shape[0]).movedim(-1, 0)
         else:
             if self.augment:
                 m, g_bias = m[:, :-1], m[:, -1].to(g_bias.dtype)
@@ -180,24 +191,31 @@ class _Layer:
             m.output_padding, 1, [input_grad, True, False])
         return grad_z, grad_w
 
-    def tap_pairs(self, batch: int, l_in: int, l_out: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per kernel tap j, the (input row, output row) pairs it connects (rows b * L + t), so that
-        G_j = sum over pairs of d_out z_in^T."""
+    def tap_pairs(self, batch: int, size_in: tuple, size_out: tuple, device) -> list[tuple[torch.Tensor, ...]]:
+        """Per kernel tap j, the (input row, output row) pairs it connects (rows in `channels_last_rows` order),
+        so that G_j = sum over pairs of d_out z_in^T. Worked out in Python from the shapes alone (no
+        data-dependent indexing, so no host synchronization) and cached per shape."""
+        key = (batch, tuple(size_in), tuple(size_out), str(device))
+        if key in self._tap_cache:
+            return self._tap_cache[key]
         m = self.module
-        (stride,), (padding,), (dilation,) = m.stride, m.padding, m.dilation
         pairs = []
-        for j in range(m.kernel_size[0]):
-            if self.mode == "convT_channel":  # input t feeds output t * stride + j * dilation - padding
-                t_in = torch.arange(l_in, device=device)
-                t_out = t_in * stride + j * dilation - padding
-                ok = (t_out >= 0) & (t_out < l_out)
-            else:  # output t reads input t * stride + j * dilation - padding
-                t_out = torch.arange(l_out, device=device)
-                t_in = t_out * stride + j * dilation - padding
-                ok = (t_in >= 0) & (t_in < l_in)
-            t_in, t_out = t_in[ok], t_out[ok]
+        for tap in itertools.product(*(range(k) for k in m.kernel_size)):
+            flat_in, flat_out = [0], [0]  # flat spatial indices, built one dimension at a time
+            for dim, j in enumerate(tap):
+                stride, padding, dilation = m.stride[dim], m.padding[dim], m.dilation[dim]
+                if self.mode == "convT_channel":  # input t feeds output t * stride + j * dilation - padding
+                    ok = [(t, t * stride + j * dilation - padding) for t in range(size_in[dim])]
+                else:  # output t reads input t * stride + j * dilation - padding
+                    ok = [(t * stride + j * dilation - padding, t) for t in range(size_out[dim])]
+                ok = [(t_in, t_out) for t_in, t_out in ok if 0 <= t_in < size_in[dim] and 0 <= t_out < size_out[dim]]
+                flat_in = [f * size_in[dim] + t_in for f in flat_in for t_in, _ in ok]
+                flat_out = [f * size_out[dim] + t_out for f in flat_out for _, t_out in ok]
             b = torch.arange(batch, device=device)[:, None]
-            pairs.append(((b * l_in + t_in).reshape(-1), (b * l_out + t_out).reshape(-1)))
+            rows_in = b * math.prod(size_in) + torch.tensor(flat_in, dtype=torch.long, device=device)
+            rows_out = b * math.prod(size_out) + torch.tensor(flat_out, dtype=torch.long, device=device)
+            pairs.append((rows_in.reshape(-1), rows_out.reshape(-1)))
+        self._tap_cache[key] = pairs
         return pairs
 
     def as_matrix(self, t: torch.Tensor) -> torch.Tensor:
@@ -355,19 +373,20 @@ class DoPr(torch.optim.Optimizer):
         cover)."""
         layers, unsupported = [], []
         for name, m in model.named_modules():
-            if not isinstance(m, (nn.Linear, nn.Conv1d, nn.ConvTranspose1d)) or not m.weight.requires_grad:
+            if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or not m.weight.requires_grad:
                 continue
             if any(pattern in name for pattern in exclude):
                 continue
             if isinstance(m, nn.Linear):
                 mode = "linear"
-            elif m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+            elif not isinstance(m, CONV_TYPES) or m.groups != 1 or m.padding_mode != "zeros" \
+                    or isinstance(m.padding, str):
                 unsupported.append(name)  # grouped / non-zero-padded / 'same' convs: AdamW, counted and warned
                 continue
-            elif isinstance(m, nn.ConvTranspose1d):
+            elif isinstance(m, nn.modules.conv._ConvTransposeNd):
                 mode = "convT_channel"
             else:
-                mode = "conv_full" if conv_mode == "full" else "conv_channel"
+                mode = "conv_full" if conv_mode == "full" and isinstance(m, nn.Conv1d) else "conv_channel"
             has_bias = m.bias is not None and m.bias.requires_grad
             if bias_augment and has_bias and mode in ("conv_channel", "convT_channel"):
                 raise ValueError(f"bias_augment is not defined for channel-mode conv layer {name!r} (one S is "
@@ -415,8 +434,8 @@ class DoPr(torch.optim.Optimizer):
             n_out = d_out = None
             if layer.mode == "linear":
                 n_out, d_out = rows.shape[0], output.shape[-1]
-            elif z.dim() == 3:  # batched conv input
-                n_out, d_out = output.shape[0] * output.shape[2], output.shape[1]
+            elif z.dim() == layer.weight.dim():  # batched conv input (B, C, *spatial)
+                n_out, d_out = output.numel() // output.shape[1], output.shape[1]
             pending = self._pending[layer] = _Pending(self.choose_path(layer, rows.shape[0], n_out, d_out))
             if pending.path == "backward":
                 pending.inputs.append(rows)
@@ -463,8 +482,8 @@ class DoPr(torch.optim.Optimizer):
             grad_b = d_rows.sum(0).to(d.dtype)
             grad_z = (d @ weight.to(d.dtype)) if input_grad else None
         else:
-            d_rows = d.transpose(1, 2).reshape(-1, d.shape[1]).to(rows.dtype)
-            grad_b = d.sum((0, 2))
+            d_rows = channels_last_rows(d).to(rows.dtype)
+            grad_b = d.sum([i for i in range(d.dim()) if i != 1])
         active = pending is not None and pending.path == "backward" and pending.applied is None
         zw_rows = None
         if active:
@@ -484,8 +503,7 @@ class DoPr(torch.optim.Optimizer):
             return grad_z, (left.T @ right).to(weight.dtype), grad_b
         zw = z
         if zw_rows is not None:
-            batch, channels, length = z.shape
-            zw = zw_rows.reshape(batch, length, channels).transpose(1, 2).to(z.dtype).contiguous()
+            zw = zw_rows.reshape(z.shape[0], *z.shape[2:], z.shape[1]).movedim(-1, 1).to(z.dtype).contiguous()
         grad_z, grad_w = layer.conv_weight_grad(zw, d, input_grad)
         if active:
             pending.applied = (z.detach(), d.detach(), zw)
@@ -602,10 +620,10 @@ class DoPr(torch.optim.Optimizer):
                 out[layer.weight] = ((d @ d.T) * gram).sum()
                 continue
             z, d, _ = pending.applied
-            d_rows = d.transpose(1, 2).reshape(-1, d.shape[1]).to(gram.dtype)
+            d_rows = channels_last_rows(d).to(gram.dtype)
             dd = d_rows @ d_rows.T
             total = gram.new_zeros(())
-            for rows_in, rows_out in layer.tap_pairs(z.shape[0], z.shape[2], d.shape[2], gram.device):
+            for rows_in, rows_out in layer.tap_pairs(z.shape[0], z.shape[2:], d.shape[2:], gram.device):
                 total += (gram[rows_in][:, rows_in] * dd[rows_out][:, rows_out]).sum()
             out[layer.weight] = total
         return out
