@@ -46,7 +46,8 @@ def train_cmd(
     config: Optional[Path] = typer.Option(None, help="YAML config (default: the built-in Lift quickstart config)"),
     dataset: Optional[Path] = typer.Option(None, help="robomimic .hdf5, ReplayBuffer .zarr, minari:DATASET_ID or a "
                                                       "Minari dataset directory (overrides data.path)"),
-    optim: Optional[str] = typer.Option(None, help="adam | muon | dopr (DoPr over Adam) | dopr-muon"),
+    optim: Optional[str] = typer.Option(None, help="adam | muon | signum | dopr (DoPr over Adam) | dopr-muon | "
+                                        "dopr-signum"),
     policy: Optional[str] = typer.Option(None, help="diffusion | flow"),
     steps: Optional[int] = typer.Option(None, help="training steps (train.steps)"),
     seed: Optional[int] = typer.Option(None, help="training seed (train.seed)"),

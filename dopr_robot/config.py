@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from dopr_robot.errors import UserError
-from dopr_robot.optim.config import OptimConfig
+from dopr_robot.optim.config import AP_OPTIMIZERS, OPTIMIZERS, OptimConfig
 
 DEFAULT_OBS_KEYS = ["object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"]
 
@@ -137,7 +137,7 @@ CHOICES = {
     "policy.diffusion.prediction_type": ("epsilon", "sample"),
     "policy.flow.integrator": ("euler", "midpoint"),
     "policy.flow.time_distribution": ("uniform", "beta"),
-    "optim.name": ("adam", "muon", "dopr", "dopr-muon"),
+    "optim.name": OPTIMIZERS,
     "optim.adjust_lr": ("match_rms_adamw", "original"),
     "optim.ap.damping_form": ("mean", "trace"),
     "optim.ap.conv_mode": ("channel", "full"),
@@ -248,7 +248,7 @@ def validate(config: Config) -> None:
         if d.horizon % (2 ** (len(config.policy.unet.down_dims) - 1)):
             raise UserError("data.horizon must be divisible by 2^(len(policy.unet.down_dims) - 1) for the UNet")
     ap = config.optim.ap
-    if ap.bias_augment and config.policy.backbone == "unet" and config.optim.name in ("dopr", "dopr-muon") \
+    if ap.bias_augment and config.policy.backbone == "unet" and config.optim.name in AP_OPTIMIZERS \
             and (ap.conv_mode == "channel" or len(config.policy.unet.down_dims) > 1):
         raise UserError("optim.ap.bias_augment is defined for Linear layers and full-mode Conv1d only: channel "
                         "mode (always the case for the UNet's ConvTranspose1d upsampling) shares one S across "

@@ -102,7 +102,8 @@ def test_conv_channel_mode_is_invariant_to_channel_mixing(kind):
     original, reparam = conv_pair(kind, a)
     g = torch.Generator().manual_seed(4)
     shape = (3, 6, 6) if kind.endswith("2d") else (3, 8)
-    x, y = torch.randn(64, *shape, generator=g, dtype=torch.float64), torch.randn(64, 2, generator=g, dtype=torch.float64)
+    x = torch.randn(64, *shape, generator=g, dtype=torch.float64)
+    y = torch.randn(64, 2, generator=g, dtype=torch.float64)
     fresh = torch.randn(32, *shape, generator=g, dtype=torch.float64)
     assert torch.allclose(original(fresh), reparam(fresh), atol=1e-10)
     make = lambda m: DoPr(m, lr=0.1, base="sgd", damping=0.0, damping_eps=0.0, conv_mode="channel")
@@ -781,3 +782,58 @@ def test_auto_path_covers_conv2d_by_flop_count():
     stem(torch.randn(4, 3, 64, 64)).sum().backward()
     opt.step()
     assert opt.last_paths[""] == "primal"
+
+
+# ---- Signum and DoPr-Signum ---------------------------------------------------------------------------------
+def test_signum_step_by_hand():
+    """m <- beta m + (1 - beta) g; W <- W (1 - lr wd) - lr sign(m), two steps, beside AdamW on the bias."""
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 2).double()
+    bias_ref = copy.deepcopy(layer.bias)
+    lr, wd, beta = 0.1, 0.5, 0.9
+    opt = DoPr(layer, lr=lr, base="signum", ap=False, weight_decay=wd, momentum=beta)
+    adam = torch.optim.AdamW([bias_ref], lr=lr, weight_decay=wd, foreach=False)
+    w = layer.weight.detach().clone()
+    m = torch.zeros_like(w)
+    for x in (torch.tensor([[1.0, -2.0, 0.5]]), torch.tensor([[-3.0, 1.0, 0.25]])):
+        opt.zero_grad()
+        adam.zero_grad()
+        (layer(x.double()) * torch.tensor([[1.0, -1.0]], dtype=torch.float64)).sum().backward()
+        g = layer.weight.grad.clone()
+        bias_ref.grad = layer.bias.grad.clone()
+        opt.step()
+        adam.step()
+        m = beta * m + (1 - beta) * g
+        w = w * (1 - lr * wd) - lr * torch.sign(m)
+        assert torch.allclose(layer.weight, w, atol=1e-12)
+        assert torch.allclose(layer.bias, bias_ref, atol=1e-12)  # not a matrix: AdamW
+    assert opt.param_groups[0]["update"] == "signum" and opt.param_groups[1]["update"] == "adam"
+
+
+def test_dopr_signum_takes_the_sign_of_the_ap_gradient_momentum():
+    """AP composes with Signum as with the other bases: the momentum is of M = G S_d^-1, not of G."""
+    layer = make_layer("linear")
+    before = layer.weight.detach().clone()
+    opt = DoPr(layer, lr=0.01, base="signum", damping=GAMMA, momentum=0.0, path="primal")
+    x = layer_input("linear", 6, 0)
+    layer_loss(layer, x, 0).backward()
+    g = layer.weight.grad.clone()
+    opt.step()
+    z = x.detach()
+    s = z.T @ z / 6
+    m = g @ torch.linalg.inv(s + (GAMMA * s.trace() / 12 + 1e-8) * torch.eye(12, dtype=torch.float64))
+    assert torch.equal((before - layer.weight.detach()).sign(), m.sign())
+    assert not torch.equal(m.sign(), g.sign())  # so the test tells AP-then-sign from sign alone
+
+
+def test_build_optimizer_signum_names():
+    from dopr_robot.config import load_config
+
+    model = small_model()
+    for name, ap in (("signum", False), ("dopr-signum", True)):
+        cfg = load_config(None, [f"optim.name={name}"]).optim
+        opt = build_optimizer(model, cfg, io_layers=[model[0]])
+        assert isinstance(opt, DoPr) and opt.ap is ap
+        assert opt.param_groups[0]["update"] == "signum" and opt.param_groups[1]["update"] == "adam"
+        assert len(opt.param_groups[0]["params"]) == 2  # the input layer (io) gets AdamW, as under muon
+        opt.remove_hooks()

@@ -22,14 +22,18 @@ class APConfig:
     path: str = "auto"
 
 
+OPTIMIZERS = ("adam", "muon", "signum", "dopr", "dopr-muon", "dopr-signum")  # "dopr*": AP, then the base
+AP_OPTIMIZERS = ("dopr", "dopr-muon", "dopr-signum")
+
+
 @dataclass
 class OptimConfig:
-    name: str = "adam"  # adam | muon | dopr (DoPr over Adam) | dopr-muon
+    name: str = "adam"  # one of OPTIMIZERS; dopr = DoPr over Adam
     lr: float = 1e-3  # the quickstart value (small MLP); diffusion_policy uses 1e-4 for its UNet
     weight_decay: float = 1e-6
     betas: tuple[float, float] = (0.95, 0.999)
     eps: float = 1e-8
-    momentum: float = 0.95  # Muon's (Nesterov) momentum
+    momentum: float = 0.95  # Muon's (Nesterov) momentum; Signum's beta (plain EMA of the gradient)
     nesterov: bool = True
     ns_steps: int = 5
     adjust_lr: str = "match_rms_adamw"  # Muon's lr scale: match_rms_adamw | original

@@ -1,5 +1,5 @@
 r"""DoPr: double preconditioning = activation-wise preconditioning (AP) composed with a gradient
-preconditioner (GP: AdamW or Muon). Zhang, Shah, Zhang, Zhang, Matni, Simchowitz, arXiv 2606.06418 (2026).
+preconditioner (GP: AdamW, Muon or Signum). Zhang, Shah, Zhang, Zhang, Matni, Simchowitz, arXiv 2606.06418 (2026).
 
 For a weight W (d_out x d_in) of a layer that sees inputs z (rows of Z, n x d_in), output gradient D (n x d_out)
 and weight gradient G = D^T Z:
@@ -9,7 +9,8 @@ and weight gradient G = D^T Z:
     M   = G S_d^{-1}                             the AP gradient (10x damping if the factorization fails,
                                                  then M = G; both counted)
     W  <- GP(M)                                  AdamW moments of M, or Muon: Nesterov momentum on M,
-                                                 Newton-Schulz orthogonalization, shape-dependent lr scale
+                                                 Newton-Schulz orthogonalization, shape-dependent lr scale,
+                                                 or Signum: m <- beta m + (1 - beta) M, W <- W - lr sign(m)
 
 Why: with z' = A z and W' = W A^{-1} (the same network), G' = G A^T and S' = A S A^T, so M' = M A^{-1} and an
 AP-SGD step moves the network function identically in both parametrizations.
@@ -37,15 +38,17 @@ invariant form under channel-mixing maps; for a strided conv that includes posit
 e.g. the odd rows and columns a 1x1 stride-2 conv skips, which transforms as A S A^T all the same) or, for
 Conv1d only, "full" mode (S over unfolded patches of C_in * k, KFC-style; Conv2d stays in channel mode).
 Transposed conv weights are (C_in, C_out, *k), so there M[:, o, j] = S_d^{-1} G[:, o, j]. Grouped,
-non-zero-padded and padding='same' convs (and 3-d ones) get AdamW, with a warning and a count in health(). All other parameters (biases, norm gains, ...) and
-the weights of `adam_layers` get AdamW (torch's fused kernel where the device has one); with bias_augment a
-Linear (or full-mode Conv1d) bias is preconditioned jointly with its weight through a constant-1 input.
+non-zero-padded and padding='same' convs (and 3-d ones) get AdamW, with a warning and a count in health().
+All other parameters (biases, norm gains, ...) and the weights of `adam_layers` get AdamW (torch's fused
+kernel where the device has one); with bias_augment a Linear (or full-mode Conv1d) bias is preconditioned
+jointly with its weight through a constant-1 input.
 
 Statistics come from forward hooks, only in training mode with grad enabled; several calls before one step
 accumulate weighted by rows; under torch.distributed they are all-reduced before the solve. A non-finite
 statistic is skipped (counted) and never enters the running average; a failed factorization is retried only
-at the next refresh. With ap=False, base="adam" is AdamW and base="muon" is Muon for every matrix and conv
-weight (reshaped to (C_out, C_in * k), never refused, never orthogonalized per output channel).
+at the next refresh. With ap=False, base="adam" is AdamW, base="muon" is Muon for every matrix and conv
+weight (reshaped to (C_out, C_in * k), never refused, never orthogonalized per output channel) and
+base="signum" is Signum (all with decoupled weight decay).
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ from torch.optim.adamw import adamw as functional_adamw
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 PATHS = ("primal", "dual", "backward")
+BASES = ("adam", "muon", "signum", "sgd")
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)  # other convs: AdamW, warned
 
 
@@ -312,7 +316,8 @@ def _distributed() -> bool:
 
 
 class DoPr(torch.optim.Optimizer):
-    """DoPr over AdamW (`base="adam"`), Muon (`base="muon"`) or plain SGD (`base="sgd"`, for testing AP).
+    """DoPr over AdamW (`base="adam"`), Muon (`base="muon"`), Signum (`base="signum"`; its beta is `momentum`)
+    or plain SGD (`base="sgd"`, for testing AP).
 
     Create it after any EMA / deep copies of `model` and call `step()` after `backward()` as usual; clip with
     `clip_grad_norm_` (this class's method or `dopr_robot.optim.clip_grad_norm_`), not torch's, because a
@@ -329,8 +334,8 @@ class DoPr(torch.optim.Optimizer):
                  eps: float = 1e-8, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
                  adjust_lr: str = "match_rms_adamw", exclude: tuple[str, ...] = (), stats_from: str = "batch",
                  adam_layers=(), path: str = "auto", fused: bool | None = None):
-        if base not in ("adam", "muon", "sgd"):
-            raise ValueError(f"base must be adam, muon or sgd; got {base!r}")
+        if base not in BASES:
+            raise ValueError(f"base must be one of {', '.join(BASES)}; got {base!r}")
         if damping_form not in ("mean", "trace") or conv_mode not in ("channel", "full"):
             raise ValueError("damping_form must be mean|trace and conv_mode channel|full")
         if adjust_lr not in ("match_rms_adamw", "original"):
@@ -679,6 +684,8 @@ class DoPr(torch.optim.Optimizer):
             for p, g in zip(params, grads):
                 if group["update"] == "muon":
                     self._muon(p, g, self.state[p], group, layer_of[p])
+                elif group["update"] == "signum":
+                    self._signum(p, g, self.state[p], group)
                 else:
                     if group["weight_decay"]:
                         p.mul_(1 - group["lr"] * group["weight_decay"])
@@ -707,6 +714,16 @@ class DoPr(torch.optim.Optimizer):
                          [s["step"] for s in states], foreach=False if not fused else None, fused=fused or None,
                          amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
                          weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+
+    @staticmethod
+    def _signum(p, g, state, group) -> None:
+        """Signum (Bernstein et al. 2018): m <- beta m + (1 - beta) g, p <- p (1 - lr wd) - lr sign(m)."""
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        buf = state["momentum_buffer"]
+        buf.lerp_(g, 1 - group["momentum"])
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(buf.sign(), alpha=-group["lr"])
 
     @staticmethod
     def _muon(p, g, state, group, layer: _Layer) -> None:
