@@ -610,7 +610,7 @@ def test_failed_factorization_waits_for_the_next_refresh():
     opt = DoPr(model, lr=1e-2, base="adam", damping=0.0, damping_eps=0.0, refresh_every=3)
     calls = []
     original = torch.linalg.cholesky_ex
-    torch.linalg.cholesky_ex = lambda a: calls.append(a.shape[0]) or original(a)
+    torch.linalg.cholesky_ex = lambda a: calls.append(a.shape[-1]) or original(a)
     try:
         for _ in range(6):
             x = torch.randn(32, 4)
@@ -837,3 +837,123 @@ def test_build_optimizer_signum_names():
         assert opt.param_groups[0]["update"] == "signum" and opt.param_groups[1]["update"] == "adam"
         assert len(opt.param_groups[0]["params"]) == 2  # the input layer (io) gets AdamW, as under muon
         opt.remove_hooks()
+
+
+# ---- the step without host synchronization: same parameters as the spec's float64 step ---------------------
+class MixedNet(nn.Module):
+    """One layer of every kind AP handles: Conv2d (stride 2, padding 1, no bias), Conv1d, ConvTranspose1d, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv2d = nn.Conv2d(3, 6, 3, stride=2, padding=1, bias=False)
+        self.conv1d = nn.Conv1d(6, 8, 3, padding=1)
+        self.conv_t = nn.ConvTranspose1d(8, 4, 4, stride=2, padding=1)
+        self.linear = nn.Linear(24, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv2d(x)).mean(2)  # (B, 6, 3)
+        h = torch.tanh(self.conv_t(torch.tanh(self.conv1d(h))))  # (B, 4, 6)
+        return self.linear(h.flatten(1))
+
+
+def mixed_batches(kind: str, dtype=torch.float64):
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(4, 3, 6, 6, generator=g, dtype=dtype) for _ in range(3)]
+    if kind == "non_finite":  # a finite input whose second moment overflows: S is inf, G is finite
+        xs[1][0, 0, 0, 0] = 10 * torch.finfo(dtype).max ** 0.5
+    if kind == "singular":
+        for x in xs:
+            x[:, 1] = 0.0  # the stem's S has a zero row: undamped Cholesky fails at 1x and 10x
+    return [(x, torch.randn(4, 2, generator=g, dtype=dtype)) for x in xs]
+
+
+def reference_dopr_adam(model, batches, gamma, eps, path, lr, wd):
+    """DoPr-Adam as the spec states it, in float64, with host-side control flow: per-batch channel S, damping
+    gamma tr(S)/d + eps, Cholesky retried at 10x, else M = G; a non-finite S is skipped (the primal path keeps
+    the last inverse, dual and backward use M = G)."""
+    model = copy.deepcopy(model)
+    layers = [model.conv2d, model.conv1d, model.conv_t, model.linear]
+    adam = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd, foreach=False)
+    inputs, last_inverse = {}, {}
+    for m in layers:
+        m.register_forward_hook(lambda module, args, out: inputs.__setitem__(module, args[0].detach()))
+    for x, y in batches:
+        adam.zero_grad()
+        (model(x) * y).sum().backward()  # linear in the output: an overflowing input leaves G finite
+        for m in layers:
+            z = inputs[m]
+            rows = z if isinstance(m, nn.Linear) else z.movedim(1, -1).reshape(-1, z.shape[1])
+            s = rows.T @ rows / rows.shape[0]
+            inverse = last_inverse.get(m) if path == "primal" else None
+            if torch.isfinite(s).all():
+                inverse = None
+                lam = gamma * s.trace() / s.shape[0] + eps
+                for attempt in (lam, 10 * lam):
+                    factor, info = torch.linalg.cholesky_ex(s + attempt * torch.eye(s.shape[0], dtype=s.dtype))
+                    if info.item() == 0:
+                        inverse = torch.cholesky_inverse(factor)
+                        break
+                last_inverse[m] = inverse
+            if inverse is not None and isinstance(m, nn.ConvTranspose1d):
+                m.weight.grad = torch.einsum("ij,jo...->io...", inverse, m.weight.grad)
+            elif inverse is not None:
+                m.weight.grad = torch.einsum("oi...,ij->oj...", m.weight.grad, inverse)
+        adam.step()
+    return model
+
+
+@pytest.mark.parametrize("kind, path", [("clean", "auto"), ("clean", "primal"), ("clean", "dual"),
+                                        ("clean", "backward"), ("non_finite", "primal"), ("non_finite", "dual"),
+                                        ("non_finite", "backward"), ("singular", "auto")])
+def test_step_matches_a_float64_reference_on_every_layer_kind(kind, path):
+    """The device-side step (no .item(), masked fallbacks, batched factorizations) against the spec's step
+    with Python control flow, on Linear, Conv1d, ConvTranspose1d and Conv2d: clean batches on every path, a
+    batch whose S overflows (skipped, counted), and singular statistics at zero damping (factorization fails
+    at 1x and 10x, M = G, counted)."""
+    gamma, eps = (0.0, 0.0) if kind == "singular" else (0.1, 1e-8)
+    model = MixedNet().double()
+    reference = reference_dopr_adam(model, mixed_batches(kind), gamma, eps, path, lr=1e-2, wd=0.1)
+    opt = DoPr(model, lr=1e-2, base="adam", damping=gamma, damping_eps=eps, path=path, weight_decay=0.1,
+               betas=(0.9, 0.999))
+    for x, y in mixed_batches(kind):
+        opt.zero_grad()
+        (model(x) * y).sum().backward()
+        opt.step()
+        assert set(opt.last_paths.values()) == ({"primal"} if kind == "singular" or path == "primal" else
+                                                {path} if path != "auto" else {"primal", "backward"})
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(p, q, rtol=1e-9, atol=1e-12), name
+    health = opt.health()
+    assert health["ap_skipped_stats"] == (1 if kind == "non_finite" else 0)  # the stem, once
+    # singular: the stem (a zero channel) and the Linear (4 rows for 24 inputs), at each of 3 steps
+    assert health["ap_fallbacks"] == (6 if kind == "singular" else 0)
+
+
+def test_a_training_step_never_synchronizes_with_the_host():
+    """No .item() / bool(tensor) / data-dependent shape anywhere in forward, backward, clipping and step: every
+    host synchronization goes through aten._local_scalar_dense (CPU included), and none is dispatched. Fails
+    on the step that read the damping, Cholesky's info and the finiteness check with .item() (8 per step)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dopr_robot.optim import clip_grad_norm_
+
+    class CountSyncs(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountSyncs.count += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    for path in ("auto", "primal", "dual", "backward"):
+        for base in ("adam", "muon", "signum"):
+            model = MixedNet()
+            opt = DoPr(model, base=base, path=path, damping=0.1)
+            for x, y in mixed_batches("clean", torch.float32):  # (fallbacks are masks: the same ops run)
+                with CountSyncs():
+                    opt.zero_grad()
+                    (model(x) * y).sum().backward()
+                    clip_grad_norm_(opt, model.parameters(), 1.0)
+                    opt.step()
+            assert CountSyncs.count == 0, (path, base)
+            assert path == "auto" or set(opt.last_paths.values()) == {path}

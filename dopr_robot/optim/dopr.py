@@ -15,12 +15,13 @@ and weight gradient G = D^T Z:
 Why: with z' = A z and W' = W A^{-1} (the same network), G' = G A^T and S' = A S A^T, so M' = M A^{-1} and an
 AP-SGD step moves the network function identically in both parametrizations.
 
-Three exact ways to compute the same M (chosen per layer and step by flop count in `ap_costs`/`choose_path`;
+Three exact ways to compute the same M (chosen by flop count in `ap_costs`/`choose_path`, once per layer shape;
 on a GPU, conv layers always take primal, see `choose_path`):
 
     primal    M = G S_d^{-1}: Cholesky of S_d, cholesky_inverse, one GEMM.
     dual      Woodbury, with c = n lambda and K = Z Z^T + c I (n x n):  S_d^{-1} = n (I - Z^T K^{-1} Z) / c, so
               M = (n / c) (G - (G Z^T) K^{-1} Z). Cheaper when a layer sees fewer rows than it has inputs.
+              In float64: G - (G Z^T) K^{-1} Z cancels ~1/gamma of the digits (1e-2 error in float32 at 0.01).
     backward  M = D^T Zw with the whitened input Zw = Z S_d^{-1} = n K^{-1} Z (push-through identity), or
               M = n (K^{-1} D)^T Z for a Linear with d_out < d_in, computed inside backward: the layer's weight
               gradient *is* M and G is never formed. For a conv in channel mode every tap reads shifted rows
@@ -46,7 +47,15 @@ jointly with its weight through a constant-1 input.
 Statistics come from forward hooks, only in training mode with grad enabled; several calls before one step
 accumulate weighted by rows; under torch.distributed they are all-reduced before the solve. A non-finite
 statistic is skipped (counted) and never enters the running average; a failed factorization is retried only
-at the next refresh. With ap=False, base="adam" is AdamW, base="muon" is Muon for every matrix and conv
+at the next refresh.
+
+step() never synchronizes with the host (no .item(), no data-dependent branch or shape), so a GPU's queue never
+stalls on it: lambda stays a device tensor; both Cholesky attempts (1x and 10x damping) always run, batched over
+the layers whose matrices have equal size, and torch.where picks the first that succeeded, else the identity
+(M = G); a non-finite statistic is masked out of the average; the counters are device tensors read only by
+health(). The backward path factors all its layers at the first backward of a step (Z is known by then).
+
+With ap=False, base="adam" is AdamW, base="muon" is Muon for every matrix and conv
 weight (reshaped to (C_out, C_in * k), never refused, never orthogonalized per output channel) and
 base="signum" is Signum (all with decoupled weight decay).
 """
@@ -71,23 +80,34 @@ CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)  # o
 
 
 # ---- the damped solve, three ways ------------------------------------------------------------------------
-def damping(trace: torch.Tensor, d: int, gamma: float, form: str, eps: float) -> float:
-    """lambda of S_d = S + lambda I from tr(S) (a Python float; non-finite when S is)."""
-    return (gamma * (trace / d if form == "mean" else trace) + eps).item()
+def damping(trace: torch.Tensor, d: int, gamma: float, form: str, eps: float) -> torch.Tensor:
+    """lambda of S_d = S + lambda I from tr(S), as a tensor on S's device (non-finite when S is)."""
+    return gamma * (trace / d if form == "mean" else trace) + eps
 
 
-def damped_inverse(matrix: torch.Tensor, lam: float) -> tuple[torch.Tensor | None, float, int]:
-    """(matrix + lam I)^{-1} via Cholesky, retrying once with 10x damping: (inverse or None, lam used, retries)."""
-    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-    for attempt in range(2 if math.isfinite(lam) else 0):
-        factor, info = torch.linalg.cholesky_ex(matrix + lam * eye)
-        if info.item() == 0:
-            return torch.cholesky_inverse(factor), lam, attempt
-        lam *= 10
-    return None, lam, 0
+def damped_inverses(matrices: torch.Tensor, lam: torch.Tensor, usable: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A_b + lam_b I)^{-1} for a batch of equal-size symmetric matrices (B, m, m), by Cholesky, in one batched
+    call per attempt and without reading anything back to the host: where the factorization fails it is
+    redone at 10 lam (both attempts always run: choosing needs no synchronization), and where that fails too,
+    lam is not finite or `usable` is False, the result is the identity, i.e. M = G. Returns (inverses,
+    ok (B,) bool: a real inverse, retried (B,) bool: ok only at 10x)."""
+    eye = torch.eye(matrices.shape[-1], dtype=matrices.dtype, device=matrices.device)
+    finite = torch.isfinite(lam)
+    if usable is not None:
+        finite = finite & usable
+    lam = torch.where(finite, lam, 1.0)[:, None, None]
+    matrices = torch.where(finite[:, None, None], matrices, eye)  # keep NaN / inf away from LAPACK
+    factor, info = torch.linalg.cholesky_ex(matrices + lam * eye)
+    retry, retry_info = torch.linalg.cholesky_ex(matrices + 10 * lam * eye)
+    first, second = info == 0, retry_info == 0
+    ok = finite & (first | second)
+    factor = torch.where(first[:, None, None], factor, retry)
+    factor = torch.where(ok[:, None, None], factor, eye)  # the identity's factor is the identity
+    return torch.cholesky_inverse(factor), ok, ok & ~first
 
 
-def dual_precondition(g: torch.Tensor, z: torch.Tensor, k_inverse: torch.Tensor, c: float) -> torch.Tensor:
+def dual_precondition(g: torch.Tensor, z: torch.Tensor, k_inverse: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """G S_d^{-1} = (n / c) (G - (G Z^T) K^{-1} Z), K^{-1} = (Z Z^T + c I)^{-1} (Woodbury)."""
     n = z.shape[0]
     return (g - ((g @ z.T) @ k_inverse) @ z).mul_(n / c)
@@ -245,6 +265,7 @@ class _Pending:
     inputs: list = field(default_factory=list)
     applied: tuple | None = None  # backward path, after its backward: what M was made of (see _backward_ap)
     gram: torch.Tensor | None = None  # Z Z^T of the backward path (for ||G||)
+    whiten: torch.Tensor | None = None  # backward path: n K^{-1} (the identity after a failure: M = G)
 
 
 class _BackwardAP(torch.autograd.Function):
@@ -311,6 +332,24 @@ def fused_adamw_supported(params) -> bool:
     return all(p.device.type in devices and p.is_floating_point() for p in params)
 
 
+def _grouped(items: list, key) -> list[list]:
+    """items in lists of equal key (first-seen order): what one batched factorization can take."""
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return list(groups.values())
+
+
+def _count(state: dict, **events: torch.Tensor) -> None:
+    """Add this step's events (bool tensors: skipped, fallback, retried) to the layer's counters
+    ap_skipped_stats, ap_fallbacks, ap_retries, kept as tensors on the device and read only by health()."""
+    for name, event in events.items():
+        key = {"skipped": "ap_skipped_stats", "fallback": "ap_fallbacks", "retried": "ap_retries"}[name]
+        if key not in state:
+            state[key] = torch.zeros((), dtype=torch.float32, device=event.device)
+        state[key].add_(event)
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -368,6 +407,8 @@ class DoPr(torch.optim.Optimizer):
         self.steps = 0
         self._pending: dict[_Layer, _Pending] = {}
         self.last_paths: dict[str, str] = {}  # layer name -> path of the last step (health, tests, benchmarks)
+        self._path_cache: dict[tuple, str] = {}
+        self._layer_of = {layer.weight: layer for layer in self.layers}
         self._hooks = [layer.module.register_forward_hook(_StatsHook(self, layer)) for layer in self.layers] \
             if ap else []
 
@@ -407,7 +448,15 @@ class DoPr(torch.optim.Optimizer):
 
     def choose_path(self, layer: _Layer, n: int, n_out: int | None = None, d_out: int | None = None) -> str:
         """The cheapest exact path for this layer and step (or the forced one where it is exact); `n_out`
-        (rows of D) is given only when the backward path is possible (first call of a step)."""
+        (rows of D) is given only when the backward path is possible (first call of a step). Worked out once
+        per layer shape and setting, then looked up."""
+        key = (layer.mode, layer.d_in, layer.r, layer.augment, layer.weight.device.type, n, n_out, d_out,
+               self.path, self._batch_exact())
+        if key not in self._path_cache:
+            self._path_cache[key] = self._cheapest_path(layer, n, n_out, d_out)
+        return self._path_cache[key]
+
+    def _cheapest_path(self, layer: _Layer, n: int, n_out: int | None, d_out: int | None) -> str:
         if not self._batch_exact() or self.damping == 0 and self.damping_eps == 0:
             return "primal"  # (Woodbury divides by lambda: undamped, only the primal solve is defined)
         backward = None
@@ -490,126 +539,155 @@ class DoPr(torch.optim.Optimizer):
             d_rows = channels_last_rows(d).to(rows.dtype)
             grad_b = d.sum([i for i in range(d.dim()) if i != 1])
         active = pending is not None and pending.path == "backward" and pending.applied is None
-        zw_rows = None
-        if active:
-            zw_rows, gram = self._whitened_rows(rows, self.state[weight], linear and d_rows.shape[1] <= rows.shape[1])
-            pending.gram = gram
         if linear:
             if not active:
                 return grad_z, (d_rows.T @ rows).to(weight.dtype), grad_b
-            if zw_rows is None:  # M = G (non-finite statistic or failed factorization, counted)
-                left, right = d_rows, rows
-            elif isinstance(zw_rows, tuple):  # (K^{-1}, n): solve against D's fewer columns
-                k_inverse, n = zw_rows
-                left, right = (k_inverse @ d_rows).mul_(n), rows
+            whiten = self._whitening(pending)
+            if d_rows.shape[1] <= rows.shape[1]:  # solve against D's fewer columns
+                left, right = whiten @ d_rows, rows
             else:
-                left, right = d_rows, zw_rows
+                left, right = d_rows, whiten @ rows
             pending.applied = (rows, d_rows, left, right)
             return grad_z, (left.T @ right).to(weight.dtype), grad_b
         zw = z
-        if zw_rows is not None:
+        if active:
+            zw_rows = self._whitening(pending) @ rows
             zw = zw_rows.reshape(z.shape[0], *z.shape[2:], z.shape[1]).movedim(-1, 1).to(z.dtype).contiguous()
         grad_z, grad_w = layer.conv_weight_grad(zw, d, input_grad)
         if active:
             pending.applied = (z.detach(), d.detach(), zw)
         return grad_z, grad_w.to(weight.dtype), grad_b.to(d.dtype)
 
-    def _whitened_rows(self, rows: torch.Tensor, state: dict, want_inverse: bool):
-        """n K^{-1} Z with K = Z Z^T + n lambda I (or (K^{-1}, n) when `want_inverse`), and Z Z^T; None for the
-        first when the statistic is non-finite or K cannot be factored (counted)."""
-        n, d_in = rows.shape
-        gram = rows @ rows.T
-        lam = damping(gram.diagonal().sum() / n, d_in, self.damping, self.damping_form, self.damping_eps)
-        if not math.isfinite(lam):
-            state["ap_skipped_stats"] = state.get("ap_skipped_stats", 0) + 1
-            return None, gram
-        k_inverse, _, retries = damped_inverse(gram, n * lam)
-        state["ap_retries"] = state.get("ap_retries", 0) + retries
-        if k_inverse is None:
-            state["ap_fallbacks"] = state.get("ap_fallbacks", 0) + 1
-            return None, gram
-        return ((k_inverse, n) if want_inverse else (k_inverse @ rows).mul_(n)), gram
+    def _whitening(self, pending: _Pending) -> torch.Tensor:
+        """n K^{-1} of a backward-path layer. The first backward of a step factors every backward-path layer
+        recorded in the forward at once, batched by row count (Z is known after the forward; D is not needed)."""
+        if pending.whiten is None:
+            todo = [(layer, p) for layer, p in self._pending.items()
+                    if p.path == "backward" and p.whiten is None and p.inputs]
+            for group in _grouped(todo, key=lambda item: (item[1].inputs[0].shape[0], item[1].inputs[0].dtype)):
+                rows = [p.inputs[0] for _, p in group]
+                grams = torch.stack([z @ z.T for z in rows])
+                n = grams.shape[-1]
+                traces = grams.diagonal(dim1=-2, dim2=-1).sum(-1) / n
+                lam = torch.stack([damping(t, layer.d_in, self.damping, self.damping_form, self.damping_eps)
+                                   for t, (layer, _) in zip(traces, group)])
+                inverses, ok, retried = damped_inverses(grams, n * lam)
+                eye = torch.eye(n, dtype=grams.dtype, device=grams.device)
+                whitens = torch.where(ok[:, None, None], inverses * n, eye)
+                for i, (layer, p) in enumerate(group):
+                    p.gram, p.whiten = grams[i], whitens[i]
+                    finite = torch.isfinite(lam[i])
+                    _count(self.state[layer.weight], skipped=~finite, fallback=finite & ~ok[i], retried=retried[i])
+        return pending.whiten
 
     # ---- primal statistics and refresh -----------------------------------------------------------------
-    def _reduced_moment(self, pending: _Pending | None, state: dict) -> torch.Tensor | None:
-        """This step's S (all-reduced under torch.distributed), or None when absent or non-finite (counted)."""
-        if pending is None or pending.moment is None:
-            return None
+    def _reduced_moment(self, pending: _Pending) -> torch.Tensor:
+        """This step's S, all-reduced under torch.distributed (possibly non-finite)."""
         moment, rows = pending.moment, pending.rows
         if _distributed():
             packed = torch.cat([moment.flatten(), moment.new_tensor([rows])])
             dist.all_reduce(packed)
-            moment, rows = packed[:-1].view_as(moment), packed[-1].item()
-        # A NaN/inf input makes its own diagonal entry of S non-finite: one scalar check for the whole matrix.
-        if not math.isfinite(moment.diagonal().sum().item()):
-            state["ap_skipped_stats"] = state.get("ap_skipped_stats", 0) + 1
-            return None
+            moment, rows = packed[:-1].view_as(moment), packed[-1]
         return moment / rows
 
     def _fold(self, state: dict, s: torch.Tensor | None) -> None:
+        """Fold this step's S into the statistic; a non-finite S is skipped (never enters the average). A NaN or
+        inf input makes its own diagonal entry of S non-finite: one scalar test for the whole matrix."""
         if s is None:
             return
-        if self.ema_decay > 0 and "ap_stat" in state:
-            state["ap_stat"].mul_(self.ema_decay).add_(s, alpha=1 - self.ema_decay)
-        else:
-            state["ap_stat"] = s
+        finite = torch.isfinite(s.diagonal().sum())
+        if "ap_stat" not in state:
+            state["ap_stat"], state["ap_has_stat"] = torch.zeros_like(s), s.new_zeros(())
+        old, has = state["ap_stat"], state["ap_has_stat"] > 0
+        new = s
+        if self.ema_decay > 0:
+            new = torch.where(has, old * self.ema_decay + s * (1 - self.ema_decay), s)
+        state["ap_stat"] = torch.where(finite, new, old)
+        state["ap_has_stat"] = (has | finite).to(s.dtype)
+        _count(state, skipped=~finite)
 
-    def _primal_inverse(self, layer: _Layer, pending: _Pending | None, state: dict) -> torch.Tensor | None:
-        """S_d^{-1} for the primal path: fold this step's S into the statistic (after the factorization with
-        stats_from=previous_batch), refresh every refresh_every steps; a failure waits for the next refresh."""
-        s_new = self._reduced_moment(pending, state)
-        previous = self.stats_from == "previous_batch" and "ap_stat" in state
-        if not previous:
+    def _primal_inverses(self, primal: list[tuple[_Layer, _Pending | None]]) -> None:
+        """state["ap_inverse"] = S_d^{-1} of every primal layer (the identity where there is no usable statistic
+        or the factorization failed twice: M = G): fold this step's S into the statistic (after the
+        factorization with stats_from=previous_batch) and refresh every refresh_every steps, layers of equal
+        width factored in one batched call."""
+        due, fold_after = [], []
+        for layer, pending in primal:
+            state = self.state[layer.weight]
+            s_new = self._reduced_moment(pending) if pending is not None and pending.moment is not None else None
+            previous = self.stats_from == "previous_batch" and "ap_stat" in state
+            if not previous:
+                self._fold(state, s_new)
+            if "ap_stat" in state and (self.steps % self.refresh_every == 0 or "ap_inverse" not in state):
+                due.append((layer, state))
+            if previous:
+                fold_after.append((state, s_new))
+        for group in _grouped(due, key=lambda item: (item[1]["ap_stat"].shape[0], item[1]["ap_stat"].dtype)):
+            stats = torch.stack([state["ap_stat"] for _, state in group])
+            traces = stats.diagonal(dim1=-2, dim2=-1).sum(-1)
+            lam = torch.stack([damping(t, state["ap_stat"].shape[0], self.damping, self.damping_form,
+                                       self.damping_eps) for t, (_, state) in zip(traces, group)])
+            usable = torch.stack([state["ap_has_stat"] > 0 for _, state in group])
+            inverses, ok, retried = damped_inverses(stats, lam, usable)
+            for i, (layer, state) in enumerate(group):
+                state["ap_inverse"], state["ap_lambda"], state["ap_ok"] = inverses[i], lam[i], ok[i].to(lam.dtype)
+                _count(state, fallback=usable[i] & ~ok[i], retried=retried[i])  # (skips counted when folded)
+        for state, s_new in fold_after:
             self._fold(state, s_new)
-        fresh = s_new is not None or previous or self.ema_decay > 0
-        due = self.steps % self.refresh_every == 0 or not ("ap_inverse" in state or state.get("ap_failed"))
-        if due and fresh and "ap_stat" in state:
-            s = state["ap_stat"]
-            lam = damping(s.diagonal().sum(), s.shape[0], self.damping, self.damping_form, self.damping_eps)
-            inverse, lam, retries = damped_inverse(s, lam)
-            state["ap_retries"] = state.get("ap_retries", 0) + retries
-            if inverse is None:
-                state.pop("ap_inverse", None)
-                state["ap_failed"] = True
-                state["ap_fallbacks"] = state.get("ap_fallbacks", 0) + 1
-            else:
-                state["ap_inverse"], state["ap_lambda"], state["ap_failed"] = inverse, lam, False
-        if previous:
-            self._fold(state, s_new)
-        return state.get("ap_inverse")
 
-    def _ap_gradient(self, layer: _Layer, pending: _Pending | None, state: dict):
-        """(M_weight, M_bias) by the layer's path at step time, or None to use .grad as it is."""
+    def _ap_gradients(self) -> dict[torch.Tensor, torch.Tensor]:
+        """{parameter: M} for every layer whose M is formed at step time (primal and dual; a backward-path
+        layer's .grad already holds M)."""
+        out: dict[torch.Tensor, torch.Tensor] = {}
+        primal, dual = [], []
+        for layer in self.layers:
+            if layer.weight.grad is None:
+                continue
+            pending = self._pending.get(layer)
+            path = pending.path if pending is not None else "primal"
+            if path == "dual" and self.choose_path(layer, pending.rows) == "primal":
+                pending.moment, pending.inputs, pending.path = sum(z.T @ z for z in pending.inputs), [], "primal"
+                path = "primal"  # several calls made primal the cheaper path
+            self.last_paths[layer.name] = path
+            if path == "primal":
+                primal.append((layer, pending))
+            elif path == "dual":
+                dual.append((layer, pending))
+        self._primal_inverses(primal)
+        for layer, _ in primal:
+            inverse = self.state[layer.weight]["ap_inverse"] if "ap_inverse" in self.state[layer.weight] else None
+            self._precondition(layer, out, lambda g, inverse=inverse: g if inverse is None else g @ inverse)
+        # dual in float64: G - (G Z^T) K^-1 Z cancels ~1/gamma of float32's digits
+        inputs = [(layer, torch.cat(p.inputs).double()) for layer, p in dual]
+        for group in _grouped(inputs, key=lambda item: item[1].shape[0]):
+            grams = torch.stack([z @ z.T for _, z in group])
+            n = grams.shape[-1]
+            traces = grams.diagonal(dim1=-2, dim2=-1).sum(-1) / n
+            lam = torch.stack([damping(t, layer.d_in, self.damping, self.damping_form, self.damping_eps)
+                               for t, (layer, _) in zip(traces, group)])
+            inverses, ok, retried = damped_inverses(grams, n * lam)
+            for i, (layer, z) in enumerate(group):
+                finite = torch.isfinite(lam[i])
+                _count(self.state[layer.weight], skipped=~finite, fallback=finite & ~ok[i], retried=retried[i])
+                self._precondition(layer, out, lambda g, i=i, z=z: torch.where(
+                    ok[i], dual_precondition(g.double(), z, inverses[i], n * lam[i]), g))
+        return out
+
+    def _precondition(self, layer: _Layer, out: dict, solve) -> None:
+        """out[weight] (and out[bias] with bias_augment) = the layer's gradient matrix G through `solve`."""
         w = layer.weight
-        bias = layer.module.bias if layer.augment else None
         g_bias = None
-        if bias is not None:
-            g_bias = bias.grad if bias.grad is not None else torch.zeros_like(bias)
-        path = pending.path if pending is not None else "primal"
-        if path == "dual" and self.choose_path(layer, pending.rows) == "primal":
-            pending.moment, pending.inputs, pending.path = sum(z.T @ z for z in pending.inputs), [], "primal"
-            path = "primal"  # several calls made primal the cheaper path
-        if path == "dual":  # in float64: G - (G Z^T) K^-1 Z cancels ~1/gamma of float32's digits
-            z = (torch.cat(pending.inputs) if len(pending.inputs) > 1 else pending.inputs[0]).double()
-            g = layer.grad_matrix(w.grad, g_bias, z.dtype)
-            n = z.shape[0]
-            gram = z @ z.T
-            lam = damping(gram.diagonal().sum() / n, z.shape[1], self.damping, self.damping_form,
-                          self.damping_eps)
-            if not math.isfinite(lam):
-                state["ap_skipped_stats"] = state.get("ap_skipped_stats", 0) + 1
-                return None
-            k_inverse, c, retries = damped_inverse(gram, n * lam)
-            state["ap_retries"] = state.get("ap_retries", 0) + retries
-            if k_inverse is None:
-                state["ap_fallbacks"] = state.get("ap_fallbacks", 0) + 1
-                return None
-            return layer.from_grad_matrix(dual_precondition(g, z, k_inverse, c), w.grad, g_bias)
-        inverse = self._primal_inverse(layer, pending, state)
-        if inverse is None:
-            return None
-        g = layer.grad_matrix(w.grad, g_bias, inverse.dtype)
-        return layer.from_grad_matrix(g @ inverse, w.grad, g_bias)
+        if layer.augment:
+            g_bias = layer.module.bias.grad
+            g_bias = g_bias if g_bias is not None else torch.zeros_like(layer.module.bias)
+        m = solve(layer.grad_matrix(w.grad, g_bias, self._stat_dtype(w)))
+        out[w], m_bias = layer.from_grad_matrix(m, w.grad, g_bias)
+        if layer.augment:
+            out[layer.module.bias] = m_bias
+
+    @staticmethod
+    def _stat_dtype(w: torch.Tensor) -> torch.dtype:
+        return torch.float64 if w.dtype == torch.float64 else torch.float32
 
     # ---- clipping on the true gradient -----------------------------------------------------------------
     def true_grad_norms_sq(self) -> dict[torch.Tensor, torch.Tensor]:
@@ -658,23 +736,8 @@ class DoPr(torch.optim.Optimizer):
                 loss = closure()
         ap_grads: dict[torch.Tensor, torch.Tensor] = {}
         if self.ap:
-            for layer in self.layers:
-                w = layer.weight
-                pending = self._pending.get(layer)
-                if w.grad is None:
-                    continue
-                if pending is not None and pending.path == "backward":
-                    self.last_paths[layer.name] = "backward"  # .grad is M already (or G after a fallback)
-                    continue
-                result = self._ap_gradient(layer, pending, self.state[w])
-                self.last_paths[layer.name] = pending.path if pending is not None else "primal"
-                if result is None:
-                    continue
-                ap_grads[w] = result[0]
-                if layer.augment:
-                    ap_grads[layer.module.bias] = result[1]
+            ap_grads = self._ap_gradients()
             self._pending.clear()
-        layer_of = {layer.weight: layer for layer in self.layers}
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             grads = [ap_grads.get(p, p.grad) for p in params]
@@ -683,7 +746,7 @@ class DoPr(torch.optim.Optimizer):
                 continue
             for p, g in zip(params, grads):
                 if group["update"] == "muon":
-                    self._muon(p, g, self.state[p], group, layer_of[p])
+                    self._muon(p, g, self.state[p], group, self._layer_of[p])
                 elif group["update"] == "signum":
                     self._signum(p, g, self.state[p], group)
                 else:
@@ -751,17 +814,18 @@ class DoPr(torch.optim.Optimizer):
 
     def health(self, spectrum: bool = False) -> dict[str, float]:
         """Counts (failed factorizations, 10x-damping retries, skipped non-finite statistics), how many layers
-        took each path last step; with `spectrum`, per primal layer min / max eigenvalue of S_d and condition."""
+        took each path last step; with `spectrum`, per primal layer min / max eigenvalue of S_d and condition.
+        The counts live on the device as tensors; this is where they are read (a host synchronization)."""
         out: dict[str, float] = {"ap_fallbacks": 0, "ap_retries": 0, "ap_skipped_stats": 0}
         out.update({f"ap_layers_{p}": 0 for p in PATHS})
         out["ap_layers_unsupported"] = len(self.unsupported_layers)
         for layer in self.layers:
             state = self.state.get(layer.weight, {})
             for key in ("ap_fallbacks", "ap_retries", "ap_skipped_stats"):
-                out[key] += state.get(key, 0)
+                out[key] += int(state[key]) if key in state else 0
             if layer.name in self.last_paths:
                 out[f"ap_layers_{self.last_paths[layer.name]}"] += 1
-            if spectrum and "ap_inverse" in state and self.last_paths.get(layer.name, "primal") == "primal":
+            if spectrum and state.get("ap_ok", 0) > 0 and self.last_paths.get(layer.name, "primal") == "primal":
                 inv_eig = torch.linalg.eigvalsh(state["ap_inverse"])
                 lo, hi = 1 / inv_eig[-1].item(), 1 / inv_eig[0].item()
                 out[f"ap_eig_min/{layer.name}"] = lo
