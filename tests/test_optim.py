@@ -192,12 +192,36 @@ def test_build_optimizer_uses_fused_adamw_where_the_device_has_it():
     assert build_optimizer(model, OptimConfig(name="dopr")).param_groups[0]["fused"] is True
 
 
-def test_dopr_adam_with_ap_differs_from_adamw():
-    data = batches(3)
-    a, b = small_model(), small_model()
-    train(a, DoPr(a, lr=3e-3, base="adam"), data)
-    train(b, torch.optim.AdamW(b.parameters(), lr=3e-3, weight_decay=0.0), data)
-    assert max((pa - pb).abs().max().item() for pa, pb in zip(a.parameters(), b.parameters())) > 1e-4
+@pytest.mark.parametrize("path", ["primal", "dual", "backward"])
+def test_dopr_adam_is_adamw_on_the_ap_gradient(path):
+    """Three DoPr-Adam steps equal torch's AdamW fed M = G S_d^-1 (by a direct float64 solve on each batch's
+    S) for the Linear weights and G for everything else. Replaces "differs from AdamW by more than 1e-4",
+    which any change to the AP gradient (a wrong damping, a transposed solve, S from the wrong layer) passed."""
+    a = small_model().double()
+    b = copy.deepcopy(a)
+    kw = dict(lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    opt = DoPr(a, base="adam", damping=0.3, path=path, **kw)
+    adamw = torch.optim.AdamW(b.parameters(), foreach=False, **kw)
+    linears = [m for m in b if isinstance(m, nn.Linear)]
+    inputs = {}
+    for m in linears:
+        m.register_forward_hook(lambda module, args, out: inputs.__setitem__(module, args[0].detach()))
+    for x, y in batches(3):
+        x, y = x.double(), y.double()
+        opt.zero_grad()
+        ((a(x) - y) ** 2).mean().backward()
+        opt.step()
+        adamw.zero_grad()
+        ((b(x) - y) ** 2).mean().backward()
+        for m in linears:
+            z = inputs[m]
+            s = z.T @ z / z.shape[0]
+            s_d = s + (0.3 * s.trace() / s.shape[0] + 1e-8) * torch.eye(s.shape[0], dtype=s.dtype)
+            m.weight.grad = torch.linalg.solve(s_d, m.weight.grad.T).T
+        adamw.step()
+    assert set(opt.last_paths.values()) == {path}
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("adjust", ["original", "match_rms_adamw"])
@@ -513,8 +537,9 @@ def test_bias_augment_linear_is_exact_on_primal_and_dual():
 
 @pytest.mark.parametrize("kw", [dict(ema_decay=0.5), dict(refresh_every=2), dict(stats_from="previous_batch")])
 def test_only_primal_is_used_where_only_primal_is_exact(kw):
-    runs = []
-    for path in ("primal", "dual", "backward"):
+    """A forced dual or backward path falls back to primal where only primal is exact (the statistic is not
+    this batch's own). (The paths' agreement where they are exact: test_every_ap_path_gives_the_naive_solve.)"""
+    for path in ("dual", "backward"):
         model = small_model().double()
         opt = DoPr(model, lr=1e-2, base="adam", path=path, **kw)
         for x, y in batches(3):
@@ -522,9 +547,45 @@ def test_only_primal_is_used_where_only_primal_is_exact(kw):
             ((model(x.double()) - y.double()) ** 2).mean().backward()
             opt.step()
             assert set(opt.last_paths.values()) == {"primal"}
-        runs.append([p.detach().clone() for p in model.parameters()])
-    for other in runs[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+def test_ema_statistic_is_the_running_average_that_preconditions_the_step():
+    """Mutant killed: the EMA of statistics replaced by the per-batch S (ema_decay ignored)."""
+    layer = make_layer("linear")
+    opt = DoPr(layer, lr=1.0, base="sgd", damping=GAMMA, ema_decay=0.75)
+    x1, x2 = layer_input("linear", 6, 0), layer_input("linear", 6, 1)
+    layer_loss(layer, x1, 0).backward()
+    opt.step()
+    opt.zero_grad()
+    before, ref = layer.weight.detach().clone(), copy.deepcopy(layer)
+    layer_loss(layer, x2, 1).backward()
+    opt.step()
+    layer_loss(ref, x2, 1).backward()
+    s1, s2 = (x.detach().T @ x.detach() / 6 for x in (x1, x2))
+    s = 0.75 * s1 + 0.25 * s2
+    assert torch.allclose(opt.state[layer.weight]["ap_stat"], s, atol=1e-12)
+    s_d = s + (GAMMA * s.trace() / 12 + 1e-8) * torch.eye(12, dtype=torch.float64)
+    assert torch.allclose(before - layer.weight.detach(), ref.weight.grad @ torch.linalg.inv(s_d), atol=1e-10)
+
+
+def test_refresh_every_reuses_the_inverse_between_refreshes():
+    """With refresh_every 2 the second step is preconditioned by the first step's S_d^-1 (mutant killed:
+    refreshing every step), the third by the EMA refreshed again."""
+    layer = make_layer("linear")
+    opt = DoPr(layer, lr=1.0, base="sgd", damping=GAMMA, ema_decay=0.5, refresh_every=2)
+    xs = [layer_input("linear", 6, i) for i in range(3)]
+    moves, grads = [], []
+    for i, x in enumerate(xs):
+        opt.zero_grad()
+        before = layer.weight.detach().clone()
+        layer_loss(layer, x, i).backward()
+        grads.append(layer.weight.grad.clone())
+        opt.step()
+        moves.append(before - layer.weight.detach())
+    s1, s2, s3 = (x.detach().T @ x.detach() / 6 for x in xs)
+    damped = lambda s: torch.linalg.inv(s + (GAMMA * s.trace() / 12 + 1e-8) * torch.eye(12, dtype=s.dtype))
+    assert torch.allclose(moves[1], grads[1] @ damped(s1), atol=1e-10)
+    assert torch.allclose(moves[2], grads[2] @ damped(0.25 * s1 + 0.25 * s2 + 0.5 * s3), atol=1e-10)
 
 
 def test_previous_batch_statistics_precondition_the_next_gradient():
@@ -957,3 +1018,41 @@ def test_a_training_step_never_synchronizes_with_the_host():
                     opt.step()
             assert CountSyncs.count == 0, (path, base)
             assert path == "auto" or set(opt.last_paths.values()) == {path}
+
+
+# ---- the trainer's side: AP reaches the weights, clipping sees the true gradient ----------------------------
+@pytest.fixture(scope="module")
+def tiny_h5(tmp_path_factory):
+    from tiny_data import write_tiny_hdf5
+
+    return write_tiny_hdf5(tmp_path_factory.mktemp("data") / "tiny.hdf5")
+
+
+def test_trainer_applies_ap_and_clips_on_the_true_gradient(tiny_h5, tmp_path):
+    """Three short trainer runs, same seed: DoPr-Adam on the primal path (.grad holds G, so any clip measures
+    ||G||), on the backward path (.grad holds M) and AdamW, with an active clip. Mutants killed: the trainer
+    calling torch.nn.utils.clip_grad_norm_ (it measures ||M|| on the backward path: the logged norms and the
+    weights part), and AP skipped (DoPr-Adam without AP is fused AdamW bit for bit)."""
+    import json
+
+    from dopr_robot.config import load_config
+    from dopr_robot.training import train
+    from tiny_data import TINY_TRAIN
+
+    def run(name, *extra):
+        cfg = load_config(None, [f"data.path={tiny_h5}", *TINY_TRAIN, "train.steps=3", "train.grad_clip=0.05",
+                                 "train.val_every=3", *extra])
+        out = train(cfg, tmp_path / name, progress=False)
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return records, torch.load(out / "trainer_state.pt", weights_only=False)["policy"]
+
+    primal, w_primal = run("primal", "optim.name=dopr", "optim.ap.path=primal")
+    backward, w_backward = run("backward", "optim.name=dopr", "optim.ap.path=backward")
+    _, w_adam = run("adam", "optim.name=adam")
+    assert backward[-1]["ap_layers_backward"] > 0 and backward[-1]["ap_layers_primal"] == 0
+    assert all(r["grad_norm"] > 0.5 for r in primal)  # the clip (0.05) is active
+    for a, b in zip(primal, backward):
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    gap = max((w_primal[k] - w_backward[k]).abs().max().item() for k in w_primal)
+    ap_effect = max((w_primal[k] - w_adam[k]).abs().max().item() for k in w_primal)
+    assert gap < 1e-5 < ap_effect / 100

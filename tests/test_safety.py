@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,8 +101,30 @@ def test_run_lock_is_exclusive_within_a_process_too(tmp_path):
         pass
 
 
-def test_default_trainer_state_is_periodic_and_atomic():
+def test_default_trainer_state_is_periodic_and_atomic(tiny_h5, tmp_path, monkeypatch):
+    """The trainer state is saved every train.checkpoint_every steps (default 1000) through a temporary file:
+    a save that dies half-way leaves the previous state whole, no temporary file behind, and resume goes on
+    from it. (It used to check the default value only.)"""
     assert load_config(None).train.checkpoint_every == 1000
+    cfg = load_config(None, [f"data.path={tiny_h5}", *TINY_TRAIN, "train.checkpoint_every=2"])
+    run, real_save, saved = tmp_path / "run", torch.save, []
+
+    def save_that_dies_at_step_4(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and "optimizer" in obj:
+            saved.append(obj["step"])
+            if obj["step"] == 4 and saved.count(4) == 1:
+                Path(f).write_bytes(b"half a state")  # the write is cut short ...
+                raise OSError("No space left on device")  # ... and fails
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_that_dies_at_step_4)
+    with pytest.raises(Exception):
+        train(cfg, run, progress=False)
+    assert saved == [2, 4]  # periodic: every 2 steps
+    assert torch.load(run / "trainer_state.pt", weights_only=False)["step"] == 2  # the previous state, whole
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
+    train(cfg, run, progress=False, resume=True)
+    assert saved == [2, 4, 4, 6] and torch.load(run / "trainer_state.pt", weights_only=False)["step"] == 6
 
 
 def test_resume_until_at_or_below_the_saved_step_is_refused(tiny_h5, tmp_path):

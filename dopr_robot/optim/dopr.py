@@ -87,23 +87,23 @@ def damping(trace: torch.Tensor, d: int, gamma: float, form: str, eps: float) ->
 
 def damped_inverses(matrices: torch.Tensor, lam: torch.Tensor, usable: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A_b + lam_b I)^{-1} for a batch of equal-size symmetric matrices (B, m, m), by Cholesky, in one batched
-    call per attempt and without reading anything back to the host: where the factorization fails it is
-    redone at 10 lam (both attempts always run: choosing needs no synchronization), and where that fails too,
-    lam is not finite or `usable` is False, the result is the identity, i.e. M = G. Returns (inverses,
-    ok (B,) bool: a real inverse, retried (B,) bool: ok only at 10x)."""
-    eye = torch.eye(matrices.shape[-1], dtype=matrices.dtype, device=matrices.device)
-    finite = torch.isfinite(lam)
+    """(A_b + lam_b I)^{-1} for a batch of equal-size symmetric matrices (B, m, m) (overwritten: pass a fresh
+    stack), by Cholesky, one batched call per attempt, without reading anything back to the host: both
+    attempts always run, the second at lam where the first succeeded (the same factorization again) and at
+    10 lam where it failed, so only its result is kept; where that fails too, lam is not finite or `usable` is
+    False, the result is the identity, i.e. M = G. Returns (inverses, ok (B,) bool: a real inverse, retried
+    (B,) bool: ok only at 10x)."""
+    diagonal = matrices.diagonal(dim1=-2, dim2=-1)
+    diagonal.add_(lam[:, None])
+    _, info = torch.linalg.cholesky_ex(matrices)
+    first = info == 0
+    diagonal.add_(torch.where(first, 0.0, 9 * lam)[:, None])
+    factor, info = torch.linalg.cholesky_ex(matrices)
+    ok = torch.isfinite(lam) & (info == 0)
     if usable is not None:
-        finite = finite & usable
-    lam = torch.where(finite, lam, 1.0)[:, None, None]
-    matrices = torch.where(finite[:, None, None], matrices, eye)  # keep NaN / inf away from LAPACK
-    factor, info = torch.linalg.cholesky_ex(matrices + lam * eye)
-    retry, retry_info = torch.linalg.cholesky_ex(matrices + 10 * lam * eye)
-    first, second = info == 0, retry_info == 0
-    ok = finite & (first | second)
-    factor = torch.where(first[:, None, None], factor, retry)
-    factor = torch.where(ok[:, None, None], factor, eye)  # the identity's factor is the identity
+        ok = ok & usable
+    factor = torch.where(ok[:, None, None], factor, 0.0)  # (a scalar: much faster than against a broadcast eye)
+    factor.diagonal(dim1=-2, dim2=-1).add_((~ok)[:, None])  # the identity's factor is the identity
     return torch.cholesky_inverse(factor), ok, ok & ~first
 
 
@@ -571,9 +571,8 @@ class DoPr(torch.optim.Optimizer):
                 traces = grams.diagonal(dim1=-2, dim2=-1).sum(-1) / n
                 lam = torch.stack([damping(t, layer.d_in, self.damping, self.damping_form, self.damping_eps)
                                    for t, (layer, _) in zip(traces, group)])
-                inverses, ok, retried = damped_inverses(grams, n * lam)
-                eye = torch.eye(n, dtype=grams.dtype, device=grams.device)
-                whitens = torch.where(ok[:, None, None], inverses * n, eye)
+                inverses, ok, retried = damped_inverses(grams.clone(), n * lam)  # (grams stay for ||G||)
+                whitens = inverses * torch.where(ok, n, 1.0)[:, None, None]  # n K^-1, or the identity: M = G
                 for i, (layer, p) in enumerate(group):
                     p.gram, p.whiten = grams[i], whitens[i]
                     finite = torch.isfinite(lam[i])
