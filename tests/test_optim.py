@@ -1056,3 +1056,24 @@ def test_trainer_applies_ap_and_clips_on_the_true_gradient(tiny_h5, tmp_path):
     gap = max((w_primal[k] - w_backward[k]).abs().max().item() for k in w_primal)
     ap_effect = max((w_primal[k] - w_adam[k]).abs().max().item() for k in w_primal)
     assert gap < 1e-5 < ap_effect / 100
+
+
+def test_damped_inverses_retry_at_10x_then_identity():
+    """One batched call: a positive definite matrix is inverted at lambda; one that fails at lambda but not at
+    10 lambda is retried there; one that fails at both gives the identity (M = G); a second failure in the
+    same batch and step falls back at once (one retry slot per batch); the inputs are left as they were."""
+    from dopr_robot.optim.dopr import damped_inverses
+
+    spd = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    retryable = torch.tensor([[1.0, 0.0], [0.0, -1e-3]], dtype=torch.float64)  # fails at 5e-4, not at 5e-3
+    hopeless = torch.tensor([[1.0, 0.0], [0.0, -1.0]], dtype=torch.float64)
+    matrices = torch.stack([spd, retryable, hopeless, retryable])
+    before = matrices.clone()
+    lam = torch.full((4,), 5e-4, dtype=torch.float64)
+    inverses, ok, retried = damped_inverses(matrices, lam)
+    eye = torch.eye(2, dtype=torch.float64)
+    assert torch.allclose(inverses[0], torch.linalg.inv(spd + 5e-4 * eye))
+    assert torch.allclose(inverses[1], torch.linalg.inv(retryable + 5e-3 * eye))
+    assert torch.equal(inverses[2], eye) and torch.equal(inverses[3], eye)
+    assert ok.tolist() == [True, True, False, False] and retried.tolist() == [False, True, False, False]
+    assert torch.equal(matrices, before)

@@ -87,24 +87,31 @@ def damping(trace: torch.Tensor, d: int, gamma: float, form: str, eps: float) ->
 
 def damped_inverses(matrices: torch.Tensor, lam: torch.Tensor, usable: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A_b + lam_b I)^{-1} for a batch of equal-size symmetric matrices (B, m, m) (overwritten: pass a fresh
-    stack), by Cholesky, one batched call per attempt, without reading anything back to the host: both
-    attempts always run, the second at lam where the first succeeded (the same factorization again) and at
-    10 lam where it failed, so only its result is kept; where that fails too, lam is not finite or `usable` is
-    False, the result is the identity, i.e. M = G. Returns (inverses, ok (B,) bool: a real inverse, retried
-    (B,) bool: ok only at 10x)."""
+    """(A_b + lam_b I)^{-1} for a batch of equal-size symmetric matrices (B, m, m) by Cholesky, one batched
+    call, without reading anything back to the host (their diagonal is scratch space, restored on return).
+    Where it fails, the first failed matrix of the batch is factored again at 10 lam (one retry slot per
+    batch and step: a second retry call for the whole batch would double the factorization cost, and two
+    same-size layers failing in one step is rarer still: the second then falls back at once). Where no
+    attempt succeeded, lam is not finite or `usable` is False, the result is the identity, i.e. M = G.
+    Returns (inverses, ok (B,) bool: a real inverse, retried (B,) bool: ok at 10x)."""
     diagonal = matrices.diagonal(dim1=-2, dim2=-1)
+    saved = diagonal.clone()
     diagonal.add_(lam[:, None])
-    _, info = torch.linalg.cholesky_ex(matrices)
-    first = info == 0
-    diagonal.add_(torch.where(first, 0.0, 9 * lam)[:, None])
     factor, info = torch.linalg.cholesky_ex(matrices)
-    ok = torch.isfinite(lam) & (info == 0)
-    if usable is not None:
-        ok = ok & usable
+    diagonal.copy_(saved)
+    usable = torch.isfinite(lam) if usable is None else torch.isfinite(lam) & usable
+    first = info == 0
+    slot = torch.argmax((usable & ~first).to(torch.int8)).reshape(1)  # the first failure (0 if none)
+    retry = matrices.index_select(0, slot)
+    retry.diagonal(dim1=-2, dim2=-1).add_(10 * lam.index_select(0, slot)[:, None])
+    retry_factor, retry_info = torch.linalg.cholesky_ex(retry)
+    retried = (torch.arange(len(lam), device=lam.device) == slot) & ~first & (retry_info == 0)
+    factor.index_copy_(0, slot, torch.where(retried.index_select(0, slot)[:, None, None], retry_factor,
+                                            factor.index_select(0, slot)))
+    ok = usable & (first | retried)
     factor = torch.where(ok[:, None, None], factor, 0.0)  # (a scalar: much faster than against a broadcast eye)
     factor.diagonal(dim1=-2, dim2=-1).add_((~ok)[:, None])  # the identity's factor is the identity
-    return torch.cholesky_inverse(factor), ok, ok & ~first
+    return torch.cholesky_inverse(factor), ok, retried & usable
 
 
 def dual_precondition(g: torch.Tensor, z: torch.Tensor, k_inverse: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -330,6 +337,14 @@ def fused_adamw_supported(params) -> bool:
     except ImportError:  # private helper moved: the two devices that have had the kernel longest
         devices = {"cpu", "cuda"}
     return all(p.device.type in devices and p.is_floating_point() for p in params)
+
+
+def _grams(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Z Z^T of equal-shape row blocks, written straight into one (B, n, n) batch."""
+    out = rows[0].new_empty(len(rows), rows[0].shape[0], rows[0].shape[0])
+    for i, z in enumerate(rows):
+        torch.mm(z, z.T, out=out[i])
+    return out
 
 
 def _grouped(items: list, key) -> list[list]:
@@ -566,12 +581,12 @@ class DoPr(torch.optim.Optimizer):
                     if p.path == "backward" and p.whiten is None and p.inputs]
             for group in _grouped(todo, key=lambda item: (item[1].inputs[0].shape[0], item[1].inputs[0].dtype)):
                 rows = [p.inputs[0] for _, p in group]
-                grams = torch.stack([z @ z.T for z in rows])
+                grams = _grams(rows)
                 n = grams.shape[-1]
                 traces = grams.diagonal(dim1=-2, dim2=-1).sum(-1) / n
                 lam = torch.stack([damping(t, layer.d_in, self.damping, self.damping_form, self.damping_eps)
                                    for t, (layer, _) in zip(traces, group)])
-                inverses, ok, retried = damped_inverses(grams.clone(), n * lam)  # (grams stay for ||G||)
+                inverses, ok, retried = damped_inverses(grams, n * lam)
                 whitens = inverses * torch.where(ok, n, 1.0)[:, None, None]  # n K^-1, or the identity: M = G
                 for i, (layer, p) in enumerate(group):
                     p.gram, p.whiten = grams[i], whitens[i]
@@ -622,7 +637,8 @@ class DoPr(torch.optim.Optimizer):
             if previous:
                 fold_after.append((state, s_new))
         for group in _grouped(due, key=lambda item: (item[1]["ap_stat"].shape[0], item[1]["ap_stat"].dtype)):
-            stats = torch.stack([state["ap_stat"] for _, state in group])
+            stats = torch.stack([state["ap_stat"] for _, state in group]) if len(group) > 1 \
+                else group[0][1]["ap_stat"].unsqueeze(0)  # (a view: damped_inverses restores what it touches)
             traces = stats.diagonal(dim1=-2, dim2=-1).sum(-1)
             lam = torch.stack([damping(t, state["ap_stat"].shape[0], self.damping, self.damping_form,
                                        self.damping_eps) for t, (_, state) in zip(traces, group)])
@@ -659,7 +675,7 @@ class DoPr(torch.optim.Optimizer):
         # dual in float64: G - (G Z^T) K^-1 Z cancels ~1/gamma of float32's digits
         inputs = [(layer, torch.cat(p.inputs).double()) for layer, p in dual]
         for group in _grouped(inputs, key=lambda item: item[1].shape[0]):
-            grams = torch.stack([z @ z.T for _, z in group])
+            grams = _grams([z for _, z in group])
             n = grams.shape[-1]
             traces = grams.diagonal(dim1=-2, dim2=-1).sum(-1) / n
             lam = torch.stack([damping(t, layer.d_in, self.damping, self.damping_form, self.damping_eps)

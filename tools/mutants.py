@@ -1,0 +1,119 @@
+"""A small mutation check of dopr_robot/optim: apply hand-made mutants one at a time to a copy of the
+repository and run tests/test_optim.py against each; a mutant the tests do not fail is listed as surviving.
+
+Run:  OMP_NUM_THREADS=1 .venv/bin/python tools/mutants.py [--timeout 600] [--only NAME,NAME]
+
+Each mutant is one plausible bug (a wrong constant, a dropped branch, a skipped step), written as an exact
+text replacement that must match once. The copy lives in a temporary directory; the checkout is not touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DOPR = "dopr_robot/optim/dopr.py"
+
+# (name, file, original text, mutated text)
+MUTANTS = [
+    ("ema replaced by the per-batch S", DOPR,
+     "new = torch.where(has, old * self.ema_decay + s * (1 - self.ema_decay), s)", "new = s"),
+    ("non-finite statistic enters the average", DOPR,
+     'state["ap_stat"] = torch.where(finite, new, old)', 'state["ap_stat"] = new'),
+    ("damping not relative to the mean eigenvalue", DOPR,
+     'return gamma * (trace / d if form == "mean" else trace) + eps', "return gamma * trace + eps"),
+    ("no 10x retry", DOPR, "diagonal.add_(torch.where(first, 0.0, 9 * lam)[:, None])", "pass"),
+    ("failed factorization not replaced by the identity", DOPR,
+     "factor.diagonal(dim1=-2, dim2=-1).add_((~ok)[:, None])", "pass"),
+    ("primal and dual AP skipped at step time", DOPR, "ap_grads = self._ap_gradients()",
+     "ap_grads = {}; self._ap_gradients()"),
+    ("backward path forgets to whiten D", DOPR, "left, right = whiten @ d_rows, rows", "left, right = d_rows, rows"),
+    ("clipping measures M on the backward path", DOPR,
+     "true = {id(w.grad): sq for w, sq in self.true_grad_norms_sq().items() if w.grad is not None}", "true = {}"),
+    ("statistics from eval-mode calls", DOPR,
+     "if module is self.layer.module and module.training and torch.is_grad_enabled():",
+     "if module is self.layer.module and torch.is_grad_enabled():"),
+    ("repeated calls not weighted by rows", DOPR, "        pending.rows += rows.shape[0]\n",
+     "        pending.rows = rows.shape[0]\n"),
+    ("dual path in float32", DOPR, "inputs = [(layer, torch.cat(p.inputs).double()) for layer, p in dual]",
+     "inputs = [(layer, torch.cat(p.inputs)) for layer, p in dual]"),
+    ("refresh every step", DOPR, 'and (self.steps % self.refresh_every == 0 or "ap_inverse" not in state)',
+     "and True"),
+    ("conv taps ordered wrong", DOPR, "return g.movedim(1, -1).reshape(-1, g.shape[1])",
+     "return g.reshape(-1, g.shape[1])"),
+    ("muon without nesterov", DOPR, 'update = g.lerp(buf, momentum) if group["nesterov"] else buf',
+     "update = buf"),
+    ("newton-schulz coefficient", DOPR, "NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)",
+     "NS_COEFFICIENTS = (3.4445, -4.7750, 2.0)"),
+    ("muon lr scale on the smaller side", DOPR, "return lr * 0.2 * math.sqrt(max(d_out, d_in))",
+     "return lr * 0.2 * math.sqrt(min(d_out, d_in))"),
+    ("signum momentum weights swapped", DOPR, 'buf.lerp_(g, 1 - group["momentum"])\n        p.mul_',
+     'buf.lerp_(g, group["momentum"])\n        p.mul_'),
+    ("flop count picks the dearest path", DOPR, "return min(costs, key=costs.get)", "return max(costs, key=costs.get)"),
+    ("previous_batch folds before the solve", DOPR,
+     'previous = self.stats_from == "previous_batch" and "ap_stat" in state', "previous = False"),
+]
+
+
+def copy_repo(dest: Path) -> None:
+    for name in ("dopr_robot", "tests", "configs", "pyproject.toml"):
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+
+
+def run_tests(root: Path, timeout: int) -> tuple[str, float]:
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    try:
+        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                 "tests/test_optim.py"], cwd=root, env=env, capture_output=True, text=True,
+                                timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.perf_counter() - start
+    return ("passed" if result.returncode == 0 else "failed"), time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per test run")
+    parser.add_argument("--only", default=None, help="comma-separated mutant names")
+    args = parser.parse_args()
+    chosen = [m for m in MUTANTS if args.only is None or m[0] in args.only.split(",")]
+    with tempfile.TemporaryDirectory(prefix="dopr-mutants-") as tmp:
+        root = Path(tmp)
+        copy_repo(root)
+        outcome, seconds = run_tests(root, args.timeout)
+        print(f"unmutated: tests {outcome} ({seconds:.0f} s)", flush=True)
+        if outcome != "passed":
+            sys.exit("the unmutated tests must pass first")
+        survivors = []
+        for name, rel, old, new in chosen:
+            path = root / rel
+            original = path.read_text()
+            if original.count(old) != 1:
+                sys.exit(f"mutant {name!r}: its text occurs {original.count(old)} times in {rel}, not once")
+            path.write_text(original.replace(old, new))
+            try:
+                outcome, seconds = run_tests(root, args.timeout)
+            finally:
+                path.write_text(original)
+            verdict = "killed" if outcome == "failed" else "SURVIVED" if outcome == "passed" else outcome
+            print(f"{verdict:>9}  {name} ({seconds:.0f} s)", flush=True)
+            if outcome == "passed":
+                survivors.append(name)
+        print(f"\n{len(chosen) - len(survivors)} of {len(chosen)} mutants killed; surviving: "
+              f"{', '.join(survivors) if survivors else 'none'}")
+
+
+if __name__ == "__main__":
+    main()
