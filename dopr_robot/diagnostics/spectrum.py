@@ -64,7 +64,7 @@ def layer_spectra(policy, windows: WindowDataset, layers, batch_size: int, batch
                 entry["lambda_max_over_mean"] += top * layer.d_in / trace.item() / batches
                 entry["top_share"] += top / trace.item() / batches
                 for g in gammas:
-                    lam = damping(trace, layer.d_in, g, damping_form, eps)
+                    lam = float(damping(trace, layer.d_in, g, damping_form, eps))
                     entry["cond_damped"][g] += (top + lam) / (bottom + lam) / batches
     finally:
         for h in hooks:

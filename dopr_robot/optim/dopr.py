@@ -50,10 +50,11 @@ statistic is skipped (counted) and never enters the running average; a failed fa
 at the next refresh.
 
 step() never synchronizes with the host (no .item(), no data-dependent branch or shape), so a GPU's queue never
-stalls on it: lambda stays a device tensor; both Cholesky attempts (1x and 10x damping) always run, batched over
-the layers whose matrices have equal size, and torch.where picks the first that succeeded, else the identity
-(M = G); a non-finite statistic is masked out of the average; the counters are device tensors read only by
-health(). The backward path factors all its layers at the first backward of a step (Z is known by then).
+stalls on it: lambda stays a device tensor; the layers whose matrices have equal size are factored in one
+batched Cholesky call, then the first of them that failed (if any) once more at 10x damping (one retry slot
+per group and step: see `damped_inverses`), and torch.where keeps what succeeded, else the identity (M = G);
+a non-finite statistic is masked out of the average; the counters are device tensors read only by health().
+The backward path factors all its layers at the first backward of a step (Z is known by then).
 
 With ap=False, base="adam" is AdamW, base="muon" is Muon for every matrix and conv
 weight (reshaped to (C_out, C_in * k), never refused, never orthogonalized per output channel) and
