@@ -24,9 +24,8 @@ DOPR = "dopr_robot/optim/dopr.py"
 # (name, file, original text, mutated text)
 MUTANTS = [
     ("ema replaced by the per-batch S", DOPR,
-     "new = torch.where(has, old * self.ema_decay + s * (1 - self.ema_decay), s)", "new = s"),
-    ("non-finite statistic enters the average", DOPR,
-     'state["ap_stat"] = torch.where(finite, new, old)', 'state["ap_stat"] = new'),
+     "old.lerp_(s, torch.where(has, 1 - self.ema_decay, 1.0).to(s.dtype))", "old.copy_(s)"),
+    ("non-finite statistic enters the average", DOPR, "s = torch.where(finite, s, old)", "pass"),
     ("damping not relative to the mean eigenvalue", DOPR,
      'return gamma * (trace / d if form == "mean" else trace) + eps', "return gamma * trace + eps"),
     ("retry at 1x instead of 10x", DOPR, "add_(10 * lam.index_select(0, slot)[:, None])",

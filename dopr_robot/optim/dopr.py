@@ -603,7 +603,7 @@ class DoPr(torch.optim.Optimizer):
             packed = torch.cat([moment.flatten(), moment.new_tensor([rows])])
             dist.all_reduce(packed)
             moment, rows = packed[:-1].view_as(moment), packed[-1]
-        return moment / rows
+        return moment.div_(rows)  # (the pending moment is ours)
 
     def _fold(self, state: dict, s: torch.Tensor | None) -> None:
         """Fold this step's S into the statistic; a non-finite S is skipped (never enters the average). A NaN or
@@ -614,10 +614,11 @@ class DoPr(torch.optim.Optimizer):
         if "ap_stat" not in state:
             state["ap_stat"], state["ap_has_stat"] = torch.zeros_like(s), s.new_zeros(())
         old, has = state["ap_stat"], state["ap_has_stat"] > 0
-        new = s
-        if self.ema_decay > 0:
-            new = torch.where(has, old * self.ema_decay + s * (1 - self.ema_decay), s)
-        state["ap_stat"] = torch.where(finite, new, old)
+        s = torch.where(finite, s, old)  # (one pass; the EMA below updates in place: two passes in all)
+        if self.ema_decay > 0:  # the first statistic is taken whole
+            old.lerp_(s, torch.where(has, 1 - self.ema_decay, 1.0).to(s.dtype))
+        else:
+            state["ap_stat"] = s
         state["ap_has_stat"] = (has | finite).to(s.dtype)
         _count(state, skipped=~finite)
 
