@@ -828,6 +828,17 @@ class DoPr(torch.optim.Optimizer):
         extra = state_dict.pop("dopr", {})
         super().load_state_dict(state_dict)
         self.steps = int(extra.get("steps", 0))
+        for layer in self.layers:  # states saved before the counters became device tensors
+            state = self.state.get(layer.weight, {})
+            for key in ("ap_fallbacks", "ap_retries", "ap_skipped_stats"):
+                if key in state and not torch.is_tensor(state[key]):
+                    state[key] = torch.tensor(float(state[key]), device=layer.weight.device)
+            if "ap_stat" in state and "ap_has_stat" not in state:
+                state["ap_has_stat"] = state["ap_stat"].new_ones(())
+            if state.pop("ap_failed", None) is not None and "ap_inverse" not in state:
+                state["ap_inverse"] = torch.eye(layer.d_in, device=layer.weight.device)  # M = G until a refresh
+            if "ap_inverse" in state and "ap_ok" not in state:
+                state["ap_ok"] = state["ap_stat"].new_ones(()) if "ap_stat" in state else torch.ones(())
 
     def health(self, spectrum: bool = False) -> dict[str, float]:
         """Counts (failed factorizations, 10x-damping retries, skipped non-finite statistics), how many layers
