@@ -27,7 +27,7 @@ from dopr_robot.datasets import WindowDataset
 from dopr_robot.diagnostics.demos import training_demos
 from dopr_robot.errors import UserError
 from dopr_robot.fileio import write_json
-from dopr_robot.optim import DoPr
+from dopr_robot.optim import AP_OPTIMIZERS, DoPr
 from dopr_robot.optim.dopr import damping
 from dopr_robot.provenance import provenance
 from dopr_robot.rundir import SPECTRUM_REPORT, check_writable_dir, resolve_checkpoint
@@ -103,7 +103,7 @@ def spectrum(run: str | Path, out: str | Path | None = None, checkpoint: str | P
     report = {
         "layers": [{**r, "cond_damped": {str(g): c for g, c in r["cond_damped"].items()}} for r in rows],
         "gammas": gammas, "damping_form": ap.damping_form, "run_optim": cfg.optim.name,
-        "run_damping": ap.damping if cfg.optim.name in ("dopr", "dopr-muon") else None,
+        "run_damping": ap.damping if cfg.optim.name in AP_OPTIMIZERS else None,
         "batches": batches, "batch_size": cfg.train.batch_size, "seed": seed,
         "checkpoint": str(ckpt), "dataset": str(dataset),
         "provenance": provenance(dataset, run_dir=run),
