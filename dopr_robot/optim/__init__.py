@@ -1,7 +1,7 @@
 """Optimizers: AdamW (torch), Muon and DoPr (ours). Depends on torch only:
 
     from dopr_robot.optim import DoPr, clip_grad_norm_
-    optimizer = DoPr(model, lr=1e-4, base="adam")   # or base="muon"
+    optimizer = DoPr(model, lr=1e-4, base="adam")   # or base="muon" | "signum"
     loss.backward(); clip_grad_norm_(optimizer, model.parameters(), 10.0); optimizer.step()
 """
 
