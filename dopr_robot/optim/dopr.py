@@ -110,7 +110,7 @@ def damped_inverses(matrices: torch.Tensor, lam: torch.Tensor, usable: torch.Ten
     factor.index_copy_(0, slot, torch.where(retried.index_select(0, slot)[:, None, None], retry_factor,
                                             factor.index_select(0, slot)))
     ok = usable & (first | retried)
-    factor = torch.where(ok[:, None, None], factor, 0.0)  # (a scalar: much faster than against a broadcast eye)
+    factor.masked_fill_(~ok[:, None, None], 0.0)  # (in place: much faster than a where against a broadcast eye)
     factor.diagonal(dim1=-2, dim2=-1).add_((~ok)[:, None])  # the identity's factor is the identity
     return torch.cholesky_inverse(factor), ok, retried & usable
 
