@@ -169,7 +169,7 @@ _MUON_KEYS = ("optim.momentum", "optim.nesterov", "optim.ns_steps", "optim.adjus
 def applies_to_optimizer(optim_name: str, key: str) -> bool:
     """Whether the dotted config `key` can change a run trained with optimizer `optim_name`."""
     if key.startswith("optim.ap."):
-        return optim_name in ("dopr", "dopr-muon")
+        return optim_name in AP_OPTIMIZERS
     return not (key in _MUON_KEYS and optim_name == "adam")
 
 
