@@ -37,6 +37,8 @@ VARIANTS = [
     ("dopr-adam primal only", OptimConfig(name="dopr"), {"path": "primal"}),
     ("dopr-adam refresh10", OptimConfig(name="dopr", ap=APConfig(**REFRESH10)), {}),
     ("dopr-muon", OptimConfig(name="dopr-muon"), {}),
+    ("signum", OptimConfig(name="signum"), {}),
+    ("dopr-signum", OptimConfig(name="dopr-signum"), {}),
 ]
 FULL_VARIANTS = [
     ("dopr-adam full", OptimConfig(name="dopr", ap=APConfig(conv_mode="full")), {}),

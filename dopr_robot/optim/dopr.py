@@ -467,7 +467,7 @@ class DoPr(torch.optim.Optimizer):
         (rows of D) is given only when the backward path is possible (first call of a step). Worked out once
         per layer shape and setting, then looked up."""
         key = (layer.mode, layer.d_in, layer.r, layer.augment, layer.weight.device.type, n, n_out, d_out,
-               self.path, self._batch_exact())
+               self.path, self._batch_exact(), self.damping == 0 and self.damping_eps == 0)
         if key not in self._path_cache:
             self._path_cache[key] = self._cheapest_path(layer, n, n_out, d_out)
         return self._path_cache[key]
@@ -585,8 +585,7 @@ class DoPr(torch.optim.Optimizer):
                 grams = _grams(rows)
                 n = grams.shape[-1]
                 traces = grams.diagonal(dim1=-2, dim2=-1).sum(-1) / n
-                lam = torch.stack([damping(t, layer.d_in, self.damping, self.damping_form, self.damping_eps)
-                                   for t, (layer, _) in zip(traces, group)])
+                lam = self._lambdas(traces, [layer.d_in for layer, _ in group])
                 inverses, ok, retried = damped_inverses(grams, n * lam)
                 whitens = inverses * torch.where(ok, n, 1.0)[:, None, None]  # n K^-1, or the identity: M = G
                 for i, (layer, p) in enumerate(group):
@@ -594,6 +593,14 @@ class DoPr(torch.optim.Optimizer):
                     finite = torch.isfinite(lam[i])
                     _count(self.state[layer.weight], skipped=~finite, fallback=finite & ~ok[i], retried=retried[i])
         return pending.whiten
+
+    def _lambdas(self, traces: torch.Tensor, widths: list[int]) -> torch.Tensor:
+        """lambda of each matrix of a batch from its trace (of S) and its layer's d_in (Python ints: no host
+        to device copy)."""
+        if len(set(widths)) == 1:
+            return damping(traces, widths[0], self.damping, self.damping_form, self.damping_eps)
+        return torch.stack([damping(t, d, self.damping, self.damping_form, self.damping_eps)
+                            for t, d in zip(traces, widths)])
 
     # ---- primal statistics and refresh -----------------------------------------------------------------
     def _reduced_moment(self, pending: _Pending) -> torch.Tensor:
@@ -642,8 +649,7 @@ class DoPr(torch.optim.Optimizer):
             stats = torch.stack([state["ap_stat"] for _, state in group]) if len(group) > 1 \
                 else group[0][1]["ap_stat"].unsqueeze(0)  # (a view: damped_inverses restores what it touches)
             traces = stats.diagonal(dim1=-2, dim2=-1).sum(-1)
-            lam = torch.stack([damping(t, state["ap_stat"].shape[0], self.damping, self.damping_form,
-                                       self.damping_eps) for t, (_, state) in zip(traces, group)])
+            lam = self._lambdas(traces, [stats.shape[-1]] * len(group))
             usable = torch.stack([state["ap_has_stat"] > 0 for _, state in group])
             inverses, ok, retried = damped_inverses(stats, lam, usable)
             for i, (layer, state) in enumerate(group):
@@ -671,24 +677,27 @@ class DoPr(torch.optim.Optimizer):
             elif path == "dual":
                 dual.append((layer, pending))
         self._primal_inverses(primal)
-        for layer, _ in primal:
-            inverse = self.state[layer.weight]["ap_inverse"] if "ap_inverse" in self.state[layer.weight] else None
+        for layer, _ in primal:  # M = G S_d^-1 (S_d^-1 is the identity after a failure: M = G)
+            inverse = self.state[layer.weight].get("ap_inverse")
             self._precondition(layer, out, lambda g, inverse=inverse: g if inverse is None else g @ inverse)
-        # dual in float64: G - (G Z^T) K^-1 Z cancels ~1/gamma of float32's digits
+        self._dual_gradients(dual, out)
+        return out
+
+    def _dual_gradients(self, dual: list[tuple[_Layer, _Pending]], out: dict) -> None:
+        """M by Woodbury for the dual-path layers, their n x n kernels factored in batches of equal n. In
+        float64: G - (G Z^T) K^-1 Z cancels ~1/gamma of float32's digits."""
         inputs = [(layer, torch.cat(p.inputs).double()) for layer, p in dual]
         for group in _grouped(inputs, key=lambda item: item[1].shape[0]):
             grams = _grams([z for _, z in group])
             n = grams.shape[-1]
             traces = grams.diagonal(dim1=-2, dim2=-1).sum(-1) / n
-            lam = torch.stack([damping(t, layer.d_in, self.damping, self.damping_form, self.damping_eps)
-                               for t, (layer, _) in zip(traces, group)])
+            lam = self._lambdas(traces, [layer.d_in for layer, _ in group])
             inverses, ok, retried = damped_inverses(grams, n * lam)
             for i, (layer, z) in enumerate(group):
                 finite = torch.isfinite(lam[i])
                 _count(self.state[layer.weight], skipped=~finite, fallback=finite & ~ok[i], retried=retried[i])
                 self._precondition(layer, out, lambda g, i=i, z=z: torch.where(
                     ok[i], dual_precondition(g.double(), z, inverses[i], n * lam[i]), g))
-        return out
 
     def _precondition(self, layer: _Layer, out: dict, solve) -> None:
         """out[weight] (and out[bias] with bias_augment) = the layer's gradient matrix G through `solve`."""
