@@ -99,8 +99,9 @@ def prepare_dataset(cfg: Config, collect_if_missing: bool, progress: bool) -> No
     path = Path(cfg.data.path)
     if path.exists() or is_minari(cfg.data.path):  # Minari datasets are downloaded, never collected here
         return
-    if not collect_if_missing:
-        raise UserError(f"dataset not found: {path}")
+    if not collect_if_missing or cfg.data.task == "none":
+        raise UserError(f"dataset not found: {path}" + (" (data.task is none: download it, see the README's "
+                                                        "supported files)" if cfg.data.task == "none" else ""))
     d = cfg.data
     noise = f" (operator noise {d.collect_noise})" if d.collect_noise else ""
     print(f"{path} not found: collecting {d.collect_episodes} scripted {d.task} demos{noise} first")

@@ -19,18 +19,22 @@ import yaml
 from dopr_robot.errors import UserError
 from dopr_robot.optim.config import AP_OPTIMIZERS, OPTIMIZERS, OptimConfig
 
-DEFAULT_OBS_KEYS = ["object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"]
-
 
 @dataclass
 class DataConfig:
     path: str = "data/lift_scripted.hdf5"
-    # If `path` does not exist, this many scripted-expert demos of `task` are collected into it first.
+    # If `path` does not exist, this many scripted-expert demos of `task` are collected into it first
+    # ("none": a downloaded file, never collected).
     task: str = "lift"
     collect_episodes: int = 100
     collect_seed: int = 0
     collect_noise: float = 0.0  # NoisyOperator level of those demos (0 = the scripted expert)
-    obs_keys: list[str] = field(default_factory=lambda: list(DEFAULT_OBS_KEYS))
+    # Low-dim observation keys; empty: the file's object key and every robot's eef pos/quat + gripper qpos
+    # (datasets/obs_keys.py). Image keys are refused until an image encoder exists.
+    obs_keys: list[str] = field(default_factory=list)
+    # Rotation of absolute pose actions the policy predicts: file (as recorded), axis_angle (7-D per arm) or
+    # rotation_6d (10-D per arm, diffusion_policy's abs layout); eval converts back for the controller.
+    action_rotation: str = "file"
     n_obs_steps: int = 2
     horizon: int = 16
     n_action_steps: int = 8
@@ -144,7 +148,8 @@ CHOICES = {
     "optim.ap.stats_from": ("batch", "previous_batch"),
     "optim.ap.path": ("auto", "primal", "dual", "backward"),
     "optim.matrix_layers": ("hidden", "all"),
-    "data.task": ("lift", "can", "square"),
+    "data.task": ("lift", "can", "square", "none"),
+    "data.action_rotation": ("file", "axis_angle", "rotation_6d"),
     "train.logger": ("none", "tensorboard", "wandb"),
 }
 POSITIVE = (
@@ -240,8 +245,8 @@ def validate(config: Config) -> None:
             f"data.horizon ({d.horizon}) must cover n_obs_steps + n_action_steps - 1 "
             f"({d.n_obs_steps + d.n_action_steps - 1}) actions"
         )
-    if not d.obs_keys:
-        raise UserError("data.obs_keys must name at least one observation key")
+    if len(set(d.obs_keys)) != len(d.obs_keys):
+        raise UserError(f"data.obs_keys names a key twice: {d.obs_keys}")
     if config.policy.backbone == "unet":
         if any(c % config.policy.unet.n_groups for c in config.policy.unet.down_dims):
             raise UserError("policy.unet.down_dims must be divisible by policy.unet.n_groups")

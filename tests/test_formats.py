@@ -57,8 +57,10 @@ def test_old_controller_config_is_translated():
     assert action_mode(absolute) == "absolute"
     assert upgrade_env_args(absolute)["env_kwargs"]["controller_configs"]["body_parts"]["right"]["input_type"] == \
         "absolute"
-    with pytest.raises(UserError, match="10-D"):
-        action_mode(V141_ENV_ARGS, action_dim=10)
+    assert arm["input_ref_frame"] == "world"  # robosuite 1.4's OSC read every command in the world frame
+    assert action_mode(V141_ENV_ARGS, action_dim=10) == "absolute"  # diffusion_policy's pos + 6-D rotation poses
+    with pytest.raises(UserError, match="11-D absolute"):
+        action_mode(absolute, action_dim=11)
     assert "1.4.1" in version_warning(V141_ENV_ARGS)
 
 

@@ -158,8 +158,7 @@ class RobomimicFile:
             if "obs" not in g or key not in g["obs"]:
                 have = ", ".join(sorted(g["obs"].keys())) if "obs" in g else "none"
                 raise UserError(f"{where}: no observation key {key!r} (has: {have})")
-            value = np.asarray(g["obs"][key][()], dtype=np.float32)
-            value = value.reshape(value.shape[0], -1)
+            value = low_dim_or_image(g["obs"][key][()])
             if value.shape[0] != actions.shape[0]:
                 raise UserError(f"{where}: obs/{key} has {value.shape[0]} steps but actions has {actions.shape[0]}")
             obs[key] = value
@@ -170,6 +169,17 @@ class RobomimicFile:
         rewards = np.asarray(g["rewards"][()]) if "rewards" in g else None
         attrs = {k: _plain(v) for k, v in g.attrs.items()}
         return Episode(obs=obs, actions=actions, rewards=rewards, states=states, attrs=attrs)
+
+
+def low_dim_or_image(value: np.ndarray) -> np.ndarray:
+    """An observation array as the readers hand it on: an image key (uint8, (T, H, W, C)) as it is stored, a
+    low-dim key as float32 (T, D)."""
+    from dopr_robot.datasets.obs_keys import observation_kind
+
+    value = np.asarray(value)
+    if observation_kind(value.shape[1:], value.dtype) == "image":
+        return value
+    return value.astype(np.float32).reshape(value.shape[0], -1)
 
 
 def _plain(value: Any) -> Any:

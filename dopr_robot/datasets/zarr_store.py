@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from dopr_robot.datasets.robomimic_hdf5 import Episode
+from dopr_robot.datasets.robomimic_hdf5 import Episode, low_dim_or_image
 from dopr_robot.errors import UserError
 from dopr_robot.fileio import out_of_space_error
 
@@ -50,8 +50,9 @@ def write_zarr(path: str | Path, episodes: list[Episode], env_args: dict[str, An
         for key, parts in columns.items():
             data = np.concatenate(parts)
             # every chunk is written, even all-zero ones, so a missing chunk file always means damage
+            rows = 4096 if data.ndim <= 2 else 64  # image chunks of 64 frames (84x84x3: 1.4 MB)
             array = root.create_array(f"data/{key}", shape=data.shape, dtype=data.dtype,
-                                      chunks=(min(len(data), 4096), *data.shape[1:]),
+                                      chunks=(min(len(data), rows), *data.shape[1:]),
                                       compressors=numcodecs.Zstd(level=3, checksum=True),
                                       config={"write_empty_chunks": True})
             array[:] = data
@@ -73,6 +74,18 @@ def write_zarr(path: str | Path, episodes: list[Episode], env_args: dict[str, An
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise out_of_space_error(path, e) or e  # a full disk: one line; the earlier store was never touched
+
+
+def zarr_obs_specs(path: str | Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{key: (shape of one step, dtype)} of a store's observation arrays, from its metadata."""
+    import zarr
+
+    try:
+        data = zarr.open_group(str(path), mode="r")["data"]
+        return {k: (tuple(data[k].shape[1:]), np.dtype(data[k].dtype)) for k in data.keys()
+                if k not in ("action", "states", "reward")}
+    except (KeyError, FileNotFoundError, ValueError, TypeError) as e:
+        raise UserError(f"{path} is not a ReplayBuffer zarr store (data/, meta/episode_ends): {e}") from None
 
 
 def read_zarr(path: str | Path, obs_keys: list[str] | None = None):
@@ -111,7 +124,7 @@ def read_zarr(path: str | Path, obs_keys: list[str] | None = None):
     starts = np.concatenate([[0], ends[:-1]])
     for i, (s, e) in enumerate(zip(starts, ends)):
         episodes[f"demo_{i}"] = Episode(
-            obs={k: columns[k][s:e].astype(np.float32).reshape(e - s, -1) for k in keys},
+            obs={k: low_dim_or_image(columns[k][s:e]) for k in keys},
             actions=columns["action"][s:e].astype(np.float32),
             states=columns["states"][s:e] if "states" in columns else None,
             rewards=columns["reward"][s:e] if "reward" in columns else None,

@@ -1,17 +1,30 @@
-"""Datasets recorded with other robosuite versions: translate their env_args so robosuite 1.5 can rebuild them.
+"""Datasets recorded with other robosuite versions: translate their env_args so robosuite 1.5 can rebuild them,
+and read what their actions mean (delta or absolute poses, with which rotation representation).
 
 robomimic's widely downloaded "v141" files were recorded with robosuite 1.4.x, whose controller config is a
 single part controller (`{"type": "OSC_POSE", "control_delta": true, "damping": 1, ...}`); robosuite 1.5 wants a
 composite config (`{"type": "BASIC", "body_parts": {"right": {...}}}`). robosuite ships
 `refactor_composite_controller_config` for the structure; the renamed keys (`damping` -> `damping_ratio`,
 `control_delta` -> `input_type`) are translated here, so an absolute-action file stays absolute.
+
+robosuite 1.4's OSC read every command in the world frame: a delta was added to the end effector's world pose
+and an absolute command was a world pose (its goals were compared with `site_xpos` / `site_xmat`). robosuite
+1.5's OSC reads commands in the robot base's frame by default (`input_ref_frame: "base"`), which is the world
+frame only for a robot whose base is neither moved nor turned: an absolute pose then lands ~1 m off, and
+Transport's second arm (turned by 180 degrees) would move its deltas mirrored. The translation therefore sets
+`input_ref_frame: "world"`, what 1.4 meant. Both versions read an absolute orientation as an axis-angle world
+rotation, take positions unscaled and clip nothing (`input_max` / `output_max` scale deltas only).
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from dopr_robot.envs.rotations import action_width, rotation_of_width
 from dopr_robot.errors import UserError
 
 _OLD_KEY_NAMES = {"damping": "damping_ratio", "damping_limits": "damping_ratio_limits"}
@@ -21,6 +34,7 @@ def _upgrade_part(cfg: dict[str, Any]) -> dict[str, Any]:
     cfg = {(_OLD_KEY_NAMES.get(k, k)): v for k, v in cfg.items()}
     if "control_delta" in cfg:
         cfg["input_type"] = "delta" if cfg.pop("control_delta") else "absolute"
+        cfg["input_ref_frame"] = "world"  # robosuite 1.4's frame for deltas and absolute poses alike
     return cfg
 
 
@@ -53,12 +67,69 @@ def arm_controller_config(env_args: dict[str, Any]) -> dict[str, Any]:
     return cfg["body_parts"].get("right", {}) if "body_parts" in cfg else cfg
 
 
+def n_arms(env_args: dict[str, Any]) -> int:
+    """Arms that the actions drive: one per robot (robomimic's tasks use single-arm robots; Transport has two)."""
+    robots = env_args.get("env_kwargs", {}).get("robots", ["Panda"])
+    return 1 if isinstance(robots, str) else max(1, len(robots))
+
+
+def _recorded_mode(env_args: dict[str, Any]) -> str:
+    return _upgrade_part(arm_controller_config(env_args)).get("input_type", "delta")
+
+
+def with_absolute_controller(env_args: dict[str, Any]) -> dict[str, Any]:
+    """A copy of env_args whose arm controller takes absolute poses (the frame as robosuite 1.4 read them)."""
+    args = copy.deepcopy(env_args)
+    cfg = args.setdefault("env_kwargs", {}).get("controller_configs")
+    if not isinstance(cfg, dict):
+        raise UserError("the dataset's env_args have no controller config to switch to absolute actions")
+    part = cfg["body_parts"].setdefault("right", {}) if "body_parts" in cfg else cfg
+    if "body_parts" not in cfg:  # robosuite 1.4 layout: upgrade_env_args translates it
+        part["control_delta"] = False
+    else:
+        part["input_type"] = "absolute"
+        part["input_ref_frame"] = "world"
+    return args
+
+
+def action_layout(env_args: dict[str, Any], actions: np.ndarray, path: str | Path | None = None
+                  ) -> tuple[dict[str, Any], str, str | None, str | None]:
+    """What a file's actions are: (env_args that execute them, "delta" | "absolute", the rotation
+    representation of absolute actions ("axis_angle" | "rotation_6d", None for deltas), a note for the user).
+
+    diffusion_policy's `*_abs.hdf5` files hold absolute poses but keep the env_args of the delta file they were
+    converted from (its runner switches the controller to absolute on its own), and 10-D (20-D two-arm) poses
+    exist only as absolute actions: both are read as absolute, with a note, and the returned env_args say so."""
+    arms, width = n_arms(env_args), int(actions.shape[-1])
+    recorded = _recorded_mode(env_args)
+    note = None
+    if recorded == "delta":
+        if width == action_width("rotation_6d", arms):
+            reason = f"{width}-D actions are absolute poses with a 6-D rotation"
+        elif path is not None and Path(path).stem.endswith("_abs") and width == action_width("axis_angle", arms):
+            reason = "diffusion_policy's *_abs files hold absolute poses"
+        else:
+            reason = None
+        if reason is None:
+            if np.abs(actions).max(initial=0.0) > 1 + 1e-6:
+                note = (f"the controller takes delta actions in [-1, 1], but the actions reach "
+                        f"{np.abs(actions).max():.3g}: if they are absolute poses, name the file *_abs.hdf5")
+            return env_args, "delta", None, note
+        env_args = with_absolute_controller(env_args)
+        note = f"{reason}, but env_args records a delta controller: driving an absolute controller instead"
+    rotation = rotation_of_width(width, arms)
+    if rotation is None:
+        raise UserError(f"{width}-D absolute actions fit neither pose layout for {arms} arm(s): "
+                        f"{action_width('axis_angle', arms)}-D (axis-angle) or {action_width('rotation_6d', arms)}-D "
+                        f"(6-D rotation) per [position, rotation, gripper] block")
+    return env_args, "absolute", rotation, note
+
+
 def action_mode(env_args: dict[str, Any], action_dim: int | None = None) -> str:
     """"delta" or "absolute", from the arm controller's config (and the action width, when known)."""
-    if action_dim == 10:
-        raise UserError("10-D actions (absolute position + 6-D rotation, diffusion_policy's abs conversion) are not "
-                        "supported yet: use the original 7-D robomimic file")
-    return _upgrade_part(arm_controller_config(env_args)).get("input_type", "delta")
+    if action_dim is None:
+        return _recorded_mode(env_args)
+    return action_layout(env_args, np.zeros((1, action_dim)))[1]
 
 
 def version_warning(env_args: dict[str, Any]) -> str | None:
@@ -73,3 +144,24 @@ def version_warning(env_args: dict[str, Any]) -> str | None:
         return (f"dataset was recorded with robosuite {theirs}, this is {ours}: controller config translated; "
                 f"dynamics may differ slightly")
     return None
+
+
+def policy_actions(env_args: dict[str, Any], actions: np.ndarray, path: str | Path | None,
+                   requested: str) -> tuple[dict[str, Any], str | None, str | None, str | None]:
+    """How a policy trained on a file's actions acts: (the env_args its checkpoint records, the file's rotation
+    representation, the policy's, a note for the user). Rotations are None for delta actions.
+
+    `requested` is `data.action_rotation`: "file" keeps the file's representation; "axis_angle" or "rotation_6d"
+    converts absolute actions (refused for deltas). A policy on 6-D rotations gets `"action_rotation":
+    "rotation_6d"` in its env_args, so the environment built for its evaluation converts its actions back."""
+    env_args, mode, rotation, note = action_layout(env_args, actions, path)
+    if mode == "delta":
+        if requested != "file":
+            raise UserError(f"data.action_rotation={requested} applies to absolute pose actions; this file's actions "
+                            f"are deltas (leave data.action_rotation at file)")
+        return env_args, None, None, note
+    target = rotation if requested == "file" else requested
+    env_args = {k: v for k, v in env_args.items() if k != "action_rotation"}
+    if target == "rotation_6d":
+        env_args["action_rotation"] = "rotation_6d"
+    return env_args, rotation, target, note

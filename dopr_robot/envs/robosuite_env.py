@@ -4,6 +4,11 @@ A dataset is all a user must supply: its `env_args` JSON names the environment a
 with, so training and evaluation rebuild exactly that environment. Rendering is off (low-dim observations need
 no renderer), which keeps evaluation headless; `render=RenderSpec(camera, height, width)` opts one environment
 into an offscreen renderer for video frames (`render_frame`), with the observations still low-dim.
+
+One key of ours may sit beside robomimic's in env_args: `"action_rotation": "rotation_6d"` (written by `train`
+into a checkpoint whose policy predicts absolute poses with 6-D rotations, diffusion_policy's layout). The
+environment then takes 10-D actions per arm and hands robosuite's controller their axis-angle form, so the
+policy, the rollout loop and recorded rollouts all see the policy's own actions.
 """
 
 from __future__ import annotations
@@ -15,10 +20,13 @@ from typing import Any
 import numpy as np
 
 from dopr_robot.envs.render import RenderSpec, backend_import_error, choose_gl_backend
+from dopr_robot.envs.rotations import ROTATIONS, action_width, convert_actions
 from dopr_robot.errors import UserError
 
 # Our task names -> robosuite environment names.
 TASKS = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare"}
+# Environments whose pushes have a documented target (`RobosuiteEnv.push_target`): ours and robomimic's.
+PUSHABLE = {"Lift", "PickPlaceCan", "NutAssemblySquare", "ToolHang", "TwoArmTransport"}
 
 # robosuite calls the object observation "object-state"; robomimic (and every dataset) calls it "object".
 _ROBOMIMIC_OBS_NAMES = {"object-state": "object"}
@@ -80,7 +88,7 @@ class RobosuiteEnv:
 
     def __init__(self, env_args: dict[str, Any], render: RenderSpec | tuple[str, int, int] | None = None):
         suite = import_robosuite()
-        from dopr_robot.envs.compat import upgrade_env_args
+        from dopr_robot.envs.compat import n_arms, upgrade_env_args
 
         if not isinstance(env_args, dict):
             raise UserError("env_args is not a JSON object: not a robomimic/robosuite dataset")
@@ -96,6 +104,11 @@ class RobosuiteEnv:
         if render is not None:
             kwargs["has_offscreen_renderer"] = True  # frames for videos only: observations stay low-dim
         self.env_args = env_args
+        self.action_rotation = env_args.get("action_rotation", "axis_angle")
+        if self.action_rotation not in ROTATIONS:
+            raise UserError(f"env_args action_rotation must be one of {', '.join(ROTATIONS)}; "
+                            f"got {self.action_rotation!r}")
+        self.n_arms = n_arms(env_args)
         self.env = suite.make(env_args["env_name"], **kwargs)
         self.render_spec = RenderSpec(*render) if render is not None else None
         if self.render_spec is not None:
@@ -107,6 +120,9 @@ class RobosuiteEnv:
 
     @property
     def action_dim(self) -> int:
+        """The width of the actions `step` takes (10 per arm when they carry 6-D rotations)."""
+        if self.action_rotation == "rotation_6d":
+            return action_width("rotation_6d", self.n_arms)
         return int(self.env.action_spec[0].shape[0])
 
     def reset(self, seed: int) -> dict[str, np.ndarray]:
@@ -119,7 +135,10 @@ class RobosuiteEnv:
         return self._observation(self.env.reset())
 
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
-        obs, reward, _, _ = self.env.step(np.asarray(action, dtype=np.float64))
+        action = np.asarray(action, dtype=np.float64)
+        if self.action_rotation == "rotation_6d":
+            action = convert_actions(action, "rotation_6d", "axis_angle", self.n_arms)
+        obs, reward, _, _ = self.env.step(action)
         return self._observation(obs), float(reward)
 
     def is_success(self) -> bool:
@@ -129,20 +148,29 @@ class RobosuiteEnv:
         """The flattened MuJoCo state (robomimic's `states`): enough to replay or reset."""
         return np.asarray(self.env.sim.get_state().flatten())
 
-    def push_object(self, velocity: np.ndarray) -> None:
-        """Add `velocity` (m/s, world frame) to the task object's linear velocity: a kick (perturbation tests).
-
-        The task object is the one the success check is about: Lift's cube, PickPlace's active object, Square's
-        active nut. The object is a free body, so its joint's first three velocity entries are linear.
-        """
+    def push_target(self):
+        """The object a push kicks, the one the success check is about: Lift's cube, PickPlace's active object,
+        Square's active nut, Tool-Hang's tool (the wrench hung last), Transport's payload (the hammer handed
+        across). A task without one is refused by `check_pushable` before any episode runs."""
         env = self.env
         if hasattr(env, "cube"):
-            obj = env.cube
-        elif hasattr(env, "objects") and getattr(env, "object_id", None) is not None:
-            obj = env.objects[env.object_id]
-        elif hasattr(env, "nuts") and getattr(env, "nut_id", None) is not None:
-            obj = env.nuts[env.nut_id]
-        else:
+            return env.cube
+        if hasattr(env, "objects") and getattr(env, "object_id", None) is not None:
+            return env.objects[env.object_id]
+        if hasattr(env, "nuts") and getattr(env, "nut_id", None) is not None:
+            return env.nuts[env.nut_id]
+        if hasattr(env, "tool") and hasattr(env, "frame"):  # ToolHang
+            return env.tool
+        if hasattr(env, "transport"):  # TwoArmTransport
+            return env.transport.payload
+        return None
+
+    def push_object(self, velocity: np.ndarray) -> None:
+        """Add `velocity` (m/s, world frame) to the task object's linear velocity (`push_target`): a kick
+        (perturbation tests). The object is a free body, so its joint's first three velocity entries are linear.
+        """
+        obj = self.push_target()
+        if obj is None:
             raise UserError(f"pushes are not supported for {self.env_args['env_name']} (no single task object)")
         start = self.env.sim.model.get_joint_qvel_addr(obj.joints[0])[0]
         self.env.sim.data.qvel[start:start + 3] += np.asarray(velocity, dtype=np.float64)

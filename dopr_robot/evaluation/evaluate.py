@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from dopr_robot.envs import check_pushable
 from dopr_robot.envs.render import RenderSpec
 from dopr_robot.errors import UserError
 from dopr_robot.evaluation.journal import (JOURNAL_SUFFIX, Journal, check_resumable, journal_path, read_journal,
@@ -227,6 +228,8 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
     if not isinstance(perturbation, Perturbation):  # None or {level: value} overrides of the eval config
         levels = {k: defaults[k] for k in ("action_noise", "obs_noise", "push", "push_magnitude") if k in defaults}
         perturbation = Perturbation(**{**levels, **(perturbation or {})})
+    if perturbation.push and perturbation.push_magnitude:
+        check_pushable(meta["env_args"])  # one line now, not an error in every episode
     if videos < 0 or videos_failed < 0:
         raise UserError("need --videos >= 0 and --videos-failed >= 0")
     if resume and save_trajectories is not None:

@@ -20,10 +20,10 @@ import torch
 
 from dopr_robot.collect import prepare_dataset
 from dopr_robot.config import Config, dump_config
-from dopr_robot.config import DEFAULT_OBS_KEYS
 from dopr_robot.datasets import WindowDataset, flatten_obs, open_demos
 from dopr_robot.datasets.minari_source import is_minari
-from dopr_robot.envs.compat import action_mode, version_warning
+from dopr_robot.datasets.obs_keys import resolve_obs_keys
+from dopr_robot.envs.compat import policy_actions, to_policy_actions, version_warning
 from dopr_robot.envs.gymnasium_env import is_gymnasium
 from dopr_robot.errors import UserError
 from dopr_robot.fileio import atomic_file, write_json, write_text
@@ -112,8 +112,12 @@ def _train(cfg: Config, run_dir: Path, collect_if_missing: bool, progress: bool,
 
     # --- data: episodes -> windows; normalization fitted on the training split only
     d = cfg.data
-    # a Minari dataset's own keys unless the config names some (its default names robosuite keys)
-    keys = None if is_minari(d.path) and d.obs_keys == DEFAULT_OBS_KEYS else d.obs_keys
+    if is_minari(d.path):
+        keys = d.obs_keys or None  # a Minari dataset's own keys unless the config names some
+    else:  # empty: the file's object key and every robot's (datasets/obs_keys.py); image keys refused
+        keys, keys_warning = resolve_obs_keys(d.path, d.obs_keys)
+        if keys_warning:
+            say(f"warning: {keys_warning}")
     demos = open_demos(d.path, keys)  # reads and checks every demo: a damaged file fails here
     d.obs_keys = demos.obs_keys  # recorded in config.yaml and the checkpoints
     train_eps = demos.episodes(d.train_filter)
@@ -124,8 +128,14 @@ def _train(cfg: Config, run_dir: Path, collect_if_missing: bool, progress: bool,
         if limit and cfg.eval.max_steps != limit:
             say(f"warning: eval.max_steps ({cfg.eval.max_steps}) is not {env_args['env_name']}'s time limit "
                 f"({limit}): returns are not comparable with the dataset's (set eval.max_steps={limit})")
+        if d.action_rotation != "file":
+            raise UserError(f"data.action_rotation={d.action_rotation} applies to robosuite pose actions")
     else:
-        action_mode(env_args, train_eps[0].actions.shape[1])  # rejects action layouts the evaluator cannot execute
+        # rejects action layouts the evaluator cannot execute; the checkpoint's env_args tell eval how to execute
+        env_args, _, _, note = policy_actions(env_args, train_eps[0].actions, d.path, d.action_rotation)
+        if note:
+            say(f"note: {note}")
+        to_policy_actions(demos.episodes(None), env_args)  # e.g. 7-D axis-angle poses -> 10-D with 6-D rotations
         warning = version_warning(env_args)
         if warning:
             say(f"warning: {warning}")
