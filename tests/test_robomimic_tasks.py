@@ -235,9 +235,20 @@ def test_paper_task_config_trains_and_evaluates_700_step_episodes(config, env_na
     arms = len(ROBOTS[env_name])
     assert meta["action_dim"] == 10 * arms and meta["env_args"]["action_rotation"] == "rotation_6d"
     assert meta["obs_dim"] == {"ToolHang": 53, "TwoArmTransport": 59}[env_name]
-    result = run_cli("eval", str(run), "--episodes", "2", "--workers", "1", "--push", "1")
+    result = run_cli("eval", str(run), "--episodes", "2", "--workers", "1", "--push", "1", "--save-trajectories")
     assert result.returncode == 0, result.stderr
+    # the drift diagnostics compare the policy's 6-D rotation chunks with the demos' converted actions
+    result = run_cli("diagnose", str(run))
+    assert result.returncode == 0, result.stderr
+    assert np.isfinite(json.loads((run / "drift.json").read_text())["open_loop_chunk_mse"])
     report = json.loads((run / "eval.json").read_text())
     assert [e["steps"] for e in report["per_episode"]] == [700, 700]
     assert not any("error" in e for e in report["per_episode"])
     assert all(e.get("push_step") for e in report["per_episode"])  # pushed, not refused
+    # a task without a documented push target is refused before its first episode, not in every episode
+    meta["env_args"]["env_name"] = "Door"
+    (run / "checkpoints" / "final.json").write_text(json.dumps(meta))
+    result = run_cli("eval", str(run), "--episodes", "2", "--workers", "1", "--push", "1", "--out",
+                     str(tmp_path / "door.json"))
+    assert_user_error(result, "pushes are not supported for Door")
+    assert not (tmp_path / "door.json").exists() and not list(tmp_path.glob("door*"))

@@ -8,6 +8,7 @@ from typing import Any
 from dopr_robot.datasets import flatten_obs, open_demos
 from dopr_robot.datasets.minari_source import is_minari
 from dopr_robot.datasets.robomimic_hdf5 import Episode
+from dopr_robot.envs.compat import to_policy_actions
 from dopr_robot.errors import UserError
 
 
@@ -25,6 +26,7 @@ def training_demos(meta: dict[str, Any], ckpt: Path, dataset: str | Path | None
     valid_eps = demos.episodes(data_cfg["valid_filter"], missing_ok=True)
     if not train_eps:
         raise UserError(f"dataset {dataset}: mask/{data_cfg['train_filter']} names no demos to compare with")
+    to_policy_actions(demos.episodes(None), meta["env_args"])  # the actions as the policy predicts them
     dim = flatten_obs(train_eps[0].obs, obs_keys).shape[1]
     if dim != obs_dim:
         raise UserError(f"dataset {dataset} observations have {dim} dims, checkpoint expects "

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from dopr_robot.envs.rotations import action_width, rotation_of_width
+from dopr_robot.envs.rotations import action_width, convert_actions, rotation_of_width
 from dopr_robot.errors import UserError
 
 _OLD_KEY_NAMES = {"damping": "damping_ratio", "damping_limits": "damping_ratio_limits"}
@@ -165,3 +165,16 @@ def policy_actions(env_args: dict[str, Any], actions: np.ndarray, path: str | Pa
     if target == "rotation_6d":
         env_args["action_rotation"] = "rotation_6d"
     return env_args, rotation, target, note
+
+
+def to_policy_actions(episodes, env_args: dict[str, Any]) -> None:
+    """Convert the episodes' absolute pose actions, in place, to the rotation representation that a policy
+    whose checkpoint records `env_args` (from `policy_actions`) acts in: training and the diagnostics that
+    compare a policy with its demos read the demos through this one function."""
+    if _recorded_mode(env_args) != "absolute":
+        return
+    arms, target = n_arms(env_args), env_args.get("action_rotation", "axis_angle")
+    for episode in episodes:
+        source = rotation_of_width(episode.actions.shape[1], arms)
+        if source is not None and source != target:
+            episode.actions = convert_actions(episode.actions, source, target, arms).astype(np.float32)
