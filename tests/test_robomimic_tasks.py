@@ -70,9 +70,9 @@ def test_translated_absolute_controller_holds_a_world_pose(env_name):
     env.close()
 
 
-def test_v141_deltas_are_world_frame_on_transports_turned_arm():
-    """robosuite 1.4 added deltas in the world frame; Transport's robot1 faces robot0 (turned 180 degrees), so
-    a base-frame reading would move it the other way."""
+def test_v141_deltas_are_world_frame_on_transports_turned_arms():
+    """robosuite 1.4 added deltas in the world frame; Transport's robot1 faces robot0 (bases turned by -90 and
+    +90 degrees), so a base-frame reading (main before issue 18) would move it along world -y instead of +x."""
     env = make_env(v141_env_args("TwoArmTransport", delta=True))
     env.reset(0)
     before = grip_poses(env)[1][0]
@@ -235,7 +235,7 @@ def test_paper_task_config_trains_and_evaluates_700_step_episodes(config, env_na
     arms = len(ROBOTS[env_name])
     assert meta["action_dim"] == 10 * arms and meta["env_args"]["action_rotation"] == "rotation_6d"
     assert meta["obs_dim"] == {"ToolHang": 53, "TwoArmTransport": 59}[env_name]
-    result = run_cli("eval", str(run), "--episodes", "2", "--workers", "1", "--push", "1", "--save-trajectories")
+    result = run_cli("eval", str(run), "--episodes", "2", "--workers", "2", "--push", "1", "--save-trajectories")
     assert result.returncode == 0, result.stderr
     # the drift diagnostics compare the policy's 6-D rotation chunks with the demos' converted actions
     result = run_cli("diagnose", str(run))

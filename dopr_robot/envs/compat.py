@@ -11,7 +11,8 @@ robosuite 1.4's OSC read every command in the world frame: a delta was added to 
 and an absolute command was a world pose (its goals were compared with `site_xpos` / `site_xmat`). robosuite
 1.5's OSC reads commands in the robot base's frame by default (`input_ref_frame: "base"`), which is the world
 frame only for a robot whose base is neither moved nor turned: an absolute pose then lands ~1 m off, and
-Transport's second arm (turned by 180 degrees) would move its deltas mirrored. The translation therefore sets
+Transport's arms (their bases turned by +90 and -90 degrees to face each other) would move their deltas along
+the wrong axes. The translation therefore sets
 `input_ref_frame: "world"`, what 1.4 meant. Both versions read an absolute orientation as an axis-angle world
 rotation, take positions unscaled and clip nothing (`input_max` / `output_max` scale deltas only).
 """
