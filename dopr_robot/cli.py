@@ -22,7 +22,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 @app.command("collect")
 def collect_cmd(
-    task: str = typer.Option("lift", help="lift | can | square"),
+    task: str = typer.Option("lift", help="lift | can | square | transport"),
     episodes: int = typer.Option(100, help="successful demonstrations to write"),
     seed: int = typer.Option(0, help="attempt i uses environment seed SEED + i"),
     out: Path = typer.Option(..., help="output robomimic-layout .hdf5 file"),

@@ -20,8 +20,8 @@ from dopr_robot.envs.experts import EXPERTS, NoisyOperator
 from dopr_robot.errors import UserError
 from dopr_robot.progress import progress_bar
 
-# Per-step observation keys we do not store: concatenations of keys that are stored anyway.
-_REDUNDANT_OBS = ("robot0_proprio-state",)
+# Per-step observation keys we do not store: concatenations of keys that are stored anyway (robotN_proprio-state).
+_REDUNDANT_OBS_SUFFIX = "_proprio-state"
 
 
 def run_expert_episode(env: RobosuiteEnv, task: str, seed: int, max_steps: int, noise: float = 0.0) -> Episode:
@@ -44,7 +44,7 @@ def run_expert_episode(env: RobosuiteEnv, task: str, seed: int, max_steps: int, 
         if env.is_success():
             success = True
             break
-    keys = [k for k in steps[0] if k not in _REDUNDANT_OBS]
+    keys = [k for k in steps[0] if not k.endswith(_REDUNDANT_OBS_SUFFIX)]
     stacked = {k: np.stack([s[k] for s in steps]) for k in keys}
     next_obs = {k: np.concatenate([stacked[k][1:], obs[k][None]]) for k in keys}
     return Episode(
@@ -64,6 +64,8 @@ def collect(task: str, episodes: int, seed: int, out: str | Path, max_steps: int
         raise UserError(f"--max-steps must be >= 1; got {max_steps}")
     if not 0 <= noise <= 3 or not np.isfinite(noise):
         raise UserError(f"--noise must be in [0, 3]; got {noise}")
+    if noise and task == "transport":
+        raise UserError("--noise perturbs delta actions; the transport expert commands absolute poses (use --noise 0)")
     env_args = default_env_args(task)
     env = make_env(env_args)
     kept: list[Episode] = []

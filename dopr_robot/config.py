@@ -148,7 +148,7 @@ CHOICES = {
     "optim.ap.stats_from": ("batch", "previous_batch"),
     "optim.ap.path": ("auto", "primal", "dual", "backward"),
     "optim.matrix_layers": ("hidden", "all"),
-    "data.task": ("lift", "can", "square", "none"),
+    "data.task": ("lift", "can", "square", "transport", "none"),
     "data.action_rotation": ("file", "axis_angle", "rotation_6d"),
     "train.logger": ("none", "tensorboard", "wandb"),
 }

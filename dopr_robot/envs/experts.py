@@ -182,7 +182,185 @@ class SquareExpert:
         return action
 
 
-EXPERTS = {"lift": LiftExpert, "can": CanExpert, "square": SquareExpert}
+class _PoseCommand:
+    """One arm's absolute command: a world position that moves toward its target at a bounded speed, a yaw about
+    world z applied to the arm's top-down orientation, and the gripper."""
+
+    SPEED = 0.02  # metres per control step (0.4 m/s at 20 Hz)
+
+    def __init__(self, down: np.ndarray, pos: np.ndarray) -> None:
+        self.down, self.pos, self.yaw, self.gripper = down, np.array(pos, dtype=np.float64), 0.0, OPEN
+
+    def goto(self, target, eef: np.ndarray, tol: float = 0.01) -> bool:
+        """Step the command toward `target`; True once the end effector is within `tol` of it."""
+        target = np.asarray(target, dtype=np.float64)
+        step = target - self.pos
+        dist = np.linalg.norm(step)
+        self.pos = target.copy() if dist < self.SPEED else self.pos + step / dist * self.SPEED
+        return bool(np.linalg.norm(target - eef) < tol)
+
+    def action(self) -> np.ndarray:
+        from dopr_robot.envs.rotations import matrix_to_axis_angle
+
+        c, s = np.cos(self.yaw), np.sin(self.yaw)
+        turn = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+        return np.concatenate([self.pos, matrix_to_axis_angle(turn @ self.down), [self.gripper]])
+
+
+def _rotation(quat_xyzw: np.ndarray) -> np.ndarray:
+    from scipy.spatial.transform import Rotation
+
+    return Rotation.from_quat(quat_xyzw).as_matrix()
+
+
+class TransportExpert:
+    """TwoArmTransport with two Pandas facing each other ("opposed"), in absolute world-frame poses (14-D:
+    per arm position, axis-angle, gripper; the env_args of `default_env_args("transport")`).
+
+    robot1 lifts the trash out of the target bin and drops it in the trash bin, then waits over the middle;
+    robot0 lifts the start bin's lid by its handle and drops it beside the bin, grasps the hammer's handle off
+    centre, turns it so that the handle points at robot1 (grasping the end that needs the smaller wrist turn),
+    and holds it out over the gap; robot1 grasps the handle (near the head when the head points its way),
+    robot0 opens and withdraws upward first (the head must not catch on its fingers), robot1 carries the hammer
+    over the target bin and drops it. Grip sites close along their x axis.
+    """
+
+    # top-down grip orientations of the two arms at yaw 0 (their reset orientations)
+    DOWN = (np.diag([-1.0, 1.0, -1.0]), np.diag([1.0, -1.0, -1.0]))
+    HANDOVER = np.array([0.0, -0.05, 1.0])  # robot0's grip site while it holds the hammer out
+    GRASP_STEPS, RELEASE_STEPS, REACH_TIMEOUT = 10, 20, 40
+
+    def __init__(self, env) -> None:
+        self.arms: list[_PoseCommand] | None = None
+        self.phase = ["lid_above", "trash_above"]
+        self.count = [0, 0]
+        self.sign: float | None = None  # +1: the hammer's head ends up on robot1's side
+        self.lid: np.ndarray | None = None  # where the lid's handle is grasped (fixed at the start)
+
+    @staticmethod
+    def _closing_yaw(arm_down: np.ndarray, direction) -> float:
+        """The yaw (within +-pi/2) that lines the arm's closing axis up with +-direction."""
+        base = np.arctan2(arm_down[1, 0], arm_down[0, 0])
+        return float((np.arctan2(direction[1], direction[0]) - base + np.pi / 2) % np.pi - np.pi / 2)
+
+    def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        eef = [np.asarray(obs["robot0_eef_pos"]), np.asarray(obs["robot1_eef_pos"])]
+        if self.arms is None:
+            self.arms = [_PoseCommand(self.DOWN[i], eef[i]) for i in range(2)]
+        payload = np.asarray(obs["payload_pos"])
+        axis = _rotation(obs["payload_quat"])[:, 2]  # the handle's axis, toward the head
+        flat = axis[:2] / np.linalg.norm(axis[:2])
+        if self.sign is None:  # robot0 grasps so that the handle end that turns least points at robot1
+            turn = np.arctan2(flat[1], flat[0]) - np.pi / 2
+            self.sign = 1.0 if abs((turn + np.pi) % (2 * np.pi) - np.pi) <= np.pi / 2 else -1.0
+        axis, flat = self.sign * axis, self.sign * flat
+        self._robot0(obs, eef[0], payload, flat)
+        self._robot1(obs, eef, payload, axis, flat)
+        return np.concatenate([arm.action() for arm in self.arms])
+
+    def _robot0(self, obs, eef, payload, flat) -> None:
+        arm, phase = self.arms[0], self.phase[0]
+        if self.lid is None:
+            self.lid = np.asarray(obs["lid_handle_pos"]) + [0.0, 0.0, 0.015]
+        lid = self.lid
+        grasp = np.array([*(payload[:2] - 0.05 * flat), payload[2]])
+        if phase == "lid_above":
+            arm.yaw = self._closing_yaw(arm.down, [1.0, 0.0])  # the handle is long along y
+            phase = "lid_down" if arm.goto(lid + [0, 0, 0.11], eef) else phase
+        elif phase == "lid_down":
+            phase = "lid_grasp" if arm.goto(lid, eef, 0.008) else phase
+        elif phase in ("lid_grasp", "payload_grasp"):
+            arm.gripper = CLOSE
+            self.count[0] += 1
+            if self.count[0] > self.GRASP_STEPS:
+                phase, self.count[0] = ("lid_up" if phase == "lid_grasp" else "payload_up"), 0
+        elif phase == "lid_up":
+            phase = "lid_away" if arm.goto([lid[0], lid[1], 1.10], eef, 0.02) else phase
+        elif phase == "lid_away":
+            phase = "lid_drop" if arm.goto([lid[0] - 0.35, lid[1], 1.05], eef, 0.02) else phase
+        elif phase == "lid_drop":
+            arm.gripper = OPEN
+            self.count[0] += 1
+            if self.count[0] > 8:
+                phase, self.count[0] = "payload_above", 0
+        elif phase == "payload_above":
+            # the yaw that points the handle at +y once the wrist is back at yaw 0 (the handover pose)
+            arm.yaw = float((np.arctan2(flat[1], flat[0]) - np.pi / 2 + np.pi) % (2 * np.pi) - np.pi)
+            phase = "payload_down" if arm.goto(grasp + [0, 0, 0.174], eef) else phase
+        elif phase == "payload_down":
+            phase = "payload_grasp" if arm.goto(grasp, eef, 0.008) else phase
+        elif phase == "payload_up":
+            phase = "payload_turn" if arm.goto([eef[0], eef[1], 1.10], eef, 0.02) else phase
+        elif phase == "payload_turn":
+            arm.yaw -= float(np.clip(arm.yaw, -0.05, 0.05))
+            there = arm.goto([0.0, -0.2, 1.05], eef, 0.02)
+            phase = "handover" if there and arm.yaw == 0.0 else phase
+        elif phase == "handover":
+            arm.goto(self.HANDOVER, eef, 0.02)
+            if self.phase[1] == "taken":
+                phase, self.count[0] = "release", 0
+        elif phase == "release":
+            arm.gripper = OPEN
+            self.count[0] += 1
+            if self.count[0] > self.RELEASE_STEPS:
+                phase = "withdraw"
+        elif phase == "withdraw":  # straight up out of the open fingers, then back
+            phase = "away" if arm.goto([0.0, -0.05, 1.13], eef, 0.02) else phase
+        elif phase == "away":
+            arm.goto([0.0, -0.30, 1.15], eef)
+        self.phase[0] = phase
+
+    def _robot1(self, obs, eef, payload, axis, flat) -> None:
+        arm, phase, here = self.arms[1], self.phase[1], eef[1]
+        trash = np.asarray(obs["trash_pos"])
+        take = payload + (0.06 if self.sign > 0 else 0.01) * axis  # near the head, where the weight is
+        if phase == "trash_above":
+            arm.yaw = self._closing_yaw(arm.down, _rotation(obs["trash_quat"])[:2, 0])
+            phase = "trash_down" if arm.goto(trash + [0, 0, 0.12], here) else phase
+        elif phase == "trash_down":
+            phase = "trash_grasp" if arm.goto(trash, here, 0.008) else phase
+        elif phase in ("trash_grasp", "take_grasp"):
+            arm.gripper = CLOSE
+            self.count[1] += 1
+            if self.count[1] > self.GRASP_STEPS:
+                phase, self.count[1] = ("trash_up" if phase == "trash_grasp" else "taken"), 0
+        elif phase == "trash_up":
+            phase = "trash_carry" if arm.goto([here[0], here[1], 1.05], here, 0.02) else phase
+        elif phase == "trash_carry":
+            bin_pos = np.asarray(obs["trash_bin_pos"])
+            phase = "trash_drop" if arm.goto([bin_pos[0], bin_pos[1], 1.05], here, 0.02) else phase
+        elif phase == "trash_drop":
+            arm.gripper = OPEN
+            self.count[1] += 1
+            if self.count[1] > 8:
+                phase, self.count[1] = "wait", 0
+        elif phase == "wait":
+            arm.yaw = self._closing_yaw(arm.down, [1.0, 0.0])
+            arm.goto([0.0, 0.15, 1.2], here)
+            if self.phase[0] == "handover" and np.linalg.norm(eef[0] - self.HANDOVER) < 0.02:
+                phase = "take_above"
+        elif phase == "take_above":
+            arm.yaw = self._closing_yaw(arm.down, [-flat[1], flat[0]])
+            if arm.goto(take + [0, 0, 0.08], here):
+                phase, self.count[1] = "take_down", 0
+        elif phase == "take_down":
+            self.count[1] += 1
+            if arm.goto(take, here, 0.012) or self.count[1] > self.REACH_TIMEOUT:
+                phase, self.count[1] = "take_grasp", 0
+        elif phase == "taken":
+            phase = "carry_up" if self.phase[0] == "away" else phase
+        elif phase == "carry_up":
+            phase = "carry" if arm.goto([here[0], 0.2, 1.15], here, 0.02) else phase
+        elif phase == "carry":
+            bin_pos = np.asarray(obs["target_bin_pos"])
+            if arm.goto([bin_pos[0], bin_pos[1], 1.05], here, 0.02):
+                phase = "drop"
+        elif phase == "drop":
+            arm.gripper = OPEN
+        self.phase[1] = phase
+
+
+EXPERTS = {"lift": LiftExpert, "can": CanExpert, "square": SquareExpert, "transport": TransportExpert}
 
 
 class NoisyOperator:

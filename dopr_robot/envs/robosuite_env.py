@@ -24,7 +24,7 @@ from dopr_robot.envs.rotations import ROTATIONS, action_width, convert_actions
 from dopr_robot.errors import UserError
 
 # Our task names -> robosuite environment names.
-TASKS = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare"}
+TASKS = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare", "transport": "TwoArmTransport"}
 # Environments whose pushes have a documented target (`RobosuiteEnv.push_target`): ours and robomimic's.
 PUSHABLE = {"Lift", "PickPlaceCan", "NutAssemblySquare", "ToolHang", "TwoArmTransport"}
 
@@ -59,19 +59,26 @@ def import_robosuite():
 
 
 def default_env_args(task: str) -> dict[str, Any]:
-    """env_args for one of our tasks: Panda, default composite controller (OSC delta pose), 20 Hz, low-dim."""
+    """env_args for one of our tasks: Panda, default composite controller (OSC delta pose), 20 Hz, low-dim.
+    Transport: two Pandas facing each other, their OSC taking absolute world-frame poses (its scripted expert's
+    actions, and the layout of diffusion_policy's abs files)."""
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     suite = import_robosuite()
     from robosuite.controllers import load_composite_controller_config
 
+    controller = load_composite_controller_config(robot="Panda")
+    robots: dict[str, Any] = {"robots": ["Panda"]}
+    if task == "transport":
+        controller["body_parts"]["right"].update(input_type="absolute", input_ref_frame="world")
+        robots = {"robots": ["Panda", "Panda"], "env_configuration": "opposed"}
     return {
         "env_name": TASKS[task],
         "type": 1,  # robomimic's EnvType.ROBOSUITE_TYPE
         "env_version": suite.__version__,
         "env_kwargs": {
-            "robots": ["Panda"],
-            "controller_configs": load_composite_controller_config(robot="Panda"),
+            **robots,
+            "controller_configs": controller,
             "control_freq": 20,
             "reward_shaping": False,
             "use_object_obs": True,
