@@ -23,14 +23,34 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 @app.command("collect")
 def collect_cmd(
     task: str = typer.Option("lift", help="lift | can | square | transport"),
-    episodes: int = typer.Option(100, help="successful demonstrations to write"),
+    episodes: int = typer.Option(100, help="successful demonstrations to write (with --env: episodes)"),
     seed: int = typer.Option(0, help="attempt i uses environment seed SEED + i"),
-    out: Path = typer.Option(..., help="output robomimic-layout .hdf5 file"),
+    out: Path = typer.Option(..., help="output robomimic-layout .hdf5 file (with --env: Minari dataset directory)"),
     max_steps: int = typer.Option(400, help="step limit of one expert attempt"),
     noise: float = typer.Option(0.0, help="imperfect demos: operator noise level (0 = the expert; 1 = hard)"),
     overwrite: bool = typer.Option(False, help="replace OUT if it exists"),
+    env: Optional[str] = typer.Option(None, help="Gymnasium task (e.g. Hopper-v5): roll out --expert into a Minari "
+                                      "dataset instead of a scripted robosuite expert"),
+    expert: Optional[Path] = typer.Option(None, help="with --env: Stable-Baselines3 expert zip (dopr-robot expert "
+                                          "train)"),
+    dataset_id: Optional[str] = typer.Option(None, help="with --env: the Minari id recorded in the dataset "
+                                             "[dopr/<env>/expert-v0 or dopr/<env>/noisy<LEVEL>-v0]"),
+    ref_episodes: int = typer.Option(20, help="with --env: episodes behind the reference scores (expert, random)"),
 ):
-    """Roll out a scripted expert in robosuite and write its successful demos (robomimic HDF5)."""
+    """Roll out a scripted expert in robosuite and write its successful demos (robomimic HDF5); with --env, roll
+    out an SB3 expert on a Gymnasium task and write every episode as a Minari dataset."""
+    if env is not None or expert is not None:
+        if env is None or expert is None:
+            raise UserError("--env and --expert go together: collect --env Hopper-v5 --expert EXPERT.zip --out DIR")
+        from dopr_robot.experts.minari_collect import collect_minari
+
+        s = collect_minari(env, expert, episodes, seed, out, noise=noise, dataset_id=dataset_id,
+                           ref_episodes=ref_episodes, overwrite=overwrite)
+        typer.echo(f"{s['episodes']} episodes ({s['steps']} steps, {s['terminated_early']} ended early), mean return "
+                   f"{s['mean_return']:.1f} +- {s['std_return']:.1f}; reference scores {s['ref_min_score']:.1f} "
+                   f"(random) / {s['ref_max_score']:.1f} (expert), {s['seconds']:.0f} s -> {s['out']} "
+                   f"(Minari id {s['dataset_id']})")
+        return
     from dopr_robot.collect import collect
     from dopr_robot.rundir import check_output_file
 
@@ -39,6 +59,52 @@ def collect_cmd(
     who = f"noisy (level {noise}) expert" if noise else "expert"
     typer.echo(f"{who} success rate {s['expert_success_rate']:.1%} ({s['demos']}/{s['attempts']} attempts), "
                f"mean length {s['mean_length']:.1f} steps, {s['seconds']:.0f} s -> {s['out']}")
+
+
+expert_app = typer.Typer(no_args_is_help=True, help="Stable-Baselines3 experts on Gymnasium MuJoCo tasks.")
+app.add_typer(expert_app, name="expert")
+
+
+@expert_app.command("train")
+def expert_train_cmd(
+    env: str = typer.Option(..., help="Gymnasium environment id, e.g. Hopper-v5"),
+    algo: str = typer.Option("sac", help="sac | td3 | ppo"),
+    steps: int = typer.Option(300_000, help="environment steps"),
+    seed: int = typer.Option(0, help="seed of the networks, the replay sampling and the env"),
+    out: Path = typer.Option(..., help="expert file (.zip); OUT.json records the run, OUT.ckpt/ its checkpoints"),
+    eval_every: int = typer.Option(20_000, help="env steps between evaluations; the best model is kept"),
+    max_minutes: Optional[float] = typer.Option(None, help="stop training after this wall time, then evaluate "
+                                                "and save as if STEPS were reached (the record says so)"),
+    overwrite: bool = typer.Option(False, help="replace OUT if it exists"),
+):
+    """Train an SB3 expert (zoo hyper-parameters); evaluate it over 20 seeded episodes."""
+    from dopr_robot.experts.sb3 import ExpertTrainConfig, train_expert
+    from dopr_robot.rundir import check_output_file
+
+    check_output_file(out, overwrite, suffixes=(".zip",), what="--out")
+    r = train_expert(ExpertTrainConfig(env=env, algo=algo, steps=steps, seed=seed, eval_every=eval_every,
+                                          max_minutes=max_minutes), out)
+    e = r["evaluation"]
+    typer.echo(f"{algo} on {env}, {r['steps_done']} steps, seed {seed}: mean return {e['mean_return']:.1f} "
+               f"+- {e['std_return']:.1f} over {e['episodes']} episodes ({r['chosen']} model), "
+               f"{r['train_seconds']:.0f} s -> {out}")
+
+
+@expert_app.command("eval")
+def expert_eval_cmd(
+    expert: Path = typer.Argument(..., help="SB3 expert zip"),
+    env: str = typer.Option(..., help="Gymnasium environment id"),
+    episodes: int = typer.Option(20, help="deterministic episodes"),
+    seed_start: int = typer.Option(1_000_000, help="episode i is reset with seed SEED_START + i"),
+):
+    """Mean return of an expert over seeded episodes."""
+    from dopr_robot.experts.sb3 import evaluate_expert, load_expert
+
+    if episodes < 1:
+        raise UserError(f"--episodes must be >= 1; got {episodes}")
+    e = evaluate_expert(load_expert(expert, env), env, episodes, seed_start)
+    typer.echo(f"mean return {e['mean_return']:.1f} +- {e['std_return']:.1f} (min {e['min_return']:.1f}), "
+               f"mean length {e['mean_length']:.0f} over {episodes} episodes from seed {seed_start}")
 
 
 @app.command("train")
