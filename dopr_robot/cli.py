@@ -114,7 +114,7 @@ def train_cmd(
                                                       "Minari dataset directory (overrides data.path)"),
     optim: Optional[str] = typer.Option(None, help="adam | muon | signum | dopr (DoPr over Adam) | dopr-muon | "
                                         "dopr-signum"),
-    policy: Optional[str] = typer.Option(None, help="diffusion | flow"),
+    policy: Optional[str] = typer.Option(None, help="diffusion | flow | bc (bc: --set policy.backbone=resmlp)"),
     steps: Optional[int] = typer.Option(None, help="training steps (train.steps)"),
     seed: Optional[int] = typer.Option(None, help="training seed (train.seed)"),
     out: Optional[Path] = typer.Option(None, help="run directory (default: runs/<config>_<policy>_<optim>_s<seed>)"),

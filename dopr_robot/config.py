@@ -52,6 +52,16 @@ class MLPConfig:
 
 
 @dataclass
+class ResMLPConfig:
+    """policy.backbone: resmlp (policies/resmlp.py): pre-LayerNorm residual blocks of inner width expansion x
+    hidden_dim; the backbone of policy.type: bc."""
+    hidden_dim: int = 256
+    num_blocks: int = 3
+    expansion: int = 4
+    step_embed_dim: int = 128  # diffusion / flow only: the time embedding's width
+
+
+@dataclass
 class UNetConfig:
     down_dims: list[int] = field(default_factory=lambda: [256, 512, 1024])
     kernel_size: int = 5
@@ -79,9 +89,10 @@ class FlowConfig:
 
 @dataclass
 class PolicyConfig:
-    type: str = "diffusion"  # diffusion | flow
-    backbone: str = "mlp"  # mlp | unet
+    type: str = "diffusion"  # diffusion | flow | bc (deterministic, L2 on the action chunk; resmlp backbone)
+    backbone: str = "mlp"  # mlp | resmlp | unet
     mlp: MLPConfig = field(default_factory=MLPConfig)
+    resmlp: ResMLPConfig = field(default_factory=ResMLPConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
@@ -136,8 +147,8 @@ class Config:
 
 
 CHOICES = {
-    "policy.type": ("diffusion", "flow"),
-    "policy.backbone": ("mlp", "unet"),
+    "policy.type": ("diffusion", "flow", "bc"),
+    "policy.backbone": ("mlp", "resmlp", "unet"),
     "policy.diffusion.prediction_type": ("epsilon", "sample"),
     "policy.flow.integrator": ("euler", "midpoint"),
     "policy.flow.time_distribution": ("uniform", "beta"),
@@ -158,6 +169,7 @@ POSITIVE = (
     "policy.diffusion.num_inference_steps", "policy.flow.num_inference_steps", "train.steps", "train.batch_size",
     "train.log_every", "train.val_every", "optim.lr", "optim.ap.refresh_every", "optim.ns_steps", "eval.episodes",
     "eval.max_steps", "data.norm_range_floor", "policy.flow.beta_a", "policy.flow.beta_b",
+    "policy.resmlp.hidden_dim", "policy.resmlp.num_blocks", "policy.resmlp.expansion", "policy.resmlp.step_embed_dim",
 )
 NON_NEGATIVE = (
     "data.collect_noise", "optim.weight_decay", "optim.eps", "optim.ap.damping", "optim.ap.eps", "train.warmup_steps",
@@ -247,6 +259,9 @@ def validate(config: Config) -> None:
         )
     if len(set(d.obs_keys)) != len(d.obs_keys):
         raise UserError(f"data.obs_keys names a key twice: {d.obs_keys}")
+    if config.policy.type == "bc" and config.policy.backbone != "resmlp":
+        raise UserError(f"policy.type bc needs policy.backbone resmlp (a deterministic head on the observations); "
+                        f"got {config.policy.backbone!r}")
     if config.policy.backbone == "unet":
         if any(c % config.policy.unet.n_groups for c in config.policy.unet.down_dims):
             raise UserError("policy.unet.down_dims must be divisible by policy.unet.n_groups")

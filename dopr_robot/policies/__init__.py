@@ -1,31 +1,40 @@
-"""Action-chunking policies: diffusion and flow matching over MLP or ConditionalUnet1D backbones."""
+"""Action-chunking policies: diffusion and flow matching over MLP, residual-MLP or ConditionalUnet1D backbones, and
+deterministic behaviour cloning (L2 on the chunk) over a residual MLP."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from dopr_robot.policies.base import ActionChunkPolicy
+from dopr_robot.policies.bc import BCPolicy
 from dopr_robot.policies.diffusion import DiffusionPolicy
 from dopr_robot.policies.flow import FlowPolicy
 from dopr_robot.policies.mlp import MLPDenoiser
 from dopr_robot.policies.normalizer import RangeNormalizer
+from dopr_robot.policies.resmlp import ResMLPDenoiser, ResMLPHead
 from dopr_robot.policies.unet1d import ConditionalUnet1D
 
-__all__ = ["ActionChunkPolicy", "DiffusionPolicy", "FlowPolicy", "RangeNormalizer", "build_policy"]
+__all__ = ["ActionChunkPolicy", "BCPolicy", "DiffusionPolicy", "FlowPolicy", "RangeNormalizer", "build_policy"]
 
 
 def build_policy(cfg, obs_dim: int, action_dim: int, n_obs_steps: int, horizon: int,
                  obs_normalizer: RangeNormalizer, action_normalizer: RangeNormalizer) -> ActionChunkPolicy:
     """`cfg` is a `dopr_robot.config.PolicyConfig` (any object with the same attributes)."""
     cond_dim = obs_dim * n_obs_steps
-    if cfg.backbone == "mlp":
-        model: nn.Module = MLPDenoiser(action_dim, horizon, cond_dim, cfg.mlp.hidden_dim, cfg.mlp.num_layers,
-                                       cfg.mlp.step_embed_dim)
+    common = dict(obs_normalizer=obs_normalizer, action_normalizer=action_normalizer, n_obs_steps=n_obs_steps,
+                  horizon=horizon, action_dim=action_dim)
+    r = cfg.resmlp
+    if cfg.type == "bc":  # config validation admits bc with the resmlp backbone only
+        return BCPolicy(ResMLPHead(action_dim, horizon, cond_dim, r.hidden_dim, r.num_blocks, r.expansion), **common)
+    if cfg.backbone == "resmlp":
+        model: nn.Module = ResMLPDenoiser(action_dim, horizon, cond_dim, r.hidden_dim, r.num_blocks, r.expansion,
+                                          r.step_embed_dim)
+    elif cfg.backbone == "mlp":
+        model = MLPDenoiser(action_dim, horizon, cond_dim, cfg.mlp.hidden_dim, cfg.mlp.num_layers,
+                            cfg.mlp.step_embed_dim)
     else:
         model = ConditionalUnet1D(action_dim, cond_dim, list(cfg.unet.down_dims), cfg.unet.kernel_size,
                                   cfg.unet.n_groups, cfg.unet.step_embed_dim)
-    common = dict(obs_normalizer=obs_normalizer, action_normalizer=action_normalizer, n_obs_steps=n_obs_steps,
-                  horizon=horizon, action_dim=action_dim)
     if cfg.type == "diffusion":
         d = cfg.diffusion
         return DiffusionPolicy(model, num_train_timesteps=d.num_train_timesteps,
