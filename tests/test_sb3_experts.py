@@ -1,0 +1,132 @@
+"""`expert train` (Stable-Baselines3) and `collect --env` (a Minari dataset written with Minari's DataCollector),
+with a tiny PPO expert on InvertedPendulum-v5 trained in the test (seconds), and their bad input."""
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+pytest.importorskip("stable_baselines3")
+minari = pytest.importorskip("minari")
+
+from tiny_data import assert_user_error, run_cli  # noqa: E402
+
+ENV = "InvertedPendulum-v5"
+
+
+@pytest.fixture(scope="module")
+def tiny_expert(tmp_path_factory):
+    out = tmp_path_factory.mktemp("experts") / "ip_ppo.zip"
+    result = run_cli("expert", "train", "--env", ENV, "--algo", "ppo", "--steps", "1024", "--seed", "3",
+                     "--eval-every", "512", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def _episodes(path):
+    dataset = minari.MinariDataset(path / "data")
+    return dataset, list(dataset.iterate_episodes())
+
+
+def test_expert_train_writes_the_model_and_its_record(tiny_expert):
+    record = json.loads(tiny_expert.with_suffix(".json").read_text())
+    assert record["env"] == ENV and record["algo"] == "ppo" and record["seed"] == 3
+    assert record["steps_done"] == 1024 and not record["stopped_by_time_limit"]
+    assert record["evaluation"]["episodes"] == 20 and len(record["evaluation"]["returns"]) == 20
+    assert record["chosen"] in ("best", "last") and "--steps 1024" in record["command"]
+    assert (tiny_expert.parent / "ip_ppo.ckpt" / "best_model.zip").is_file()  # the EvalCallback's best so far
+    with zipfile.ZipFile(tiny_expert) as z:
+        assert "policy.pth" in z.namelist()
+    shown = run_cli("expert", "eval", str(tiny_expert), "--env", ENV, "--episodes", "20")
+    assert shown.returncode == 0 and f"mean return {record['evaluation']['mean_return']:.1f}" in shown.stdout
+
+
+def test_collect_env_writes_a_minari_dataset_with_seeded_episodes(tmp_path, tiny_expert, monkeypatch):
+    root = tmp_path / "minari_root"
+    out = root / "dopr" / "invertedpendulum" / "expert-v0"
+    result = run_cli("collect", "--env", ENV, "--expert", str(tiny_expert), "--episodes", "4", "--seed", "10",
+                     "--out", str(out), "--ref-episodes", "3")
+    assert result.returncode == 0, result.stderr
+    dataset, episodes = _episodes(out)
+    assert dataset.total_episodes == 4 and [int(e.id) for e in episodes] == [0, 1, 2, 3]
+    assert dataset.spec.env_spec.id == ENV and dataset.recover_environment().spec.id == ENV
+    meta = dataset.storage.metadata
+    assert meta["dataset_id"] == "dopr/invertedpendulum/expert-v0" and meta["num_episodes_average_score"] == 3
+    assert meta["ref_min_score"] < meta["ref_max_score"]
+    for e in episodes:
+        assert e.observations.shape == (len(e.actions) + 1, 4) and e.actions.shape[1] == 1
+        assert e.terminations[-1] or e.truncations[-1]
+    # the per-episode seeds Minari stores are SEED + i
+    import h5py
+
+    with h5py.File(out / "data" / "main_data.hdf5") as f:
+        assert [int(f[f"episode_{i}"].attrs["seed"]) for i in range(4)] == [10, 11, 12, 13]
+    # readable by id from Minari's datasets root, as `--dataset minari:<id>` finds it
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    assert minari.load_dataset("dopr/invertedpendulum/expert-v0").total_steps == dataset.total_steps
+    # the same command gives the same data; leaves no staging directory behind
+    again = run_cli("collect", "--env", ENV, "--expert", str(tiny_expert), "--episodes", "4", "--seed", "10",
+                    "--out", str(tmp_path / "again"), "--ref-episodes", "3")
+    assert again.returncode == 0, again.stderr
+    for a, b in zip(episodes, _episodes(tmp_path / "again")[1]):
+        np.testing.assert_array_equal(a.actions, b.actions)
+        np.testing.assert_array_equal(a.observations, b.observations)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "minari_root"]
+
+
+def test_collect_env_noise_perturbs_the_executed_actions_reproducibly(tmp_path, tiny_expert):
+    args = ["collect", "--env", ENV, "--expert", str(tiny_expert), "--episodes", "2", "--seed", "10",
+            "--ref-episodes", "1"]
+    for name, noise in (("clean", "0"), ("noisy_a", "1"), ("noisy_b", "1")):
+        result = run_cli(*args, "--noise", noise, "--out", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr
+    clean, noisy_a, noisy_b = (_episodes(tmp_path / n) for n in ("clean", "noisy_a", "noisy_b"))
+    assert noisy_a[0].storage.metadata["dataset_id"] == "dopr/invertedpendulum/noisy1-v0"
+    first_clean, first_noisy = clean[1][0], noisy_a[1][0]
+    assert first_noisy.observations[0] == pytest.approx(first_clean.observations[0])  # same seed, same start
+    assert not np.allclose(first_noisy.actions[:5], first_clean.actions[:5])
+    assert np.all(np.abs(first_noisy.actions) <= 3.0)  # clipped to InvertedPendulum's action space
+    for a, b in zip(noisy_a[1], noisy_b[1]):
+        np.testing.assert_array_equal(a.actions, b.actions)
+
+
+def test_collect_env_bad_input_is_one_error_line_and_writes_nothing(tmp_path, tiny_expert):
+    out = tmp_path / "out"
+    base = ["collect", "--out", str(out)]
+    not_a_zip = tmp_path / "notes.zip"
+    not_a_zip.write_text("not a zip")
+    cases = [
+        ([*base, "--env", "Nope-v9", "--expert", str(tiny_expert)], "unknown Gymnasium environment"),
+        ([*base, "--env", ENV, "--expert", str(tmp_path / "missing.zip")], "expert file not found"),
+        ([*base, "--env", ENV, "--expert", str(not_a_zip)], "not a Stable-Baselines3 zip"),
+        ([*base, "--env", "Hopper-v5", "--expert", str(tiny_expert)], "does not fit Hopper-v5"),
+        ([*base, "--env", ENV, "--expert", str(tiny_expert), "--episodes", "0"], "--episodes must be >= 1"),
+        ([*base, "--env", ENV, "--expert", str(tiny_expert), "--noise", "-1"], "--noise must be in"),
+        ([*base, "--env", ENV, "--expert", str(tiny_expert), "--dataset-id", "a b"], "not a Minari id"),
+        ([*base, "--env", ENV], "--env and --expert go together"),
+    ]
+    for args, fragment in cases:
+        assert_user_error(run_cli(*args), fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.zip"]
+    # an existing directory that is not a Minari dataset is never replaced
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_user_error(run_cli(*base, "--env", ENV, "--expert", str(tiny_expert)), "exists")
+    assert_user_error(run_cli(*base, "--env", ENV, "--expert", str(tiny_expert), "--overwrite"),
+                      "not a Minari dataset directory")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_expert_train_bad_input_is_one_error_line(tmp_path):
+    out = str(tmp_path / "e.zip")
+    cases = [
+        (["--env", "Nope-v9", "--out", out], "unknown Gymnasium environment"),
+        (["--env", ENV, "--algo", "dqn", "--out", out], "unknown --algo"),
+        (["--env", ENV, "--steps", "0", "--out", out], "--steps must be >= 1"),
+        (["--env", ENV, "--max-minutes", "0", "--out", out], "--max-minutes must be > 0"),
+        (["--env", ENV, "--out", str(tmp_path / "e.pt")], "must end in .zip"),
+    ]
+    for args, fragment in cases:
+        assert_user_error(run_cli("expert", "train", *args), fragment)
+    assert list(tmp_path.iterdir()) == []
