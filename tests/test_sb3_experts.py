@@ -96,10 +96,14 @@ def test_collect_env_bad_input_is_one_error_line_and_writes_nothing(tmp_path, ti
     base = ["collect", "--out", str(out)]
     not_a_zip = tmp_path / "notes.zip"
     not_a_zip.write_text("not a zip")
+    other_zip = tmp_path / "other.zip"
+    with zipfile.ZipFile(other_zip, "w") as z:
+        z.writestr("weights.bin", b"0")
     cases = [
         ([*base, "--env", "Nope-v9", "--expert", str(tiny_expert)], "unknown Gymnasium environment"),
         ([*base, "--env", ENV, "--expert", str(tmp_path / "missing.zip")], "expert file not found"),
         ([*base, "--env", ENV, "--expert", str(not_a_zip)], "not a Stable-Baselines3 zip"),
+        ([*base, "--env", ENV, "--expert", str(other_zip)], "not a Stable-Baselines3 model zip"),
         ([*base, "--env", "Hopper-v5", "--expert", str(tiny_expert)], "does not fit Hopper-v5"),
         ([*base, "--env", ENV, "--expert", str(tiny_expert), "--episodes", "0"], "--episodes must be >= 1"),
         ([*base, "--env", ENV, "--expert", str(tiny_expert), "--noise", "-1"], "--noise must be in"),
@@ -108,7 +112,7 @@ def test_collect_env_bad_input_is_one_error_line_and_writes_nothing(tmp_path, ti
     ]
     for args, fragment in cases:
         assert_user_error(run_cli(*args), fragment)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.zip"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.zip", "other.zip"]
     # an existing directory that is not a Minari dataset is never replaced
     out.mkdir()
     (out / "keep.txt").write_text("mine")

@@ -220,20 +220,18 @@ def load_expert(path: str | Path, env_id: str | None = None):
 
 
 def _algo_of_zip(path: Path) -> str:
-    """The algorithm that wrote an SB3 zip, from the policy class named in its `data` entry."""
+    """The algorithm that wrote an SB3 zip, from the policy class's module named in its `data` entry
+    (stable_baselines3.sac.policies, stable_baselines3.td3.policies; PPO's ActorCriticPolicy lives in
+    stable_baselines3.common.policies)."""
     try:
         with zipfile.ZipFile(path) as z:
             data = json.loads(z.read("data"))
-    except (KeyError, ValueError, zipfile.BadZipFile) as e:
-        raise UserError(f"expert {path} is not a Stable-Baselines3 model zip (no readable 'data' entry)") from e
-    module = str(data.get("policy_class", {}).get(":serialized:", "")) and \
-        str(data.get("policy_class", {}).get("__module__", ""))
-    for algo in ALGOS:
-        if f"stable_baselines3.{algo}." in module:
+        module = str(data["policy_class"]["__module__"])
+    except (KeyError, TypeError, ValueError, zipfile.BadZipFile) as e:
+        raise UserError(f"expert {path} is not a Stable-Baselines3 model zip (no readable policy class)") from e
+    for algo in ("sac", "td3"):
+        if module.startswith(f"stable_baselines3.{algo}."):
             return algo
-    # Older files: fall back on the policy class's name.
-    name = json.dumps(data.get("policy_class", ""))
-    for algo in ALGOS:
-        if algo.upper() in name or (algo == "ppo" and "ActorCritic" in name):
-            return algo
-    raise UserError(f"expert {path}: cannot tell which algorithm (sac, td3, ppo) wrote it")
+    if module == "stable_baselines3.common.policies":  # ActorCriticPolicy: what PPO writes
+        return "ppo"
+    raise UserError(f"expert {path} was written by {module}, not by SAC, TD3 or PPO")
