@@ -134,3 +134,23 @@ def test_expert_train_bad_input_is_one_error_line(tmp_path):
     for args, fragment in cases:
         assert_user_error(run_cli("expert", "train", *args), fragment)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_operator_noise_has_the_documented_statistics():
+    """AR(1) noise of stationary std 0.3 level, held actions with probability 0.03 level per step, clipping to the
+    action space; level 0 returns the expert's action untouched."""
+    from dopr_robot.experts.minari_collect import OperatorNoise
+
+    wide = np.full(3, 100.0)
+    expert_action = np.array([0.1, -0.2, 0.3], dtype=np.float32)
+    assert OperatorNoise(0.0, -wide, wide, np.random.default_rng(0))(expert_action) is expert_action
+    operator = OperatorNoise(1.0, -wide, wide, np.random.default_rng(0))
+    executed = np.array([operator(expert_action) for _ in range(20000)])
+    held = np.all(executed[1:] == executed[:-1], axis=1)
+    deviation = executed[1:][~held] - expert_action
+    assert deviation.std() == pytest.approx(0.3, rel=0.1)
+    lag1 = np.corrcoef(deviation[:-1, 0], deviation[1:, 0])[0, 1]
+    assert 0.6 < lag1 < 0.9  # temporally correlated (0.8, less where a hold intervenes)
+    assert 0.1 < held.mean() < 0.3  # 0.03 per step x 7.5 steps on average, of the steps not already held
+    narrow = OperatorNoise(3.0, -np.full(3, 0.4), np.full(3, 0.4), np.random.default_rng(1))
+    assert np.all(np.abs([narrow(expert_action) for _ in range(500)]) <= 0.4)
