@@ -44,7 +44,7 @@ TD3_NOISE_STD = 0.1  # Gaussian exploration noise, as a fraction of the action r
 @dataclass
 class ExpertTrainConfig:
     env: str
-    algo: str = "sac"
+    algo: str = "td3"
     steps: int = 300_000
     seed: int = 0
     eval_every: int = 20_000      # env steps between evaluations of the current policy (best model kept)
