@@ -1,5 +1,6 @@
-"""The `dopr-robot` command line: a thin layer over collect, expert train/eval, inspect/convert, train, eval, diagnose, spectrum, plot,
-sweep and compare. Each command parses its options, calls one function of a sub-package and prints its result.
+"""The `dopr-robot` command line: a thin layer over collect, expert train/eval, inspect/convert, train, eval,
+diagnose, spectrum, plot, sweep and compare. Each command parses its options, calls one function of a
+sub-package and prints its result.
 
 Bad input (missing or corrupt files, unknown keys, invalid values) ends with one line on stderr and exit code 2.
 """
