@@ -154,3 +154,21 @@ def test_operator_noise_has_the_documented_statistics():
     assert 0.1 < held.mean() < 0.3  # 0.03 per step x 7.5 steps on average, of the steps not already held
     narrow = OperatorNoise(3.0, -np.full(3, 0.4), np.full(3, 0.4), np.random.default_rng(1))
     assert np.all(np.abs([narrow(expert_action) for _ in range(500)]) <= 0.4)
+
+
+@pytest.mark.parametrize("name", ["Hopper-v5_td3"])
+def test_the_committed_expert_collects_offline(tmp_path, name):
+    """data/experts/<env>_<algo>.zip loads with the installed SB3, fits its env, and its record holds the 20 returns
+    the README quotes; one collected episode comes back as a Minari dataset."""
+    from pathlib import Path
+
+    expert = Path(__file__).resolve().parents[1] / "data" / "experts" / f"{name}.zip"
+    record = json.loads(expert.with_suffix(".json").read_text())
+    env = name.rsplit("_", 1)[0]
+    assert record["env"] == env and len(record["evaluation"]["returns"]) == 20
+    assert record["evaluation"]["mean_return"] == pytest.approx(np.mean(record["evaluation"]["returns"]))
+    result = run_cli("collect", "--env", env, "--expert", str(expert), "--episodes", "1", "--seed", "5",
+                     "--ref-episodes", "1", "--out", str(tmp_path / "one"))
+    assert result.returncode == 0, result.stderr
+    dataset, (episode,) = _episodes(tmp_path / "one")
+    assert dataset.spec.env_spec.id == env and len(episode.actions) >= 1
