@@ -8,7 +8,6 @@ and actions depend only on its weights and inputs.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from dopr_robot.policies.base import ActionChunkPolicy
