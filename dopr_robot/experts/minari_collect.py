@@ -30,7 +30,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from dopr_robot.errors import UserError
-from dopr_robot.experts.sb3 import load_expert, make_gym_env
+from dopr_robot.experts.sb3 import load_expert, make_gym_env, run_episode
 from dopr_robot.progress import progress_bar
 
 MAX_NOISE = 3.0
@@ -140,18 +140,12 @@ def collect_minari(env_id: str, expert_path: str | Path, episodes: int, seed: in
             collector = DataCollector(env)
             bar = progress_bar(total=episodes, desc=f"collect {env_id}", unit="episode", enabled=progress)
             for i in range(episodes):
-                obs, _ = collector.reset(seed=seed + i)
                 operator = OperatorNoise(noise, env.action_space.low, env.action_space.high,
                                          np.random.default_rng([seed + i, 1]))
-                total, n, done = 0.0, 0, False
-                while not done:
-                    obs, reward, terminated, truncated, _ = collector.step(operator(expert_policy(obs)))
-                    total += float(reward)
-                    n += 1
-                    done = terminated or truncated
+                total, n, terminated = run_episode(collector, lambda obs: operator(expert_policy(obs)), seed + i)
                 returns.append(total)
                 lengths.append(n)
-                terminated_early += bool(terminated)
+                terminated_early += terminated
                 bar.update(1)
             bar.close()
             description = (f"{episodes} episodes of {env_id} from the Stable-Baselines3 expert "

@@ -93,25 +93,29 @@ def _check_train_args(cfg: ExpertTrainConfig, out: Path) -> None:
         raise UserError(f"{cfg.env} has non-Box observations or actions; experts here need continuous Box spaces")
 
 
+def run_episode(env, act, seed: int) -> tuple[float, int, bool]:
+    """One episode of `env` reset with `seed`, acting `act(obs)` until it terminates or is truncated:
+    (return, length, terminated early)."""
+    obs, _ = env.reset(seed=seed)
+    total, n = 0.0, 0
+    while True:
+        obs, reward, terminated, truncated, _ = env.step(act(obs))
+        total += float(reward)
+        n += 1
+        if terminated or truncated:
+            return total, n, bool(terminated)
+
+
 def evaluate_expert(model, env_id: str, episodes: int, seed_start: int) -> dict[str, Any]:
     """Deterministic returns of `model` over `episodes` episodes, episode i reset with seed `seed_start + i`."""
     env = make_gym_env(env_id)
-    returns, lengths = [], []
-    for i in range(episodes):
-        obs, _ = env.reset(seed=seed_start + i)
-        total, n, done = 0.0, 0, False
-        while not done:
-            action, _ = model.predict(obs, deterministic=True)
-            obs, reward, terminated, truncated, _ = env.step(action)
-            total += float(reward)
-            n += 1
-            done = terminated or truncated
-        returns.append(total)
-        lengths.append(n)
+    runs = [run_episode(env, lambda obs: model.predict(obs, deterministic=True)[0], seed_start + i)
+            for i in range(episodes)]
     env.close()
+    returns = [r[0] for r in runs]
     return {"episodes": episodes, "seed_start": seed_start, "mean_return": float(np.mean(returns)),
             "std_return": float(np.std(returns)), "min_return": float(np.min(returns)),
-            "mean_length": float(np.mean(lengths)), "returns": returns}
+            "mean_length": float(np.mean([r[1] for r in runs])), "returns": returns}
 
 
 def _WallClockLimit(max_minutes: float | None):
