@@ -2,6 +2,6 @@
 write: `sb3` trains, saves, loads and evaluates an expert (`dopr-robot expert train|eval`); `minari_collect`
 rolls one out, with optional operator noise, into a Minari dataset (`dopr-robot collect --env`).
 
-Stable-Baselines3 is an optional dependency (the `experts` extra), imported only inside these modules'
-functions so that the rest of the tool never needs it.
+Stable-Baselines3 and Minari's jax are optional (the `create` extra), imported only inside these modules'
+functions so that the rest of the tool never needs them.
 """

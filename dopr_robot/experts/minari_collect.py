@@ -109,13 +109,10 @@ def collect_minari(env_id: str, expert_path: str | Path, episodes: int, seed: in
     if ref_episodes < 1:
         raise UserError(f"--ref-episodes must be >= 1; got {ref_episodes}")
     dataset_id = dataset_id or default_dataset_id(env_id, noise)
-    try:
-        from minari.dataset.minari_dataset import parse_dataset_id
+    from minari.dataset.minari_dataset import parse_dataset_id
 
+    try:
         parse_dataset_id(dataset_id)
-    except ImportError as e:
-        raise UserError("collect --env needs Minari with its creation extra: pip install 'dopr-robot[experts]'") \
-            from e
     except ValueError:
         raise UserError(f"--dataset-id {dataset_id!r} is not a Minari id ((namespace/)name-v<version>)") from None
     check_output_dir(out, overwrite)
@@ -125,7 +122,7 @@ def collect_minari(env_id: str, expert_path: str | Path, episodes: int, seed: in
         from minari import DataCollector
         import jax  # noqa: F401  (DataCollector's storage needs it; fail here, before the rollouts)
     except ImportError as e:
-        raise UserError("collect --env needs Minari's creation extra (jax): pip install 'dopr-robot[experts]'") \
+        raise UserError("collect --env needs Minari's creation extra (jax): pip install 'dopr-robot[create]'") \
             from e
 
     def expert_policy(obs):

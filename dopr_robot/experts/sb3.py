@@ -60,7 +60,7 @@ def algo_class(algo: str):
     try:
         import stable_baselines3 as sb3
     except ImportError as e:
-        raise UserError("expert training needs Stable-Baselines3: pip install 'dopr-robot[experts]'") from e
+        raise UserError("expert training needs Stable-Baselines3: pip install 'dopr-robot[create]'") from e
     return {"sac": sb3.SAC, "td3": sb3.TD3, "ppo": sb3.PPO}[algo]
 
 
