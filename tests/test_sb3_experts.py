@@ -172,3 +172,25 @@ def test_the_committed_expert_collects_offline(tmp_path, name):
     assert result.returncode == 0, result.stderr
     dataset, (episode,) = _episodes(tmp_path / "one")
     assert dataset.spec.env_spec.id == env and len(episode.actions) >= 1
+
+
+def test_a_collected_dataset_trains_a_bc_policy_that_evaluates(tmp_path, tiny_expert):
+    """collect --env's output is what `train --dataset DIR` reads (the Minari reader), and the checkpoint rebuilds
+    the env for `eval`, with the dataset's reference scores."""
+    data = tmp_path / "ip"
+    assert run_cli("collect", "--env", ENV, "--expert", str(tiny_expert), "--episodes", "3", "--ref-episodes", "2",
+                   "--out", str(data)).returncode == 0
+    run = tmp_path / "run"
+    sets = ["policy.backbone=resmlp", "policy.resmlp.hidden_dim=16", "policy.resmlp.num_blocks=1",
+            "data.obs_keys=[obs]", "data.n_obs_steps=1", "data.horizon=4", "data.n_action_steps=2",
+            "train.batch_size=8", "train.warmup_steps=1", "train.log_every=2", "train.val_every=4",
+            "train.threads=1", "eval.max_steps=20"]
+    trained = run_cli("train", "--dataset", str(data), "--policy", "bc", "--steps", "4", "--out", str(run),
+                      *[a for s in sets for a in ("--set", s)])
+    assert trained.returncode == 0, trained.stderr
+    report = run / "eval.json"
+    shown = run_cli("eval", str(run), "--episodes", "1", "--workers", "1", "--out", str(report))
+    assert shown.returncode == 0, shown.stderr
+    r = json.loads(report.read_text())
+    assert r["per_episode"][0]["steps"] >= 1 and np.isfinite(r["per_episode"][0]["return"])
+    assert set(r["reference_scores"]) == {"min", "max"} and r["reference_scores"]["min"] < r["reference_scores"]["max"]
