@@ -84,7 +84,7 @@ def expert_train_cmd(
 
     check_output_file(out, overwrite, suffixes=(".zip",), what="--out")
     r = train_expert(ExpertTrainConfig(env=env, algo=algo, steps=steps, seed=seed, eval_every=eval_every,
-                                          max_minutes=max_minutes), out)
+                                          max_minutes=max_minutes), out, overwrite=overwrite)
     e = r["evaluation"]
     typer.echo(f"{algo} on {env}, {r['steps_done']} steps, seed {seed}: mean return {e['mean_return']:.1f} "
                f"+- {e['std_return']:.1f} over {e['episodes']} episodes ({r['chosen']} model), "

@@ -42,6 +42,23 @@ def test_expert_train_writes_the_model_and_its_record(tiny_expert):
     assert shown.returncode == 0 and f"mean return {record['evaluation']['mean_return']:.1f}" in shown.stdout
 
 
+def test_expert_train_never_mixes_in_an_earlier_runs_checkpoints(tmp_path):
+    out = tmp_path / "e.zip"
+    args = ["expert", "train", "--env", ENV, "--algo", "ppo", "--steps", "512", "--out", str(out)]
+    assert run_cli(*args, "--eval-every", "256").returncode == 0
+    assert (tmp_path / "e.ckpt" / "best_model.zip").is_file()
+    out.unlink()  # as if the run had been stopped before writing OUT: its checkpoints are not cleared silently
+    assert_user_error(run_cli(*args), "e.ckpt exists")
+    assert (tmp_path / "e.ckpt" / "best_model.zip").is_file()
+    # with --overwrite the earlier best model goes: the new run (no evaluation before its end) can only be "last"
+    assert run_cli(*args, "--eval-every", "100000", "--overwrite").returncode == 0
+    assert not (tmp_path / "e.ckpt" / "best_model.zip").exists()
+    assert json.loads(out.with_suffix(".json").read_text())["chosen"] == "last"
+    (tmp_path / "e.ckpt" / "mine.txt").write_text("keep")
+    assert_user_error(run_cli(*args, "--overwrite"), "not expert checkpoints")
+    assert (tmp_path / "e.ckpt" / "mine.txt").read_text() == "keep"
+
+
 def test_collect_env_writes_a_minari_dataset_with_seeded_episodes(tmp_path, tiny_expert, monkeypatch):
     root = tmp_path / "minari_root"
     out = root / "dopr" / "invertedpendulum" / "expert-v0"

@@ -13,6 +13,7 @@ command, steps, seed, hyper-parameters and that evaluation.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import time
@@ -132,7 +133,26 @@ def _WallClockLimit(max_minutes: float | None):
     return WallClockLimit()
 
 
-def train_expert(cfg: ExpertTrainConfig, out: str | Path, final_eval_episodes: int = 20,
+def _fresh_checkpoint_dir(out: Path, overwrite: bool) -> Path:
+    """OUT.ckpt/, new or (with `overwrite`) emptied of an earlier run's files: a stale best_model.zip must never
+    compete with this run's models, and an earlier (perhaps stopped) run's best model is never lost silently. A
+    directory holding anything else is refused."""
+    work = out.with_name(out.stem + ".ckpt")
+    if work.exists():
+        if not overwrite:
+            raise UserError(f"{work} exists (an earlier run's checkpoints, its best model in best_model.zip); pass "
+                            "--overwrite to replace it")
+        ours = re.compile(r"(best_model|last_model|(sac|td3|ppo)_\d+_steps)\.zip|evaluations\.npz")
+        strangers = [p.name for p in work.iterdir() if not ours.fullmatch(p.name)] if work.is_dir() else [work.name]
+        if strangers:
+            raise UserError(f"{work} holds files that are not expert checkpoints ({', '.join(strangers[:3])}); "
+                            "refusing to clear it")
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    return work
+
+
+def train_expert(cfg: ExpertTrainConfig, out: str | Path, overwrite: bool = False, final_eval_episodes: int = 20,
                  final_eval_seed_start: int = 1_000_000, verbose: int = 0) -> dict[str, Any]:
     """Train an expert, write the better of (best-so-far, last) to `out` and its record to `out`.json."""
     from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback, EvalCallback
@@ -140,6 +160,7 @@ def train_expert(cfg: ExpertTrainConfig, out: str | Path, final_eval_episodes: i
 
     out = Path(out)
     _check_train_args(cfg, out)
+    work = _fresh_checkpoint_dir(out, overwrite)
     cls = algo_class(cfg.algo)
     hp = {**ZOO_HYPERPARAMS[cfg.algo], **cfg.hyperparams}
     env = Monitor(make_gym_env(cfg.env))
@@ -149,8 +170,6 @@ def train_expert(cfg: ExpertTrainConfig, out: str | Path, final_eval_episodes: i
         dim = env.action_space.shape[0]
         hp["action_noise"] = NormalActionNoise(np.zeros(dim), TD3_NOISE_STD * np.ones(dim))
     model = cls("MlpPolicy", env, seed=cfg.seed, verbose=verbose, device="cpu", **hp)
-    work = out.with_name(out.stem + ".ckpt")
-    work.mkdir(parents=True, exist_ok=True)
     eval_env = Monitor(make_gym_env(cfg.env))
     eval_env.reset(seed=10_000)  # the evaluation env's episode seeds follow from this one
     callbacks = CallbackList([
