@@ -173,7 +173,7 @@ def test_operator_noise_has_the_documented_statistics():
     assert np.all(np.abs([narrow(expert_action) for _ in range(500)]) <= 0.4)
 
 
-@pytest.mark.parametrize("name", ["Hopper-v5_td3"])
+@pytest.mark.parametrize("name", ["Hopper-v5_td3", "Walker2d-v5_td3"])
 def test_the_committed_expert_collects_offline(tmp_path, name):
     """data/experts/<env>_<algo>.zip loads with the installed SB3, fits its env, and its record holds the 20 returns
     the README quotes; one collected episode comes back as a Minari dataset."""
