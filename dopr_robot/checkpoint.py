@@ -1,6 +1,8 @@
 """Checkpoints a user can read: `<name>.safetensors` (the EMA policy's weights, normalizer statistics
 included) beside `<name>.json` (config, shapes, observation keys, normalization, the dataset's env_args, the
-weights file's sha256, checked at every load).
+weights file's sha256, checked at every load). An image policy's JSON also records `image_shapes` ({image key:
+[H, W, 3]}); with the config's `policy.encoder` (width, crop, pooling) that rebuilds its encoder and evaluation
+crop.
 
 Evaluation needs nothing else: `load_policy` rebuilds the policy from the JSON and loads the weights.
 """
@@ -48,13 +50,14 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[A
         meta = json.loads(meta_path.read_text())
         config = config_from_dict(meta["config"])
         obs_dim, action_dim = int(meta["obs_dim"]), int(meta["action_dim"])
+        image_shapes = {str(k): tuple(int(s) for s in v) for k, v in meta.get("image_shapes", {}).items()}
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"checkpoint metadata {meta_path} is malformed ({type(e).__name__}: {e})") from None
     d = config.data
     policy = build_policy(
         config.policy, obs_dim, action_dim, d.n_obs_steps, d.horizon,
         RangeNormalizer(torch.zeros(obs_dim), torch.ones(obs_dim), 1.0),
-        RangeNormalizer(torch.zeros(action_dim), torch.ones(action_dim), 1.0),
+        RangeNormalizer(torch.zeros(action_dim), torch.ones(action_dim), 1.0), image_shapes=image_shapes,
     )
     weights = meta_path.with_suffix(".safetensors")
     if not weights.is_file():

@@ -88,6 +88,17 @@ class FlowConfig:
 
 
 @dataclass
+class EncoderConfig:
+    """The image encoder (policies/encoder.py); used only when data.obs_keys name image keys (<camera>_image)."""
+
+    width: float = 1.0  # channel multiplier of the ResNet-18 (1.0: torchvision's 64..512 channels)
+    crop: int = 76  # side of the square crop (random in training, center at eval); 0 = no crop
+    pool: str = "spatial_softmax"  # spatial_softmax (robomimic, diffusion_policy) | avg (the DoPr authors')
+    keypoints: int = 32  # spatial softmax keypoints
+    feature_dim: int = 64  # features per camera and observation step (robomimic 64; the DoPr authors' 256)
+
+
+@dataclass
 class PolicyConfig:
     type: str = "diffusion"  # diffusion | flow | bc (deterministic, L2 on the action chunk; resmlp backbone)
     backbone: str = "mlp"  # mlp | resmlp | unet
@@ -96,6 +107,7 @@ class PolicyConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
 
 
 @dataclass
@@ -149,6 +161,7 @@ class Config:
 CHOICES = {
     "policy.type": ("diffusion", "flow", "bc"),
     "policy.backbone": ("mlp", "resmlp", "unet"),
+    "policy.encoder.pool": ("spatial_softmax", "avg"),
     "policy.diffusion.prediction_type": ("epsilon", "sample"),
     "policy.flow.integrator": ("euler", "midpoint"),
     "policy.flow.time_distribution": ("uniform", "beta"),
@@ -170,10 +183,12 @@ POSITIVE = (
     "train.log_every", "train.val_every", "optim.lr", "optim.ap.refresh_every", "optim.ns_steps", "eval.episodes",
     "eval.max_steps", "data.norm_range_floor", "policy.flow.beta_a", "policy.flow.beta_b",
     "policy.resmlp.hidden_dim", "policy.resmlp.num_blocks", "policy.resmlp.expansion", "policy.resmlp.step_embed_dim",
+    "policy.encoder.width", "policy.encoder.keypoints", "policy.encoder.feature_dim",
 )
 NON_NEGATIVE = (
     "data.collect_noise", "optim.weight_decay", "optim.eps", "optim.ap.damping", "optim.ap.eps", "train.warmup_steps",
     "train.grad_clip", "train.checkpoint_every", "eval.workers", "eval.seed_start", "train.threads", "optim.momentum",
+    "policy.encoder.crop",
 )
 UNIT_INTERVAL = ("optim.ap.ema_decay", "train.ema_max_decay")
 

@@ -4,6 +4,7 @@ Layout (robomimic, also what `collect` writes and what evaluation stores for rol
     data/                     attrs: total (int), env_args (JSON)
     data/demo_<i>/            attrs: num_samples, model_file, seed (ours), success (ours, rollouts)
         obs/<key>  (T, ...)   next_obs/<key>  (T, ...)
+        obs/<camera>_image  (T, H, W, 3) uint8, one frame per chunk (image keys: obs only, see datasets/images.py)
         actions (T, A)  rewards (T,)  dones (T,)  states (T, S)
     mask/<filter>             array of demo names (bytes), e.g. train, valid
 """
@@ -19,13 +20,15 @@ from typing import Any, Iterable
 import h5py
 import numpy as np
 
+from dopr_robot.datasets.images import FrameRef, check_image_array, image_chunks, is_image_key
 from dopr_robot.errors import UserError
 from dopr_robot.fileio import atomic_buffer
 
 
 @dataclass
 class Episode:
-    """One demonstration or rollout. `obs[key][t]` is what the agent saw before taking `actions[t]`."""
+    """One demonstration or rollout. `obs[key][t]` is what the agent saw before taking `actions[t]`; image keys
+    are in `images` (uint8 (T, H, W, 3) arrays, or `FrameRef`s read on demand), low-dim keys in `obs`."""
 
     obs: dict[str, np.ndarray]
     actions: np.ndarray
@@ -33,6 +36,7 @@ class Episode:
     states: np.ndarray | None = None
     next_obs: dict[str, np.ndarray] | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
+    images: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.actions.shape[0])
@@ -64,6 +68,10 @@ def write_robomimic(
                 for key, value in ep.obs.items():
                     g.create_dataset(f"obs/{key}", data=value, compression=compression)
                     g.create_dataset(f"next_obs/{key}", data=next_obs[key], compression=compression)
+                for key, frames in ep.images.items():  # obs only: next_obs would double the file
+                    frames = np.asarray(frames)
+                    g.create_dataset(f"obs/{key}", data=frames, chunks=image_chunks(frames.shape),
+                                     compression=compression)
                 g.create_dataset("actions", data=ep.actions, compression=compression)
                 rewards = ep.rewards if ep.rewards is not None else np.zeros(T)
                 g.create_dataset("rewards", data=rewards)
@@ -153,12 +161,18 @@ class RobomimicFile:
         actions = np.asarray(g["actions"][()], dtype=np.float32)
         if actions.ndim != 2 or actions.shape[0] == 0:
             raise UserError(f"{where}: 'actions' must be a non-empty (T, A) array, got shape {actions.shape}")
-        obs = {}
+        obs, images = {}, {}
         for key in obs_keys:
             if "obs" not in g or key not in g["obs"]:
                 have = ", ".join(sorted(g["obs"].keys())) if "obs" in g else "none"
                 raise UserError(f"{where}: no observation key {key!r} (has: {have})")
-            value = low_dim_or_image(g["obs"][key][()])
+            if is_image_key(key):  # checked here, read on demand (datasets/images.py)
+                array = g["obs"][key]
+                shape = check_image_array(array.shape, array.dtype, actions.shape[0], f"{where}: obs/{key}")
+                images[key] = FrameRef(str(self.path), array.name, 0, actions.shape[0], shape)
+                continue
+            value = np.asarray(g["obs"][key][()], dtype=np.float32)
+            value = value.reshape(value.shape[0], -1)
             if value.shape[0] != actions.shape[0]:
                 raise UserError(f"{where}: obs/{key} has {value.shape[0]} steps but actions has {actions.shape[0]}")
             obs[key] = value
@@ -168,7 +182,7 @@ class RobomimicFile:
         states = np.asarray(g["states"][()]) if "states" in g else None
         rewards = np.asarray(g["rewards"][()]) if "rewards" in g else None
         attrs = {k: _plain(v) for k, v in g.attrs.items()}
-        return Episode(obs=obs, actions=actions, rewards=rewards, states=states, attrs=attrs)
+        return Episode(obs=obs, actions=actions, rewards=rewards, states=states, attrs=attrs, images=images)
 
 
 def low_dim_or_image(value: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dopr_robot.datasets.images import frame_shapes
 from dopr_robot.datasets.minari_source import is_minari, read_minari, reference_scores
 from dopr_robot.datasets.robomimic_hdf5 import Episode, RobomimicFile, demo_sort_key, write_robomimic
 from dopr_robot.datasets.zarr_store import is_zarr, read_zarr, write_zarr
@@ -14,8 +15,9 @@ from dopr_robot.errors import UserError
 
 class Demos:
     """The episodes of a robomimic HDF5 file, ReplayBuffer zarr store or Minari dataset, by filter key, with the
-    file's env_args and attributes. Reads everything at once (low-dim data) and closes the file. `obs_keys` are
-    the observation keys read (None: every key the file has)."""
+    file's env_args and attributes. Reads all low-dim data at once and closes the file; image keys are checked
+    here and read on demand (datasets/images.py). `obs_keys` are the observation keys read (None: every key the
+    file has)."""
 
     def __init__(self, path: str | Path, obs_keys: list[str] | None = None):
         self.path = Path(path)
@@ -41,7 +43,9 @@ class Demos:
                 reason = (str(e).splitlines()[0] if str(e) else type(e).__name__).strip("'")
                 raise UserError(f"dataset {self.path} is corrupt or unreadable ({reason})") from None
         self._check_consistent()
-        self.obs_keys: list[str] = list(self._episodes[self.names[0]].obs)
+        first = self._episodes[self.names[0]]
+        # the keys as asked for (low-dim and image keys keep their order), else every key the file has
+        self.obs_keys: list[str] = list(obs_keys) if obs_keys is not None else [*first.obs, *first.images]
 
     def _check_consistent(self) -> None:
         """Every demo has the same observation keys and widths and the same action width; every mask names
@@ -49,11 +53,12 @@ class Demos:
         names = self.names
         first = self._episodes[names[0]]
         obs_widths = {k: v.shape[1:] for k, v in first.obs.items()}
+        frame_shapes([(n, self._episodes[n]) for n in names], list(first.images), self.path)  # one size per key
         for name in names[1:]:
             ep = self._episodes[name]
-            if set(ep.obs) != set(obs_widths):
-                key = sorted(set(obs_widths) ^ set(ep.obs))[0]
-                lacking, having = (name, names[0]) if key in obs_widths else (names[0], name)
+            if set(ep.obs) | set(ep.images) != set(obs_widths) | set(first.images):
+                key = sorted((set(obs_widths) | set(first.images)) ^ (set(ep.obs) | set(ep.images)))[0]
+                lacking, having = (name, names[0]) if key in obs_widths or key in first.images else (names[0], name)
                 raise UserError(f"dataset {self.path}: {lacking} has no observation key {key!r} ({having} has)")
             for key, width in obs_widths.items():
                 if ep.obs[key].shape[1:] != width:

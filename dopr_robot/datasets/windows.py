@@ -12,11 +12,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dopr_robot.datasets.images import ImageFrames, split_obs_keys
 from dopr_robot.datasets.robomimic_hdf5 import Episode
 
 
-def flatten_obs(obs: dict[str, np.ndarray], obs_keys: list[str]) -> np.ndarray:
-    """Concatenate the chosen observation keys along the last axis, in the given order."""
+def flatten_obs(obs: dict[str, np.ndarray], obs_keys: list[str], steps: int | None = None) -> np.ndarray:
+    """Concatenate the chosen (low-dim) observation keys along the last axis, in the given order. With no keys
+    (an image-only policy) a (steps, 0) array."""
+    if not obs_keys:
+        return np.zeros((steps or 0, 0), dtype=np.float32)
     return np.concatenate([np.asarray(obs[k], dtype=np.float32).reshape(len(obs[k]), -1) for k in obs_keys], axis=-1)
 
 
@@ -33,12 +37,16 @@ def window_indices(lengths: list[int], horizon: int, pad_before: int, pad_after:
 
 
 class WindowDataset:
-    """Every window of a set of episodes, held as tensors (low-dim data fits in memory; no DataLoader needed)."""
+    """Every window of a set of episodes: low-dim data held as tensors (it fits in memory; no DataLoader
+    needed), image keys read per batch as uint8 (`ImageFrames`), so a batch's observations are then the dict
+    {"low_dim": (B, n_obs_steps, obs_dim), "<camera>_image": uint8 (B, n_obs_steps, H, W, 3)}."""
 
     def __init__(self, episodes: list[Episode], obs_keys: list[str], n_obs_steps: int, horizon: int,
                  n_action_steps: int):
         self.n_obs_steps = n_obs_steps
-        self.obs = torch.from_numpy(np.concatenate([flatten_obs(e.obs, obs_keys) for e in episodes]))
+        low_dim_keys, image_keys = split_obs_keys(obs_keys)
+        self.obs = torch.from_numpy(np.concatenate([flatten_obs(e.obs, low_dim_keys, len(e)) for e in episodes]))
+        self.images = {k: ImageFrames([e.images[k] for e in episodes]) for k in image_keys}
         self.actions = torch.from_numpy(np.concatenate([e.actions for e in episodes]).astype(np.float32))
         self.index = torch.from_numpy(
             window_indices([len(e) for e in episodes], horizon, n_obs_steps - 1, n_action_steps - 1)
@@ -52,9 +60,15 @@ class WindowDataset:
         return self
 
     def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(obs (B, n_obs_steps, obs_dim), actions (B, horizon, action_dim)) for the given window rows."""
+        """(obs (B, n_obs_steps, obs_dim) or the image dict, actions (B, horizon, action_dim)) for the given
+        window rows."""
         idx = self.index[rows]
-        return self.obs[idx[:, : self.n_obs_steps]], self.actions[idx]
+        obs = self.obs[idx[:, : self.n_obs_steps]]
+        if self.images:
+            steps = idx[:, : self.n_obs_steps].cpu().numpy()
+            obs = {"low_dim": obs, **{k: torch.from_numpy(frames.read(steps)).to(obs.device)
+                                      for k, frames in self.images.items()}}
+        return obs, self.actions[idx]
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.randint(len(self), (batch_size,), generator=generator, device=generator.device)

@@ -1,6 +1,7 @@
 """diffusion_policy's ReplayBuffer layout in zarr: every episode concatenated along time.
 
     data/action (N, A)   data/<obs key> (N, ...)   data/states (N, S)   data/reward (N,)
+    data/<camera>_image (N, H, W, 3) uint8, one frame per chunk, read on demand (datasets/images.py)
     meta/episode_ends (E,) int64: cumulative end index of each episode
     root attrs: env_args (JSON string), masks ({name: [episode indices]}), episode_attrs ([{...}]), file attrs
 
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from dopr_robot.datasets.images import FrameRef, check_image_array, image_chunks, is_image_key
 from dopr_robot.datasets.robomimic_hdf5 import Episode, low_dim_or_image
 from dopr_robot.errors import UserError
 from dopr_robot.fileio import out_of_space_error
@@ -43,6 +45,8 @@ def write_zarr(path: str | Path, episodes: list[Episode], env_args: dict[str, An
         columns: dict[str, list[np.ndarray]] = {"action": [e.actions for e in episodes]}
         for key in episodes[0].obs:
             columns[key] = [e.obs[key] for e in episodes]
+        for key in episodes[0].images:
+            columns[key] = [np.asarray(e.images[key]) for e in episodes]
         if all(e.states is not None for e in episodes):
             columns["states"] = [e.states for e in episodes]
         if all(e.rewards is not None for e in episodes):
@@ -50,9 +54,8 @@ def write_zarr(path: str | Path, episodes: list[Episode], env_args: dict[str, An
         for key, parts in columns.items():
             data = np.concatenate(parts)
             # every chunk is written, even all-zero ones, so a missing chunk file always means damage
-            rows = 4096 if data.ndim <= 2 else 64  # image chunks of 64 frames (84x84x3: 1.4 MB)
             array = root.create_array(f"data/{key}", shape=data.shape, dtype=data.dtype,
-                                      chunks=(min(len(data), rows), *data.shape[1:]),
+                                      chunks=image_chunks(data.shape) or (min(len(data), 4096), *data.shape[1:]),
                                       compressors=numcodecs.Zstd(level=3, checksum=True),
                                       config={"write_empty_chunks": True})
             array[:] = data
@@ -113,6 +116,15 @@ def read_zarr(path: str | Path, obs_keys: list[str] | None = None):
             raise UserError(f"{path}: no observation key {key!r} (has: {', '.join(available)})")
     if len(ends) == 0 or np.any(np.diff(np.concatenate([[0], ends])) <= 0) or ends[-1] != data["action"].shape[0]:
         raise UserError(f"{path}: meta/episode_ends is not increasing or does not end at the data length")
+    image_keys = [k for k in keys if is_image_key(k)]
+    keys = [k for k in keys if not is_image_key(k)]
+    frame_shapes = {}
+    for key in image_keys:  # checked here, read on demand
+        array = data[key]
+        if array.nchunks_initialized != array.nchunks:
+            raise UserError(f"{path}: data/{key} is missing {array.nchunks - array.nchunks_initialized} of "
+                            f"{array.nchunks} chunk files (they would read as zeros)")
+        frame_shapes[key] = check_image_array(array.shape, array.dtype, int(ends[-1]), f"{path}: data/{key}")
     columns = {k: _read_column(path, data[k], f"data/{k}", strict=k != "reward")
                for k in [*keys, "action"] + [k for k in ("states", "reward") if k in data]}
     for key in [*keys, "action"]:
@@ -129,6 +141,7 @@ def read_zarr(path: str | Path, obs_keys: list[str] | None = None):
             states=columns["states"][s:e] if "states" in columns else None,
             rewards=columns["reward"][s:e] if "reward" in columns else None,
             attrs=dict(episode_attrs[i]) if i < len(episode_attrs) else {},
+            images={k: FrameRef(str(path), f"data/{k}", int(s), int(e), frame_shapes[k]) for k in image_keys},
         )
     return episodes, masks, env_args, attrs
 

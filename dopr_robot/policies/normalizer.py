@@ -24,7 +24,10 @@ class RangeNormalizer(nn.Module):
 
     @classmethod
     def fit(cls, x: np.ndarray, range_floor: float) -> "RangeNormalizer":
-        x = np.asarray(x).reshape(-1, x.shape[-1])
+        x = np.asarray(x)
+        if x.shape[-1] == 0:  # no low-dim observations (an image-only policy): nothing to scale
+            return cls(np.zeros(0), np.zeros(0), range_floor)
+        x = x.reshape(-1, x.shape[-1])
         return cls(x.min(axis=0), x.max(axis=0), range_floor)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 from dopr_robot.collect import prepare_dataset
 from dopr_robot.config import Config, dump_config
 from dopr_robot.datasets import WindowDataset, flatten_obs, open_demos
+from dopr_robot.datasets.images import split_obs_keys
 from dopr_robot.datasets.minari_source import is_minari
 from dopr_robot.datasets.obs_keys import resolve_obs_keys
 from dopr_robot.envs.compat import policy_actions, to_policy_actions, version_warning
@@ -65,13 +66,19 @@ def policy_for_demos(cfg: Config, train_eps, device: torch.device):
     """The policy `train` starts from: normalizers fitted on the training demos only, initial weights from
     train.seed (the same on every rank). Returns (policy, obs_dim, action_dim)."""
     d = cfg.data
-    obs_all = np.concatenate([flatten_obs(e.obs, d.obs_keys) for e in train_eps])
+    low_dim_keys, image_keys = split_obs_keys(d.obs_keys)
+    obs_all = np.concatenate([flatten_obs(e.obs, low_dim_keys, len(e)) for e in train_eps])
     act_all = np.concatenate([e.actions for e in train_eps])
     obs_dim, action_dim = obs_all.shape[1], act_all.shape[1]
+    image_shapes = {k: train_eps[0].images[k].frame_shape for k in image_keys}
+    crop = cfg.policy.encoder.crop
+    for key, (height, width, _) in image_shapes.items():
+        if crop > min(height, width):
+            raise UserError(f"policy.encoder.crop ({crop}) is larger than the {height}x{width} images of {key}")
     torch.manual_seed(cfg.train.seed)
     policy = build_policy(cfg.policy, obs_dim, action_dim, d.n_obs_steps, d.horizon,
                           RangeNormalizer.fit(obs_all, d.norm_range_floor),
-                          RangeNormalizer.fit(act_all, d.norm_range_floor)).to(device)
+                          RangeNormalizer.fit(act_all, d.norm_range_floor), image_shapes=image_shapes).to(device)
     return policy, obs_dim, action_dim
 
 
@@ -162,6 +169,8 @@ def _train(cfg: Config, run_dir: Path, collect_if_missing: bool, progress: bool,
             "env_args": env_args, "dataset": str(d.path), "dataset_attrs": demos.attrs,
             **({"reference_scores": demos.reference_scores} if demos.reference_scores else {}),
             "train_demos": len(train_eps), "valid_demos": len(valid_eps)}
+    if policy.obs_encoder is not None:  # with config.policy.encoder, what rebuilds the encoder and its eval crop
+        meta["image_shapes"] = {k: list(v) for k, v in policy.obs_encoder.image_shapes.items()}
 
     def save(name: str, step: int) -> None:
         if not ddp.is_writer:
