@@ -37,6 +37,9 @@ def collect_cmd(
     dataset_id: Optional[str] = typer.Option(None, help="with --env: the Minari id recorded in the dataset "
                                              "[dopr/<env>/expert-v0 or dopr/<env>/noisy<LEVEL>-v0]"),
     ref_episodes: int = typer.Option(20, help="with --env: episodes behind the reference scores (expert, random)"),
+    cameras: Optional[str] = typer.Option(None, help="also store these cameras' frames as obs/<camera>_image, "
+                                                     "e.g. agentview,robot0_eye_in_hand"),
+    image_size: int = typer.Option(84, help="side of the rendered frames in pixels (with --cameras)"),
 ):
     """Roll out a scripted expert in robosuite and write its successful demos (robomimic HDF5); with --env, roll
     out an SB3 expert on a Gymnasium task and write every episode as a Minari dataset."""
@@ -53,10 +56,12 @@ def collect_cmd(
                    f"(Minari id {s['dataset_id']})")
         return
     from dopr_robot.collect import collect
+    from dopr_robot.envs.render import parse_cameras
     from dopr_robot.rundir import check_output_file
 
     check_output_file(out, overwrite, suffixes=(".hdf5", ".h5"), what="--out")  # before the rollouts, not after
-    s = collect(task, episodes, seed, out, max_steps=max_steps, noise=noise)
+    s = collect(task, episodes, seed, out, max_steps=max_steps, noise=noise,
+                cameras=parse_cameras(cameras) if cameras is not None else (), image_size=image_size)
     who = f"noisy (level {noise}) expert" if noise else "expert"
     typer.echo(f"{who} success rate {s['expert_success_rate']:.1%} ({s['demos']}/{s['attempts']} attempts), "
                f"mean length {s['mean_length']:.1f} steps, {s['seconds']:.0f} s -> {s['out']}")
@@ -106,6 +111,27 @@ def expert_eval_cmd(
     e = evaluate_expert(load_expert(expert, env), env, episodes, seed_start)
     typer.echo(f"mean return {e['mean_return']:.1f} +- {e['std_return']:.1f} (min {e['min_return']:.1f}), "
                f"mean length {e['mean_length']:.0f} over {episodes} episodes from seed {seed_start}")
+@app.command("render-obs")
+def render_obs_cmd(
+    src: Path = typer.Argument(..., metavar="IN", help="robomimic .hdf5 with MuJoCo states (ours or downloaded)"),
+    out: Path = typer.Argument(..., metavar="OUT", help="new .hdf5: IN with obs/<camera>_image added"),
+    cameras: str = typer.Option("agentview,robot0_eye_in_hand", help="comma-separated robosuite cameras"),
+    size: int = typer.Option(84, help="frame side in pixels"),
+    overwrite: bool = typer.Option(False, help="replace OUT if it exists"),
+):
+    """Render camera observations at every demo state of IN (robomimic's dataset_states_to_obs) into OUT."""
+    from dopr_robot.envs.render import parse_cameras
+    from dopr_robot.render_obs import render_obs
+    from dopr_robot.rundir import check_output_file
+
+    if not src.exists():
+        raise UserError(f"dataset not found: {src}")
+    if out.exists() and out.resolve() == src.resolve():
+        raise UserError("OUT must differ from IN: render-obs never modifies its input")
+    check_output_file(out, overwrite, suffixes=(".hdf5", ".h5"), what="OUT")
+    s = render_obs(src, out, parse_cameras(cameras), size)
+    typer.echo(f"rendered {s['frames']} frames ({', '.join(s['cameras'])} at {s['size']}x{s['size']}) of "
+               f"{s['demos']} demos in {s['seconds']:.0f} s -> {s['out']}")
 
 
 @app.command("train")

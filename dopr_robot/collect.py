@@ -3,6 +3,8 @@
 
 Attempt i uses environment seed `seed + i`; only successful attempts are kept, each with its seed recorded,
 until `episodes` demonstrations are written. 10% of the demos (at least one) form the `valid` mask.
+With `cameras`, each observation also holds those cameras' frames (`<camera>_image`, rendered at `image_size`
+by the same helper as `render-obs` and evaluation); the cameras and size are recorded in the file's attributes.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from dopr_robot.config import Config
+from dopr_robot.datasets.images import split_obs_keys
 from dopr_robot.datasets.minari_source import is_minari
 from dopr_robot.datasets.robomimic_hdf5 import Episode, write_robomimic
-from dopr_robot.envs import RobosuiteEnv, default_env_args, make_env
+from dopr_robot.envs import ImageSpec, RobosuiteEnv, default_env_args, make_env
+from dopr_robot.envs.render import check_image_size, image_attrs
 from dopr_robot.envs.experts import EXPERTS, NoisyOperator
 from dopr_robot.errors import UserError
 from dopr_robot.progress import progress_bar
@@ -44,18 +48,20 @@ def run_expert_episode(env: RobosuiteEnv, task: str, seed: int, max_steps: int, 
         if env.is_success():
             success = True
             break
-    keys = [k for k in steps[0] if not k.endswith(_REDUNDANT_OBS_SUFFIX)]
+    keys, image_keys = split_obs_keys([k for k in steps[0] if not k.endswith(_REDUNDANT_OBS_SUFFIX)])
     stacked = {k: np.stack([s[k] for s in steps]) for k in keys}
     next_obs = {k: np.concatenate([stacked[k][1:], obs[k][None]]) for k in keys}
     return Episode(
         obs=stacked, next_obs=next_obs, actions=np.asarray(actions), rewards=np.asarray(rewards),
         states=np.asarray(states),
         attrs={"seed": seed, "success": success, "noise": noise, "model_file": env.model_xml()},
+        images={k: np.stack([s[k] for s in steps]) for k in image_keys},
     )
 
 
 def collect(task: str, episodes: int, seed: int, out: str | Path, max_steps: int = 400, noise: float = 0.0,
-            valid_fraction: float = 0.1, progress: bool = True) -> dict:
+            valid_fraction: float = 0.1, progress: bool = True, cameras: tuple[str, ...] = (),
+            image_size: int = 84) -> dict:
     if task not in EXPERTS:
         raise UserError(f"no scripted expert for task {task!r}; choose one of {', '.join(EXPERTS)}")
     if episodes < 1:
@@ -67,7 +73,8 @@ def collect(task: str, episodes: int, seed: int, out: str | Path, max_steps: int
     if noise and task == "transport":
         raise UserError("--noise perturbs delta actions; the transport expert commands absolute poses (use --noise 0)")
     env_args = default_env_args(task)
-    env = make_env(env_args)
+    images = ImageSpec(tuple(cameras), check_image_size(image_size), image_size) if cameras else None
+    env = make_env(env_args, images=images)  # an unknown camera fails here, before any rollout
     kept: list[Episode] = []
     attempts, start = 0, time.time()
     bar = progress_bar(total=episodes, desc=f"collect {task}", unit="demo", enabled=progress)
@@ -86,8 +93,10 @@ def collect(task: str, episodes: int, seed: int, out: str | Path, max_steps: int
     order = np.random.default_rng(seed).permutation(episodes)
     valid = sorted(order[:n_valid].tolist())
     train = sorted(order[n_valid:].tolist())
-    write_robomimic(out, kept, env_args, masks={"train": train, "valid": valid},
-                    attrs={"task": task, "expert": task, "collect_seed": seed, "noise": noise}, compression="gzip")
+    attrs = {"task": task, "expert": task, "collect_seed": seed, "noise": noise}
+    if images is not None:
+        attrs.update(image_attrs(images))
+    write_robomimic(out, kept, env_args, masks={"train": train, "valid": valid}, attrs=attrs, compression="gzip")
     return {
         "task": task, "noise": noise, "demos": len(kept), "attempts": attempts,
         "expert_success_rate": len(kept) / attempts,

@@ -29,6 +29,8 @@ import time
 import warnings
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from dopr_robot.errors import UserError
 
 DEFAULT_CAMERA = "agentview"
@@ -38,6 +40,90 @@ MAX_SIDE = 2048
 
 RENDERING_FIX = ("on a Debian/Ubuntu CPU machine: apt-get install libosmesa6 and MUJOCO_GL=osmesa; "
                  "on a GPU machine or in Docker with the NVIDIA runtime: MUJOCO_GL=egl")
+
+
+def render_camera(sim: Any, camera: str, height: int, width: int) -> np.ndarray:
+    """One camera's view of the current simulation state: (height, width, 3) uint8, top row first (robomimic's
+    convention for stored frames). Every frame this tool renders, for videos or observations, comes from here.
+
+    After a physics step MuJoCo's body poses (xpos, xmat: what the renderer draws) are those computed before the
+    step's integration, one substep behind qpos. A frame is drawn from poses recomputed from the current state
+    (mj_forward), so a frame rendered during an episode equals the frame rendered after restoring that step's
+    recorded state (`render-obs`, robomimic's dataset_states_to_obs). The simulation data is restored bit for bit
+    afterwards: rendering changes neither the physics nor any random generator."""
+    import mujoco
+
+    model, data = sim.model._model, sim.data._data
+    saved = _scratch_data(model)
+    mujoco.mj_copyData(saved, model, data)
+    try:
+        mujoco.mj_forward(model, data)
+        frame = sim.render(camera_name=camera, height=height, width=width)
+    finally:
+        mujoco.mj_copyData(data, model, saved)
+    return np.ascontiguousarray(frame[::-1])  # OpenGL's rows run bottom-up
+
+
+_SCRATCH: dict[int, Any] = {}
+
+
+def _scratch_data(model: Any) -> Any:
+    """One spare MjData per model, reused for every frame (allocating one per frame would dominate small frames)."""
+    import mujoco
+
+    key = id(model)
+    if key not in _SCRATCH or _SCRATCH[key][0] is not model:
+        _SCRATCH.clear()  # one live model per process at a time is the rule here; do not keep old ones alive
+        _SCRATCH[key] = (model, mujoco.MjData(model))
+    return _SCRATCH[key][1]
+
+
+class ImageSpec(NamedTuple):
+    """Image observations: cameras rendered at every observation, each as `<camera>_image`."""
+
+    cameras: tuple[str, ...]
+    height: int
+    width: int
+
+    def render(self, sim: Any) -> dict[str, np.ndarray]:
+        from dopr_robot.datasets.images import image_key
+
+        return {image_key(c): render_camera(sim, c, self.height, self.width) for c in self.cameras}
+
+    @classmethod
+    def from_image_shapes(cls, image_shapes: dict[str, Any]) -> "ImageSpec | None":
+        """The spec that renders a checkpoint's image keys ({<camera>_image: [H, W, 3]}) at their size."""
+        if not image_shapes:
+            return None
+        from dopr_robot.datasets.images import camera_of
+
+        sizes = {tuple(v[:2]) for v in image_shapes.values()}
+        if len(sizes) > 1:
+            raise UserError(f"image keys of different sizes {sorted(sizes)}: one environment renders one size")
+        (height, width), = sizes
+        return cls(tuple(camera_of(k) for k in sorted(image_shapes)), int(height), int(width))
+
+
+def image_attrs(spec: ImageSpec) -> dict[str, Any]:
+    """What a demonstration file records about its rendered images (data.attrs)."""
+    import json
+
+    return {"image_cameras": json.dumps(list(spec.cameras)), "image_height": spec.height, "image_width": spec.width}
+
+
+def parse_cameras(text: str) -> tuple[str, ...]:
+    """`agentview,robot0_eye_in_hand` -> ("agentview", "robot0_eye_in_hand")."""
+    cameras = tuple(c.strip() for c in text.split(",") if c.strip())
+    if not cameras or len(set(cameras)) != len(cameras):
+        raise UserError(f"--cameras {text!r}: give distinct camera names separated by commas, "
+                        f"e.g. agentview,robot0_eye_in_hand")
+    return cameras
+
+
+def check_image_size(size: int) -> int:
+    if not 8 <= size <= MAX_SIDE:
+        raise UserError(f"--image-size / --size must be in 8..{MAX_SIDE} pixels; got {size}")
+    return size
 
 
 class RenderSpec(NamedTuple):

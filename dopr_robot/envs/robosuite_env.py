@@ -9,6 +9,9 @@ One key of ours may sit beside robomimic's in env_args: `"action_rotation": "rot
 into a checkpoint whose policy predicts absolute poses with 6-D rotations, diffusion_policy's layout). The
 environment then takes 10-D actions per arm and hands robosuite's controller their axis-angle form, so the
 policy, the rollout loop and recorded rollouts all see the policy's own actions.
+
+`images=ImageSpec(cameras, height, width)` adds image observations: every observation then also holds
+`<camera>_image` frames, uint8 (H, W, 3), rendered by `render_camera` (rows top first, as robomimic stores them).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from dopr_robot.envs.render import RenderSpec, backend_import_error, choose_gl_backend
+from dopr_robot.envs.render import ImageSpec, RenderSpec, backend_import_error, choose_gl_backend, render_camera
 from dopr_robot.envs.rotations import ROTATIONS, action_width, convert_actions
 from dopr_robot.errors import UserError
 
@@ -93,7 +96,8 @@ class RobosuiteEnv:
     success_ends_episode = True  # robomimic's convention: an episode stops at the first successful step
     terminated = False  # robosuite tasks have no early termination: an episode ends on success or time
 
-    def __init__(self, env_args: dict[str, Any], render: RenderSpec | tuple[str, int, int] | None = None):
+    def __init__(self, env_args: dict[str, Any], render: RenderSpec | tuple[str, int, int] | None = None,
+                 images: ImageSpec | None = None):
         suite = import_robosuite()
         from dopr_robot.envs.compat import n_arms, upgrade_env_args
 
@@ -108,8 +112,11 @@ class RobosuiteEnv:
         for key in _DROPPED_KWARGS:
             kwargs.pop(key, None)
         kwargs.update(_HEADLESS_KWARGS)
-        if render is not None:
-            kwargs["has_offscreen_renderer"] = True  # frames for videos only: observations stay low-dim
+        if render is not None or images is not None:
+            kwargs["has_offscreen_renderer"] = True  # we render through sim.render; robosuite's camera obs stay off
+            # Measured here (OSMesa): a render context created before torch is first imported draws garbage once
+            # torch is loaded. torch is loaded before any context exists, so every process renders alike.
+            import torch  # noqa: F401
         self.env_args = env_args
         self.action_rotation = env_args.get("action_rotation", "axis_angle")
         if self.action_rotation not in ROTATIONS:
@@ -118,12 +125,14 @@ class RobosuiteEnv:
         self.n_arms = n_arms(env_args)
         self.env = suite.make(env_args["env_name"], **kwargs)
         self.render_spec = RenderSpec(*render) if render is not None else None
-        if self.render_spec is not None:
-            cameras = list(self.env.sim.model.camera_names)
-            if self.render_spec.camera not in cameras:
+        self.image_spec = images
+        wanted = ([self.render_spec.camera] if self.render_spec is not None else []) + \
+            (list(images.cameras) if images is not None else [])
+        cameras = list(self.env.sim.model.camera_names)
+        for camera in wanted:
+            if camera not in cameras:
                 self.env.close()
-                raise UserError(f"camera {self.render_spec.camera!r} is not in {env_args['env_name']} "
-                                f"(cameras: {', '.join(cameras)})")
+                raise UserError(f"camera {camera!r} is not in {env_args['env_name']} (cameras: {', '.join(cameras)})")
 
     @property
     def action_dim(self) -> int:
@@ -140,6 +149,16 @@ class RobosuiteEnv:
         """
         self.env.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
         return self._observation(self.env.reset())
+
+    def restore(self, state: np.ndarray) -> dict[str, np.ndarray]:
+        """Set the flattened MuJoCo state (a dataset's `states[t]`) and return the observation there.
+
+        Indicator sites (gripper-to-target lines) are hidden as `reset` hides them, so frames rendered here are
+        the ones an episode renders at the same state."""
+        self.env.sim.set_state_from_flattened(np.asarray(state, dtype=np.float64))
+        self.env.visualize(vis_settings={vis: False for vis in self.env._visualizations})
+        self.env.sim.forward()
+        return self._observation(self.env._get_observations(force_update=True))
 
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
         action = np.asarray(action, dtype=np.float64)
@@ -190,9 +209,7 @@ class RobosuiteEnv:
         """
         if self.render_spec is None:
             raise RuntimeError("this environment was built without render=RenderSpec(...)")
-        camera, height, width = self.render_spec
-        frame = self.env.sim.render(camera_name=camera, height=height, width=width)
-        return np.ascontiguousarray(frame[::-1])  # OpenGL's rows run bottom-up
+        return render_camera(self.env.sim, *self.render_spec)
 
     def model_xml(self) -> str:
         return self.env.sim.model.get_xml()
@@ -200,6 +217,8 @@ class RobosuiteEnv:
     def close(self) -> None:
         self.env.close()
 
-    @staticmethod
-    def _observation(obs: dict[str, Any]) -> dict[str, np.ndarray]:
-        return {_ROBOMIMIC_OBS_NAMES.get(k, k): np.asarray(v) for k, v in obs.items()}
+    def _observation(self, obs: dict[str, Any]) -> dict[str, np.ndarray]:
+        out = {_ROBOMIMIC_OBS_NAMES.get(k, k): np.asarray(v) for k, v in obs.items()}
+        if self.image_spec is not None:
+            out.update(self.image_spec.render(self.env.sim))
+        return out

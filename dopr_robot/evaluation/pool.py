@@ -101,15 +101,16 @@ def _load(token: str, checkpoint: str):
         import json
 
         from dopr_robot.checkpoint import load_policy
-        from dopr_robot.envs import make_env
+        from dopr_robot.envs import ImageSpec, make_env
 
         policy, meta = load_policy(checkpoint)
-        env_key = json.dumps(meta.get("env_args"), sort_keys=True)
+        images = ImageSpec.from_image_shapes(meta.get("image_shapes"))  # the checkpoint's cameras, at its size
+        env_key = json.dumps([meta.get("env_args"), images], sort_keys=True)
         if _worker["env_key"] != env_key:
             if _worker.get("env") is not None:
                 _worker["env"].close()
             _worker["env"], _worker["env_key"] = None, None
-            _worker["env"] = make_env(meta["env_args"])
+            _worker["env"] = make_env(meta["env_args"], images=images)
             _worker["env_key"] = env_key
     except BaseException as e:  # noqa: BLE001
         _worker["error"] = e
@@ -132,11 +133,13 @@ def _episode_task(token: str, checkpoint: str, settings: EpisodeSettings, seed: 
                                              meta["obs_keys"], record=settings.record,
                                              perturbation=settings.perturbation)
             return ("ok", {**result, "worker_pid": os.getpid()}, trajectory)
+        from dopr_robot.envs import ImageSpec
         from dopr_robot.evaluation.video import RenderingEnvironment
 
         if _worker["rendering"] is None:
             _worker["rendering"] = RenderingEnvironment()
-        with _worker["rendering"].recorder(settings.video, meta["env_args"], seed) as recorder:
+        with _worker["rendering"].recorder(settings.video, meta["env_args"], seed,
+                                           ImageSpec.from_image_shapes(meta.get("image_shapes"))) as recorder:
             # a partial video is removed if the episode raises
             result, trajectory = run_episode(policy, recorder.env, seed, settings.max_steps,
                                              settings.n_action_steps, meta["obs_keys"], record=settings.record,

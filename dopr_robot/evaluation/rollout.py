@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from dopr_robot.datasets.images import split_obs_keys
 from dopr_robot.datasets.windows import flatten_obs
 from dopr_robot.evaluation.perturb import EpisodePerturber, Perturbation
 
@@ -25,8 +26,22 @@ class FrameRecorder(Protocol):
 
 
 def flatten_observation(obs: dict[str, np.ndarray], obs_keys: list[str]) -> np.ndarray:
-    """One observation -> the policy's flat float32 vector, by the same code that flattens training data."""
-    return flatten_obs({k: np.asarray(obs[k])[None] for k in obs_keys}, obs_keys)[0]
+    """One observation -> the policy's flat float32 low-dim vector, by the same code that flattens training
+    data (image keys are left to `policy_input`)."""
+    low_dim_keys, _ = split_obs_keys(obs_keys)
+    return flatten_obs({k: np.asarray(obs[k])[None] for k in low_dim_keys}, low_dim_keys, 1)[0]
+
+
+def policy_input(history: deque, obs_keys: list[str], device: torch.device) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The episode's last n_obs_steps observations, as (low-dim vector as the policy sees it, raw observation)
+    pairs -> the policy's input: a (1, n_obs_steps, obs_dim) tensor, or with image keys the dict
+    {"low_dim": (1, n_obs_steps, obs_dim), "<camera>_image": uint8 (1, n_obs_steps, H, W, 3)}."""
+    low_dim = torch.from_numpy(np.stack([seen for seen, _ in history]))[None].to(device)
+    _, image_keys = split_obs_keys(obs_keys)
+    if not image_keys:
+        return low_dim
+    return {"low_dim": low_dim, **{k: torch.from_numpy(np.stack([obs[k] for _, obs in history]))[None].to(device)
+                                   for k in image_keys}}
 
 
 def run_episode(policy, env, seed: int, max_steps: int, n_action_steps: int, obs_keys: list[str],
@@ -44,13 +59,12 @@ def run_episode(policy, env, seed: int, max_steps: int, n_action_steps: int, obs
     if recorder is not None:
         recorder.capture(env)
     seen_obs = perturb.observation(flatten_observation(obs, obs_keys))
-    history = deque([seen_obs] * n_obs, maxlen=n_obs)  # the first observation stands in for the past
+    history = deque([(seen_obs, obs)] * n_obs, maxlen=n_obs)  # the first observation stands in for the past
     trajectory: dict[str, list] = {"obs": [], "states": [], "actions": []}
     steps, total_reward = 0, 0.0
     done = False
     while not done:
-        window = torch.from_numpy(np.stack(history))[None].to(device)
-        chunk = policy.predict_action(window, generator)[0].cpu().numpy()
+        chunk = policy.predict_action(policy_input(history, obs_keys, device), generator)[0].cpu().numpy()
         for action in chunk[n_obs - 1 : n_obs - 1 + n_action_steps]:
             action = perturb.action(action)
             if record:
@@ -64,7 +78,7 @@ def run_episode(policy, env, seed: int, max_steps: int, n_action_steps: int, obs
                 recorder.capture(env)
             steps += 1
             total_reward += reward
-            history.append(perturb.observation(flatten_observation(obs, obs_keys)))
+            history.append((perturb.observation(flatten_observation(obs, obs_keys)), obs))
             done = (env.success_ends_episode and env.is_success()) or env.terminated or steps >= max_steps
             if done:
                 break
@@ -79,6 +93,8 @@ def run_episode(policy, env, seed: int, max_steps: int, n_action_steps: int, obs
 def _episode(trajectory: dict[str, list], obs_keys: list[str], seed: int, success: bool):
     from dopr_robot.datasets.robomimic_hdf5 import Episode
 
-    return Episode(obs={k: np.stack([o[k] for o in trajectory["obs"]]) for k in obs_keys},
+    low_dim_keys, image_keys = split_obs_keys(obs_keys)
+    return Episode(obs={k: np.stack([o[k] for o in trajectory["obs"]]) for k in low_dim_keys},
+                   images={k: np.stack([o[k] for o in trajectory["obs"]]) for k in image_keys},
                    actions=np.asarray(trajectory["actions"], dtype=np.float32),
                    states=np.asarray(trajectory["states"]), attrs={"seed": seed, "success": bool(success)})

@@ -171,14 +171,15 @@ class RenderingEnvironment:
         self._key: str | None = None
         self._env = None
 
-    def recorder(self, plan: VideoPlan, env_args: dict[str, Any], seed: int) -> VideoRecorder:
-        """A recorder for `seed`'s episode; its `env` is the rendering environment the episode must run in."""
-        key = json.dumps([env_args, list(plan.spec)], sort_keys=True)
+    def recorder(self, plan: VideoPlan, env_args: dict[str, Any], seed: int, images=None) -> VideoRecorder:
+        """A recorder for `seed`'s episode; its `env` is the rendering environment the episode must run in (with
+        `images`, an `envs.ImageSpec`, its observations hold the policy's camera frames too)."""
+        key = json.dumps([env_args, list(plan.spec), images], sort_keys=True)
         if key != self._key:
             self.close()
             from dopr_robot.envs import make_env
 
-            self._env = make_env(env_args, render=plan.spec)
+            self._env = make_env(env_args, render=plan.spec, images=images)
             self._key = key
         return VideoRecorder(self._env, plan.directory, seed, plan.fps)
 
