@@ -28,6 +28,20 @@ def tiny_episodes(n: int = 6, length: int = 30, action_dim: int = 7, seed: int =
                     states=rng.normal(size=(length, 5)), attrs={"seed": i}) for i in range(n)]
 
 
+# a tiny image policy: 32x32 frames cropped to 28, a 1/16-width ResNet-18, 8 features per camera
+TINY_IMAGE = ["policy.encoder.width=0.0625", "policy.encoder.crop=28", "policy.encoder.feature_dim=8",
+              "policy.encoder.keypoints=4"]
+
+
+def tiny_image_episodes(n: int = 4, length: int = 20, size: int = 32, cameras=("agentview",), seed: int = 0):
+    """tiny_episodes with uint8 <camera>_image frames (random, well-formed) beside the low-dim keys."""
+    episodes = tiny_episodes(n, length, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    for e in episodes:
+        e.images = {f"{c}_image": rng.integers(0, 256, (length, size, size, 3), dtype=np.uint8) for c in cameras}
+    return episodes
+
+
 def write_tiny_hdf5(path: Path, episodes: list[Episode] | None = None, masks: dict | None = None) -> Path:
     episodes = episodes if episodes is not None else tiny_episodes()
     n = len(episodes)

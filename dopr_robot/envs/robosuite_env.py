@@ -47,6 +47,20 @@ _DROPPED_KWARGS = ("camera_depths", "camera_heights", "camera_widths", "camera_n
                    "lite_physics")
 
 
+def _local_asset_paths(model_xml: str) -> str:
+    """A model file recorded on another machine names its meshes and textures under that machine's robosuite
+    install; point them at this one's (what robomimic's postprocess_model_xml does)."""
+    import xml.etree.ElementTree as ET
+
+    here = os.path.dirname(import_robosuite().__file__)
+    root = ET.fromstring(model_xml)
+    for element in root.iter():
+        path = element.get("file")
+        if path and "/robosuite/" in path:
+            element.set("file", os.path.join(here, path.rsplit("/robosuite/", 1)[1]))
+    return ET.tostring(root, encoding="unicode")
+
+
 def import_robosuite():
     """Import robosuite without its import-time console chatter (missing private macro file, optional robots)."""
     logging.getLogger("robosuite_logs").addFilter(lambda record: record.levelno >= logging.ERROR)
@@ -126,6 +140,7 @@ class RobosuiteEnv:
         self.env = suite.make(env_args["env_name"], **kwargs)
         self.render_spec = RenderSpec(*render) if render is not None else None
         self.image_spec = images
+        self._model_xml: str | None = None  # the model `restore` last loaded
         wanted = ([self.render_spec.camera] if self.render_spec is not None else []) + \
             (list(images.cameras) if images is not None else [])
         cameras = list(self.env.sim.model.camera_names)
@@ -150,11 +165,16 @@ class RobosuiteEnv:
         self.env.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
         return self._observation(self.env.reset())
 
-    def restore(self, state: np.ndarray) -> dict[str, np.ndarray]:
+    def restore(self, state: np.ndarray, model_xml: str | None = None) -> dict[str, np.ndarray]:
         """Set the flattened MuJoCo state (a dataset's `states[t]`) and return the observation there.
 
-        Indicator sites (gripper-to-target lines) are hidden as `reset` hides them, so frames rendered here are
-        the ones an episode renders at the same state."""
+        `model_xml` is the demo's MJCF model (robomimic's `model_file` attribute, which `collect` writes too):
+        what a reset draws besides the state, such as the size of Lift's cube, is only in it; it is loaded when
+        it differs from the last one loaded. Indicator sites (gripper-to-target lines) are hidden as `reset`
+        hides them, so frames rendered here are the ones an episode renders at the same state."""
+        if model_xml is not None and model_xml != self._model_xml:
+            self.env.reset_from_xml_string(_local_asset_paths(model_xml))
+            self._model_xml = model_xml
         self.env.sim.set_state_from_flattened(np.asarray(state, dtype=np.float64))
         self.env.visualize(vis_settings={vis: False for vis in self.env._visualizations})
         self.env.sim.forward()
