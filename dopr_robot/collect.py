@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dopr_robot.config import Config
-from dopr_robot.datasets.images import split_obs_keys
+from dopr_robot.datasets.images import camera_of, split_obs_keys
 from dopr_robot.datasets.minari_source import is_minari
 from dopr_robot.datasets.robomimic_hdf5 import Episode, write_robomimic
 from dopr_robot.envs import ImageSpec, RobosuiteEnv, default_env_args, make_env
@@ -115,7 +115,10 @@ def prepare_dataset(cfg: Config, collect_if_missing: bool, progress: bool) -> No
                                                         "supported files)" if cfg.data.task == "none" else ""))
     d = cfg.data
     noise = f" (operator noise {d.collect_noise})" if d.collect_noise else ""
-    print(f"{path} not found: collecting {d.collect_episodes} scripted {d.task} demos{noise} first")
-    summary = collect(d.task, d.collect_episodes, d.collect_seed, path, noise=d.collect_noise, progress=progress)
+    cameras = tuple(camera_of(k) for k in split_obs_keys(d.obs_keys)[1])  # an image config collects its cameras
+    images = f" with {', '.join(cameras)} at {d.collect_image_size}px" if cameras else ""
+    print(f"{path} not found: collecting {d.collect_episodes} scripted {d.task} demos{noise}{images} first")
+    summary = collect(d.task, d.collect_episodes, d.collect_seed, path, noise=d.collect_noise, progress=progress,
+                      cameras=cameras, image_size=d.collect_image_size)
     print(f"expert success {summary['expert_success_rate']:.0%} ({summary['demos']}/{summary['attempts']}), "
           f"{summary['seconds']:.0f} s -> {path}")

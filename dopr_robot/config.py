@@ -29,6 +29,7 @@ class DataConfig:
     collect_episodes: int = 100
     collect_seed: int = 0
     collect_noise: float = 0.0  # NoisyOperator level of those demos (0 = the scripted expert)
+    collect_image_size: int = 84  # frame side of those demos when obs_keys name image keys (<camera>_image)
     # Low-dim observation keys; empty: the file's object key and every robot's eef pos/quat + gripper qpos
     # (datasets/obs_keys.py). Image keys are refused until an image encoder exists.
     obs_keys: list[str] = field(default_factory=list)
@@ -177,7 +178,7 @@ CHOICES = {
     "train.logger": ("none", "tensorboard", "wandb"),
 }
 POSITIVE = (
-    "data.collect_episodes", "data.n_obs_steps", "data.horizon", "data.n_action_steps", "policy.mlp.hidden_dim",
+    "data.collect_episodes", "data.collect_image_size", "data.n_obs_steps", "data.horizon", "data.n_action_steps", "policy.mlp.hidden_dim",
     "policy.mlp.num_layers", "policy.unet.kernel_size", "policy.unet.n_groups", "policy.diffusion.num_train_timesteps",
     "policy.diffusion.num_inference_steps", "policy.flow.num_inference_steps", "train.steps", "train.batch_size",
     "train.log_every", "train.val_every", "optim.lr", "optim.ap.refresh_every", "optim.ns_steps", "eval.episodes",

@@ -31,5 +31,15 @@ def make_env(env_args: dict[str, Any], render: RenderSpec | tuple[str, int, int]
     return RobosuiteEnv(env_args, render=render, images=images)
 
 
-from dopr_robot.envs.render import ImageSpec, RenderSpec
-from dopr_robot.envs.robosuite_env import PUSHABLE, TASKS, RobosuiteEnv, default_env_args, import_robosuite
+
+def check_pushable(env_args: dict[str, Any]) -> None:
+    """Refuse pushes (one UserError, before any episode) on a robosuite environment without a documented push
+    target (Gymnasium envs decide in their own push_object)."""
+    name = env_args.get("env_name")
+    if not is_gymnasium(env_args) and name not in PUSHABLE:
+        raise UserError(f"pushes are not supported for {name}: it has no documented push target "
+                        f"(supported: {', '.join(sorted(PUSHABLE))}); set the push probability to 0")
+
+
+__all__ = ["PUSHABLE", "TASKS", "GymnasiumEnv", "ImageSpec", "RobosuiteEnv", "check_pushable", "default_env_args",
+           "import_robosuite", "is_gymnasium", "make_env"]
