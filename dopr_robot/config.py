@@ -30,6 +30,9 @@ class DataConfig:
     collect_seed: int = 0
     collect_noise: float = 0.0  # NoisyOperator level of those demos (0 = the scripted expert)
     collect_image_size: int = 84  # frame side of those demos when obs_keys name image keys (<camera>_image)
+    # Training frames: "disk" reads each batch's frames from the file (memory stays flat as the dataset grows);
+    # "memory" reads them all once and holds them as uint8 (1 byte per pixel; faster batches).
+    image_cache: str = "disk"
     # Low-dim observation keys; empty: the file's object key and every robot's eef pos/quat + gripper qpos
     # (datasets/obs_keys.py). Image keys are refused until an image encoder exists.
     obs_keys: list[str] = field(default_factory=list)
@@ -163,6 +166,7 @@ CHOICES = {
     "policy.type": ("diffusion", "flow", "bc"),
     "policy.backbone": ("mlp", "resmlp", "unet"),
     "policy.encoder.pool": ("spatial_softmax", "avg"),
+    "data.image_cache": ("disk", "memory"),
     "policy.diffusion.prediction_type": ("epsilon", "sample"),
     "policy.flow.integrator": ("euler", "midpoint"),
     "policy.flow.time_distribution": ("uniform", "beta"),

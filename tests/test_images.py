@@ -85,6 +85,9 @@ def test_image_keys_are_read_on_demand_as_uint8_from_hdf5_and_zarr(tmp_path):
         steps = windows.index[torch.tensor([0, 25, 40])][:, :2].numpy()
         all_frames = np.concatenate([e.images["robot0_eye_in_hand_image"] for e in episodes])
         assert np.array_equal(obs["robot0_eye_in_hand_image"].numpy(), all_frames[steps])
+        cached = WindowDataset(eps, ["robot0_eef_pos", *IMAGE_KEYS], 2, 8, 4, image_cache="memory")
+        assert torch.equal(cached.batch(torch.tensor([0, 25, 40]))[0]["robot0_eye_in_hand_image"],
+                           obs["robot0_eye_in_hand_image"])
     assert is_image_key("agentview_image") and not is_image_key("object")
 
 

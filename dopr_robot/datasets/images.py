@@ -78,9 +78,11 @@ class ImageFrames:
     """The frames of one image key over the concatenated steps of a list of demos, read by global step index.
 
     Files are opened on first read, in the reading process (h5py and zarr handles do not survive a fork).
+    With `in_memory` every frame is read once, up front, into one uint8 array (`data.image_cache: memory`):
+    batches are then gathered from memory, at 1 byte per pixel.
     """
 
-    def __init__(self, refs: list[FrameRef]):
+    def __init__(self, refs: list[FrameRef], in_memory: bool = False):
         self.refs = refs
         self.starts = np.cumsum([0] + [len(r) for r in refs])
         shapes = {r.frame_shape for r in refs}
@@ -89,6 +91,10 @@ class ImageFrames:
         self.frame_shape = refs[0].frame_shape
         self._arrays: dict[tuple[str, str], object] = {}
         self._files: dict[str, object] = {}
+        self._memory: np.ndarray | None = None
+        if in_memory:
+            self._memory = self.read(np.arange(len(self)))
+            self.close()
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -113,6 +119,8 @@ class ImageFrames:
     def read(self, index: np.ndarray) -> np.ndarray:
         """uint8 frames (*index.shape, H, W, 3) for global step indices `index`."""
         index = np.asarray(index)
+        if self._memory is not None:
+            return self._memory[index]
         flat = index.reshape(-1)
         out = np.empty((len(flat), *self.frame_shape), dtype=np.uint8)
         which = np.searchsorted(self.starts, flat, side="right") - 1
@@ -135,8 +143,7 @@ class ImageFrames:
         self._arrays.clear()
 
     def __getstate__(self):  # open handles stay behind; a copy reopens its own
-        return {"refs": self.refs, "starts": self.starts, "frame_shape": self.frame_shape, "_arrays": {},
-                "_files": {}}
+        return {**self.__dict__, "_arrays": {}, "_files": {}}
 
 
 def image_chunks(shape: tuple[int, ...]) -> tuple[int, ...] | None:

@@ -54,6 +54,7 @@ def describe(path: str | Path) -> list[tuple[str, str]]:
         ("masks", ", ".join(f"{k} ({len(v)})" for k, v in demos.masks.items()) or "none (every demo trains)"),
         ("obs", ", ".join(f"{k} ({_shape_text(v)})" for k, v in first.obs.items())),
         ("train keys", f"{', '.join(train_keys)} ({train_dim}-D; the default data.obs_keys)"),
+        ("images", ", ".join(f"{k} ({v.shape[1]}x{v.shape[2]} uint8)" for k, v in first.images.items()) or "none"),
         ("actions", f"{actions.shape[1]}-D, min {np.round(actions.min(0), 3).tolist()}, "
                     f"max {np.round(actions.max(0), 3).tolist()}"),
         ("states", f"{first.states.shape[1]}-D MuJoCo states" if first.states is not None else "none"),

@@ -39,14 +39,16 @@ def window_indices(lengths: list[int], horizon: int, pad_before: int, pad_after:
 class WindowDataset:
     """Every window of a set of episodes: low-dim data held as tensors (it fits in memory; no DataLoader
     needed), image keys read per batch as uint8 (`ImageFrames`), so a batch's observations are then the dict
-    {"low_dim": (B, n_obs_steps, obs_dim), "<camera>_image": uint8 (B, n_obs_steps, H, W, 3)}."""
+    {"low_dim": (B, n_obs_steps, obs_dim), "<camera>_image": uint8 (B, n_obs_steps, H, W, 3)}. `image_cache`
+    "memory" reads every frame once, up front, and keeps it as uint8 (see `ImageFrames`)."""
 
     def __init__(self, episodes: list[Episode], obs_keys: list[str], n_obs_steps: int, horizon: int,
-                 n_action_steps: int):
+                 n_action_steps: int, image_cache: str = "disk"):
         self.n_obs_steps = n_obs_steps
         low_dim_keys, image_keys = split_obs_keys(obs_keys)
         self.obs = torch.from_numpy(np.concatenate([flatten_obs(e.obs, low_dim_keys, len(e)) for e in episodes]))
-        self.images = {k: ImageFrames([e.images[k] for e in episodes]) for k in image_keys}
+        self.images = {k: ImageFrames([e.images[k] for e in episodes], in_memory=image_cache == "memory")
+                       for k in image_keys}
         self.actions = torch.from_numpy(np.concatenate([e.actions for e in episodes]).astype(np.float32))
         self.index = torch.from_numpy(
             window_indices([len(e) for e in episodes], horizon, n_obs_steps - 1, n_action_steps - 1)

@@ -16,6 +16,8 @@ def training_demos(meta: dict[str, Any], ckpt: Path, dataset: str | Path | None
                    ) -> tuple[Path, list[Episode], list[Episode]]:
     """(dataset path, train episodes, valid episodes) of the checkpoint's dataset (or `dataset`), split by the
     run's own filter keys, with the checkpoint's observation keys; one `error:` line if they do not fit."""
+    if meta.get("image_shapes"):
+        raise UserError(f"{ckpt} is an image policy: diagnose and spectrum measure low-dim observation spaces only")
     data_cfg = meta["config"]["data"]
     obs_keys, obs_dim = list(meta["obs_keys"]), int(meta["obs_dim"])
     dataset = Path(dataset) if dataset is not None else Path(meta["dataset"])

@@ -146,7 +146,8 @@ def _train(cfg: Config, run_dir: Path, collect_if_missing: bool, progress: bool,
         warning = version_warning(env_args)
         if warning:
             say(f"warning: {warning}")
-    train_set = WindowDataset(train_eps, d.obs_keys, d.n_obs_steps, d.horizon, d.n_action_steps).to(device)
+    train_set = WindowDataset(train_eps, d.obs_keys, d.n_obs_steps, d.horizon, d.n_action_steps,
+                              d.image_cache).to(device)
     valid_set = WindowDataset(valid_eps, d.obs_keys, d.n_obs_steps, d.horizon, d.n_action_steps).to(device) \
         if valid_eps and ddp.is_writer else None
     if len(train_set) == 0:
