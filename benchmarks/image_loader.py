@@ -6,9 +6,11 @@ Run:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/image_loader.py [--config co
 - Data: a rendered Lift image dataset (`--dataset`, else `--demos` scripted demos collected with the config's
   cameras at data.collect_image_size into a cache directory, outside all timings). Larger datasets for the
   scaling rows repeat those demos (real rendered frames, copied chunk for chunk: h5py's copy), `--scales` times.
-- Loader vs step (in this process, the base dataset): the config's policy and optimizer built as `train` builds
-  them; per repeat, `WindowDataset.sample` (window indices -> low-dim rows + uint8 frames read from the file)
-  is timed alone, then one whole training step (sample + loss + backward + clip + optimizer step). Medians.
+- Step: the config's policy and optimizer built as `train` builds them, one whole training step (sample + loss +
+  backward + clip + optimizer step) on the base dataset. Loader: `WindowDataset.sample` alone (window indices ->
+  low-dim rows + uint8 frames read from the file, or from memory with data.image_cache=memory) on each scaled
+  dataset (more demos: fewer repeated frames per batch). Medians of wall and CPU (process) time: on a shared
+  machine the CPU time is the one to compare.
 - Peak RSS: `dopr-robot train` on each scaled file in a child process (`--rss-steps` steps, no validation),
   peak resident set size from the child's rusage (ru_maxrss), beside what the frames would take held in memory
   as uint8 and as float32.
@@ -67,34 +69,48 @@ def frame_count(path: Path, image_keys: list[str]) -> tuple[int, int]:
         return sum(a.shape[0] for a in arrays), sum(a.size for a in arrays)
 
 
-def loader_vs_step(cfg, repeats: int) -> dict:
-    d, t = cfg.data, cfg.train
-    demos = open_demos(d.path, d.obs_keys)
-    episodes = demos.episodes(None)
-    train_set = WindowDataset(episodes, d.obs_keys, d.n_obs_steps, d.horizon, d.n_action_steps)
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """Median (wall ms, CPU ms) of `fn()` over `repeats` calls, after two warm-up calls."""
+    walls, cpus = [], []
+    for i in range(repeats + 2):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        if i >= 2:
+            walls.append(time.perf_counter() - start)
+            cpus.append(time.process_time() - start_cpu)
+    return 1e3 * statistics.median(walls), 1e3 * statistics.median(cpus)
+
+
+def windows_of(cfg, path: Path) -> WindowDataset:
+    d = cfg.data
+    episodes = open_demos(path, d.obs_keys).episodes(None)
+    return WindowDataset(episodes, d.obs_keys, d.n_obs_steps, d.horizon, d.n_action_steps, d.image_cache)
+
+
+def loader_ms(cfg, path: Path, repeats: int) -> tuple[float, float]:
+    """(wall, CPU) ms of one batch: window indices -> low-dim rows + uint8 frames (from the file or memory)."""
+    train_set = windows_of(cfg, path)
+    generator = torch.Generator().manual_seed(0)
+    return timed(lambda: train_set.sample(cfg.train.batch_size, generator), repeats)
+
+
+def step_ms(cfg, repeats: int) -> tuple[float, float]:
+    """(wall, CPU) ms of one whole training step (sample + loss + backward + clip + optimizer step)."""
+    train_set = windows_of(cfg, Path(cfg.data.path))
+    episodes = open_demos(cfg.data.path, cfg.data.obs_keys).episodes(None)
     policy, _, _ = policy_for_demos(cfg, episodes, torch.device("cpu"))
     optimizer = build_optimizer(policy, cfg.optim, io_layers=policy.io_layers())
     generator = torch.Generator().manual_seed(0)
     policy.train()
-    loads, steps, cpu = [], [], []
-    for i in range(repeats + 2):  # two warm-up repeats
-        start = time.perf_counter()
-        train_set.sample(t.batch_size, generator)
-        load = time.perf_counter() - start
-        start, start_cpu = time.perf_counter(), time.process_time()
-        obs, actions = train_set.sample(t.batch_size, generator)
+
+    def step():
+        obs, actions = train_set.sample(cfg.train.batch_size, generator)
         loss = policy.compute_loss(obs, actions, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        clip_grad_norm_(optimizer, policy.parameters(), t.grad_clip)
+        clip_grad_norm_(optimizer, policy.parameters(), cfg.train.grad_clip)
         optimizer.step()
-        step, step_cpu = time.perf_counter() - start, time.process_time() - start_cpu
-        if i >= 2:
-            loads.append(load)
-            steps.append(step)
-            cpu.append(step_cpu)
-    return {"load_ms": 1e3 * statistics.median(loads), "step_ms": 1e3 * statistics.median(steps),
-            "step_cpu_ms": 1e3 * statistics.median(cpu), "windows": len(train_set)}
+    return timed(step, repeats)
 
 
 def peak_rss_of_training(config: Path, dataset: Path, steps: int, threads: int, sets: list[str]) -> tuple[float, float]:
@@ -138,21 +154,21 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{a.threads} thread(s), load average at start {load[0]:.1f}; config {a.config.name}, batch "
           f"{cfg.train.batch_size}, encoder width {cfg.policy.encoder.width}, crop {cfg.policy.encoder.crop}")
-    r = loader_vs_step(cfg, a.repeats)
-    print(f"loader {r['load_ms']:.1f} ms/batch, training step (incl. loading) {r['step_ms']:.1f} ms wall "
-          f"({r['step_cpu_ms']:.1f} ms CPU): loading is {r['load_ms'] / r['step_ms']:.1%} of a step "
-          f"({r['windows']} windows, {a.repeats} repeats, medians)")
-    print("| demos | frames | as uint8 in memory | as float32 | peak RSS of `train` | wall |")
-    print("|---|---|---|---|---|---|")
+    step_wall, step_cpu = step_ms(cfg, a.repeats)
+    print(f"training step (incl. loading), {base.name}: {step_wall:.0f} ms wall, {step_cpu:.0f} ms CPU "
+          f"({a.repeats} repeats, medians); data.image_cache={cfg.data.image_cache}")
+    print("| demos | frames | as uint8 in memory | as float32 | loader per batch: wall, CPU (share of a step's CPU) "
+          "| peak RSS of `train` | its wall |")
+    print("|---|---|---|---|---|---|---|")
     for factor in [int(s) for s in a.scales.split(",")]:
         path = scaled_copy(base, factor, a.cache / f"{base.stem}_x{factor}.hdf5") if factor > 1 else base
         frames, nbytes = frame_count(path, image_keys)
+        load_wall, load_cpu = loader_ms(cfg, path, a.repeats)
         rss, wall = peak_rss_of_training(a.config, path, a.rss_steps, a.threads, a.sets)
         with h5py.File(path) as f:
             n = len(f["data"])
-        print(f"| {n} | {frames} | {nbytes / 2**20:.0f} MiB | {4 * nbytes / 2**20:.0f} MiB | {rss:.0f} MiB | "
-              f"{wall:.0f} s |", flush=True)
-
+        print(f"| {n} | {frames} | {nbytes / 2**20:.0f} MiB | {4 * nbytes / 2**20:.0f} MiB | {load_wall:.0f} ms, "
+              f"{load_cpu:.0f} ms ({load_cpu / step_cpu:.0%}) | {rss:.0f} MiB | {wall:.0f} s |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,7 @@ import torch
 
 from dopr_robot.checkpoint import load_policy
 from dopr_robot.datasets import WindowDataset, open_demos
-from dopr_robot.datasets.images import ImageFrames, is_image_key
+from dopr_robot.datasets.images import is_image_key
 from dopr_robot.policies.encoder import ObservationEncoder, ResNet18Trunk, load_torchvision_resnet18
 from tiny_data import (TINY_IMAGE, assert_user_error, run_cli, tiny_episodes, tiny_image_episodes, train_args,
                        write_tiny_hdf5)

@@ -112,7 +112,9 @@ class ImageFrames:
                 import h5py
 
                 if ref.path not in self._files:
-                    self._files[ref.path] = h5py.File(ref.path, "r")
+                    # no chunk cache: batches read random one-frame chunks, and HDF5's default 1 MiB cache per
+                    # opened dataset (two per demo) made resident memory grow with the number of demos
+                    self._files[ref.path] = h5py.File(ref.path, "r", rdcc_nbytes=0)
                 self._arrays[key] = self._files[ref.path][ref.array]
         return self._arrays[key]
 
