@@ -185,6 +185,37 @@ def test_image_policy_trains_evaluates_two_episodes_and_eval_env_renders_the_dat
         env.close()
 
 
+def test_collecting_with_cameras_changes_no_state(lift_image_demos, lift_demos):
+    """Rendering observations reads the simulation and restores it bit for bit: the demo of seed 0 collected with
+    two cameras has exactly the states and actions of the one collected without (fails if rendering's mj_forward
+    were left in the simulation data the controller reads)."""
+    with h5py.File(lift_image_demos) as with_cameras, h5py.File(lift_demos) as without:
+        a, b = with_cameras["data/demo_0"], without["data/demo_0"]
+        assert a.attrs["seed"] == b.attrs["seed"] == 0
+        assert np.array_equal(a["states"][()], b["states"][()]) and np.array_equal(a["actions"][()], b["actions"][()])
+
+
+def test_eval_of_a_checkpoint_naming_a_camera_the_env_lacks_is_one_error_line(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    data = write_tiny_hdf5(tmp_path / "img.hdf5", tiny_image_episodes())
+    run = tmp_path / "run"
+    assert run_cli(*train_args(data, run, "data.obs_keys=[object,agentview_image]", *TINY_IMAGE)).returncode == 0
+    final = run / "checkpoints" / "final"
+    meta = json.loads(final.with_suffix(".json").read_text())
+    meta["image_shapes"] = {"nosuchcam_image": meta["image_shapes"]["agentview_image"]}
+    meta["obs_keys"] = ["object", "nosuchcam_image"]
+    final.with_suffix(".json").write_text(json.dumps(meta))
+    weights = {k.replace("agentview_image", "nosuchcam_image"): v
+               for k, v in load_file(str(final.with_suffix(".safetensors"))).items()}
+    save_file(weights, str(final.with_suffix(".safetensors")))
+    result = run_cli("eval", run, "--episodes", "2", "--workers", "1", "--max-steps", "4")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # beside the progress bar
+    assert result.returncode == 2 and len(errors) == 1 and "camera 'nosuchcam' is not in Lift" in errors[0]
+    assert result.stderr.rstrip().endswith(errors[0]) and "Traceback" not in result.stderr
+    assert not (run / "eval.json").exists()
+
+
 def test_wrong_camera_is_one_error_line_before_any_rollout(tmp_path):
     result = run_cli("collect", "--episodes", "1", "--out", tmp_path / "c.hdf5", "--cameras", "agentview,eye")
     assert_user_error(result, "camera 'eye' is not in Lift")
