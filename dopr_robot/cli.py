@@ -126,8 +126,6 @@ def render_obs_cmd(
 
     if not src.exists():
         raise UserError(f"dataset not found: {src}")
-    if out.exists() and out.resolve() == src.resolve():
-        raise UserError("OUT must differ from IN: render-obs never modifies its input")
     check_output_file(out, overwrite, suffixes=(".hdf5", ".h5"), what="OUT")
     s = render_obs(src, out, parse_cameras(cameras), size)
     typer.echo(f"rendered {s['frames']} frames ({', '.join(s['cameras'])} at {s['size']}x{s['size']}) of "

@@ -70,7 +70,7 @@ def policy_for_demos(cfg: Config, train_eps, device: torch.device):
     obs_all = np.concatenate([flatten_obs(e.obs, low_dim_keys, len(e)) for e in train_eps])
     act_all = np.concatenate([e.actions for e in train_eps])
     obs_dim, action_dim = obs_all.shape[1], act_all.shape[1]
-    image_shapes = {k: train_eps[0].images[k].frame_shape for k in image_keys}
+    image_shapes = {k: tuple(np.shape(train_eps[0].images[k])[1:]) for k in image_keys}
     crop = cfg.policy.encoder.crop
     for key, (height, width, _) in image_shapes.items():
         if crop > min(height, width):
