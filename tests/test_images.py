@@ -14,6 +14,7 @@ from dopr_robot.checkpoint import load_policy
 from dopr_robot.datasets import WindowDataset, open_demos
 from dopr_robot.datasets.images import is_image_key
 from dopr_robot.policies.encoder import ObservationEncoder, ResNet18Trunk, load_torchvision_resnet18
+from dopr_robot.provenance import file_sha256
 from tiny_data import (TINY_IMAGE, assert_user_error, run_cli, tiny_episodes, tiny_image_episodes, train_args,
                        write_tiny_hdf5)
 
@@ -205,10 +206,11 @@ def test_eval_of_a_checkpoint_naming_a_camera_the_env_lacks_is_one_error_line(tm
     meta = json.loads(final.with_suffix(".json").read_text())
     meta["image_shapes"] = {"nosuchcam_image": meta["image_shapes"]["agentview_image"]}
     meta["obs_keys"] = ["object", "nosuchcam_image"]
-    final.with_suffix(".json").write_text(json.dumps(meta))
     weights = {k.replace("agentview_image", "nosuchcam_image"): v
                for k, v in load_file(str(final.with_suffix(".safetensors"))).items()}
     save_file(weights, str(final.with_suffix(".safetensors")))
+    meta["weights_sha256"] = file_sha256(final.with_suffix(".safetensors"))
+    final.with_suffix(".json").write_text(json.dumps(meta))
     result = run_cli("eval", run, "--episodes", "2", "--workers", "1", "--max-steps", "4")
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # beside the progress bar
     assert result.returncode == 2 and len(errors) == 1 and "camera 'nosuchcam' is not in Lift" in errors[0]
