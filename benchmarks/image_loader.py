@@ -36,7 +36,6 @@ import torch  # noqa: E402
 
 from dopr_robot.config import load_config  # noqa: E402
 from dopr_robot.datasets import WindowDataset, open_demos  # noqa: E402
-from dopr_robot.datasets.images import split_obs_keys  # noqa: E402
 from dopr_robot.optim import build_optimizer, clip_grad_norm_  # noqa: E402
 from dopr_robot.collect import prepare_dataset  # noqa: E402
 from dopr_robot.training.trainer import policy_for_demos  # noqa: E402
@@ -149,7 +148,7 @@ def main() -> None:
     cfg = load_config(a.config, [f"data.path={base}", f"data.collect_episodes={a.demos}", *a.sets])
     a.cache.mkdir(parents=True, exist_ok=True)
     prepare_dataset(cfg, collect_if_missing=a.dataset is None, progress=True)
-    _, image_keys = split_obs_keys(cfg.data.obs_keys)
+    image_keys = list(open_demos(base, cfg.data.obs_keys).episodes(None)[0].images)
     load = os.getloadavg()
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{a.threads} thread(s), load average at start {load[0]:.1f}; config {a.config.name}, batch "

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dopr_robot.config import Config
-from dopr_robot.datasets.images import camera_of, split_obs_keys
+from dopr_robot.datasets.images import camera_keys, camera_of, is_image_array, split_obs_keys
 from dopr_robot.datasets.minari_source import is_minari
 from dopr_robot.datasets.robomimic_hdf5 import Episode, write_robomimic
 from dopr_robot.envs import ImageSpec, RobosuiteEnv, default_env_args, make_env
@@ -48,7 +48,9 @@ def run_expert_episode(env: RobosuiteEnv, task: str, seed: int, max_steps: int, 
         if env.is_success():
             success = True
             break
-    keys, image_keys = split_obs_keys([k for k in steps[0] if not k.endswith(_REDUNDANT_OBS_SUFFIX)])
+    kept_keys = [k for k in steps[0] if not k.endswith(_REDUNDANT_OBS_SUFFIX)]
+    keys, image_keys = split_obs_keys(kept_keys, [k for k in kept_keys if is_image_array((1, *np.shape(steps[0][k])),
+                                                                                         np.asarray(steps[0][k]).dtype)])
     stacked = {k: np.stack([s[k] for s in steps]) for k in keys}
     next_obs = {k: np.concatenate([stacked[k][1:], obs[k][None]]) for k in keys}
     return Episode(
@@ -115,7 +117,7 @@ def prepare_dataset(cfg: Config, collect_if_missing: bool, progress: bool) -> No
                                                         "supported files)" if cfg.data.task == "none" else ""))
     d = cfg.data
     noise = f" (operator noise {d.collect_noise})" if d.collect_noise else ""
-    cameras = tuple(camera_of(k) for k in split_obs_keys(d.obs_keys)[1])  # an image config collects its cameras
+    cameras = tuple(camera_of(k) for k in camera_keys(d.obs_keys))  # an image config collects its cameras
     images = f" with {', '.join(cameras)} at {d.collect_image_size}px" if cameras else ""
     print(f"{path} not found: collecting {d.collect_episodes} scripted {d.task} demos{noise}{images} first")
     summary = collect(d.task, d.collect_episodes, d.collect_seed, path, noise=d.collect_noise, progress=progress,

@@ -34,7 +34,7 @@ class DataConfig:
     # "memory" reads them all once and holds them as uint8 (1 byte per pixel; faster batches).
     image_cache: str = "disk"
     # Low-dim observation keys; empty: the file's object key and every robot's eef pos/quat + gripper qpos
-    # (datasets/obs_keys.py). Image keys are refused until an image encoder exists.
+    # (datasets/obs_keys.py). Image keys (uint8 frames, robomimic's <camera>_image) go to the image encoder.
     obs_keys: list[str] = field(default_factory=list)
     # Rotation of absolute pose actions the policy predicts: file (as recorded), axis_angle (7-D per arm) or
     # rotation_6d (10-D per arm, diffusion_policy's abs layout); eval converts back for the controller.

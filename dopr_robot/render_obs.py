@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from dopr_robot.datasets.images import camera_of, image_chunks, image_key, is_image_key
+from dopr_robot.datasets.images import camera_of, image_chunks, image_key, is_image_array
 from dopr_robot.datasets.robomimic_hdf5 import RobomimicFile
 from dopr_robot.datasets.zarr_store import is_zarr
 from dopr_robot.envs.render import ImageSpec, check_image_size, image_attrs
@@ -46,7 +46,8 @@ def render_obs(src: str | Path, out: str | Path, cameras: tuple[str, ...], size:
             g = f.data[demo]
             if "states" not in g:
                 raise UserError(f"dataset {src}, {demo}: no 'states' (MuJoCo states are what render-obs renders)")
-            others = {k: g["obs"][k].shape[1:3] for k in (g["obs"] if "obs" in g else []) if is_image_key(k)}
+            others = {k: g["obs"][k].shape[1:3] for k in (g["obs"] if "obs" in g else [])
+                      if is_image_array(g["obs"][k].shape, g["obs"][k].dtype)}
             mismatched = [k for k, hw in others.items() if tuple(hw) != (size, size)]
             if mismatched:
                 h, w = others[mismatched[0]]

@@ -12,7 +12,7 @@ import torch
 
 from dopr_robot.checkpoint import load_policy
 from dopr_robot.datasets import WindowDataset, open_demos
-from dopr_robot.datasets.images import is_image_key
+from dopr_robot.datasets.obs_keys import observation_kind
 from dopr_robot.policies.encoder import ObservationEncoder, ResNet18Trunk, load_torchvision_resnet18
 from dopr_robot.provenance import file_sha256
 from tiny_data import (TINY_IMAGE, assert_user_error, run_cli, tiny_episodes, tiny_image_episodes, train_args,
@@ -89,7 +89,7 @@ def test_image_keys_are_read_on_demand_as_uint8_from_hdf5_and_zarr(tmp_path):
         cached = WindowDataset(eps, ["robot0_eef_pos", *IMAGE_KEYS], 2, 8, 4, image_cache="memory")
         assert torch.equal(cached.batch(torch.tensor([0, 25, 40]))[0]["robot0_eye_in_hand_image"],
                            obs["robot0_eye_in_hand_image"])
-    assert is_image_key("agentview_image") and not is_image_key("object")
+    assert observation_kind((32, 32, 3), np.uint8) == "image" and observation_kind((10,), np.float64) == "low_dim"
 
 
 def test_mixed_image_sizes_and_missing_image_keys_are_one_error_line(tmp_path):

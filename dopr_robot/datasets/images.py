@@ -1,6 +1,7 @@
 """Image observations in demonstration files: which keys are images, and frames read on demand.
 
-An image key is robomimic's `<camera>_image`: uint8 (T, H, W, 3), rows top first. Everything else is low-dim.
+An image key holds uint8 (T, H, W, 3) frames, rows top first (robomimic's `obs/<camera>_image`); which keys are
+images is decided by `datasets.obs_keys.observation_kind` alone, from a file's dtype and shape.
 Images are never loaded whole, nor expanded to float: a demo holds a `FrameRef` (file, array, step range) per
 image key, and training reads the frames of each batch as uint8 (`ImageFrames.read`), converted to float only
 inside the policy. Resident memory then does not grow with the number of frames in the file; read speed comes
@@ -20,22 +21,31 @@ from dopr_robot.errors import UserError
 IMAGE_SUFFIX = "_image"
 
 
-def is_image_key(key: str) -> bool:
-    """The one rule that tells image keys from low-dim keys (robomimic's naming: <camera>_image)."""
-    return key.endswith(IMAGE_SUFFIX)
+def is_image_array(shape: tuple[int, ...], dtype) -> bool:
+    """Whether an observation array (T, ...) of a file is an image key (`observation_kind` of one step)."""
+    from dopr_robot.datasets.obs_keys import observation_kind
+
+    return observation_kind(tuple(shape[1:]), dtype) == "image"
 
 
-def split_obs_keys(keys: list[str]) -> tuple[list[str], list[str]]:
-    """(low-dim keys, image keys), each in the given order."""
-    return [k for k in keys if not is_image_key(k)], [k for k in keys if is_image_key(k)]
+def split_obs_keys(keys: list[str], image_keys) -> tuple[list[str], list[str]]:
+    """(low-dim keys, image keys) of `keys`, each in the given order, `image_keys` being those known to be images
+    (a demo's `images`, a checkpoint's `image_shapes`)."""
+    return [k for k in keys if k not in image_keys], [k for k in keys if k in image_keys]
 
 
 def camera_of(key: str) -> str:
+    """The camera whose frames a `<camera>_image` key holds (what collect and render-obs render for it)."""
     return key[: -len(IMAGE_SUFFIX)]
 
 
 def image_key(camera: str) -> str:
     return camera + IMAGE_SUFFIX
+
+
+def camera_keys(keys: list[str]) -> list[str]:
+    """The keys named `<camera>_image`: those a renderer can produce (a config's keys before any file exists)."""
+    return [k for k in keys if k.endswith(IMAGE_SUFFIX)]
 
 
 def check_image_array(shape: tuple[int, ...], dtype: np.dtype, steps: int, where: str) -> tuple[int, int, int]:

@@ -60,21 +60,15 @@ def default_obs_keys(specs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> list
 
 
 def resolve_obs_keys(path: str | Path, requested: list[str]) -> tuple[list[str], str | None]:
-    """(the low-dim keys to train on, a warning line or None). `requested` empty: the file's defaults.
-
-    An image key is refused (image observations need an image encoder, not a flattened vector); an explicit
-    list that leaves out a robot the file records gets a warning (Transport without robot1_* is half blind)."""
+    """(the keys to train on, low-dim and image alike, a warning line or None). `requested` empty: the file's
+    low-dim defaults. An explicit list that leaves out a robot the file records gets a warning (Transport without
+    robot1_* is half blind). Image keys go to the image encoder (policies/encoder.py), never flattened."""
     specs = obs_specs(path)
     if not requested:
         keys = default_obs_keys(specs)
         if not keys:
             raise UserError(f"dataset {path} has no low-dim observation keys to train on")
         return keys, None
-    images = [k for k in requested if k in specs and observation_kind(*specs[k]) == "image"]
-    if images:
-        shape = specs[images[0]][0]
-        raise UserError(f"data.obs_keys: {images[0]} is an image observation (uint8 {shape}); image observations "
-                        f"are not supported yet: list low-dim keys only (or leave data.obs_keys empty)")
     left_out = [i for i in robots_of(specs) if i not in robots_of(requested)]
     warning = None
     if left_out:

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 import h5py
 import numpy as np
 
-from dopr_robot.datasets.images import FrameRef, check_image_array, image_chunks, is_image_key
+from dopr_robot.datasets.images import FrameRef, check_image_array, image_chunks, is_image_array
 from dopr_robot.errors import UserError
 from dopr_robot.fileio import atomic_buffer
 
@@ -166,8 +166,8 @@ class RobomimicFile:
             if "obs" not in g or key not in g["obs"]:
                 have = ", ".join(sorted(g["obs"].keys())) if "obs" in g else "none"
                 raise UserError(f"{where}: no observation key {key!r} (has: {have})")
-            if is_image_key(key):  # checked here, read on demand (datasets/images.py)
-                array = g["obs"][key]
+            array = g["obs"][key]
+            if is_image_array(array.shape, array.dtype):  # checked here, read on demand (datasets/images.py)
                 shape = check_image_array(array.shape, array.dtype, actions.shape[0], f"{where}: obs/{key}")
                 images[key] = FrameRef(str(self.path), array.name, 0, actions.shape[0], shape)
                 continue
@@ -183,17 +183,6 @@ class RobomimicFile:
         rewards = np.asarray(g["rewards"][()]) if "rewards" in g else None
         attrs = {k: _plain(v) for k, v in g.attrs.items()}
         return Episode(obs=obs, actions=actions, rewards=rewards, states=states, attrs=attrs, images=images)
-
-
-def low_dim_or_image(value: np.ndarray) -> np.ndarray:
-    """An observation array as the readers hand it on: an image key (uint8, (T, H, W, C)) as it is stored, a
-    low-dim key as float32 (T, D)."""
-    from dopr_robot.datasets.obs_keys import observation_kind
-
-    value = np.asarray(value)
-    if observation_kind(value.shape[1:], value.dtype) == "image":
-        return value
-    return value.astype(np.float32).reshape(value.shape[0], -1)
 
 
 def _plain(value: Any) -> Any:

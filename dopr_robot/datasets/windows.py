@@ -45,7 +45,7 @@ class WindowDataset:
     def __init__(self, episodes: list[Episode], obs_keys: list[str], n_obs_steps: int, horizon: int,
                  n_action_steps: int, image_cache: str = "disk"):
         self.n_obs_steps = n_obs_steps
-        low_dim_keys, image_keys = split_obs_keys(obs_keys)
+        low_dim_keys, image_keys = split_obs_keys(obs_keys, episodes[0].images if episodes else {})
         self.obs = torch.from_numpy(np.concatenate([flatten_obs(e.obs, low_dim_keys, len(e)) for e in episodes]))
         self.images = {k: ImageFrames([e.images[k] for e in episodes], in_memory=image_cache == "memory")
                        for k in image_keys}

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from dopr_robot.datasets.images import FrameRef, check_image_array, image_chunks, is_image_key
-from dopr_robot.datasets.robomimic_hdf5 import Episode, low_dim_or_image
+from dopr_robot.datasets.images import FrameRef, check_image_array, image_chunks, is_image_array
+from dopr_robot.datasets.robomimic_hdf5 import Episode
 from dopr_robot.errors import UserError
 from dopr_robot.fileio import out_of_space_error
 
@@ -116,8 +116,8 @@ def read_zarr(path: str | Path, obs_keys: list[str] | None = None):
             raise UserError(f"{path}: no observation key {key!r} (has: {', '.join(available)})")
     if len(ends) == 0 or np.any(np.diff(np.concatenate([[0], ends])) <= 0) or ends[-1] != data["action"].shape[0]:
         raise UserError(f"{path}: meta/episode_ends is not increasing or does not end at the data length")
-    image_keys = [k for k in keys if is_image_key(k)]
-    keys = [k for k in keys if not is_image_key(k)]
+    image_keys = [k for k in keys if is_image_array(data[k].shape, data[k].dtype)]
+    keys = [k for k in keys if k not in image_keys]
     frame_shapes = {}
     for key in image_keys:  # checked here, read on demand
         array = data[key]
@@ -136,7 +136,7 @@ def read_zarr(path: str | Path, obs_keys: list[str] | None = None):
     starts = np.concatenate([[0], ends[:-1]])
     for i, (s, e) in enumerate(zip(starts, ends)):
         episodes[f"demo_{i}"] = Episode(
-            obs={k: low_dim_or_image(columns[k][s:e]) for k in keys},
+            obs={k: columns[k][s:e].astype(np.float32).reshape(e - s, -1) for k in keys},
             actions=columns["action"][s:e].astype(np.float32),
             states=columns["states"][s:e] if "states" in columns else None,
             rewards=columns["reward"][s:e] if "reward" in columns else None,

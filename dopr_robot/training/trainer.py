@@ -66,7 +66,7 @@ def policy_for_demos(cfg: Config, train_eps, device: torch.device):
     """The policy `train` starts from: normalizers fitted on the training demos only, initial weights from
     train.seed (the same on every rank). Returns (policy, obs_dim, action_dim)."""
     d = cfg.data
-    low_dim_keys, image_keys = split_obs_keys(d.obs_keys)
+    low_dim_keys, image_keys = split_obs_keys(d.obs_keys, train_eps[0].images)
     obs_all = np.concatenate([flatten_obs(e.obs, low_dim_keys, len(e)) for e in train_eps])
     act_all = np.concatenate([e.actions for e in train_eps])
     obs_dim, action_dim = obs_all.shape[1], act_all.shape[1]
@@ -121,7 +121,7 @@ def _train(cfg: Config, run_dir: Path, collect_if_missing: bool, progress: bool,
     d = cfg.data
     if is_minari(d.path):
         keys = d.obs_keys or None  # a Minari dataset's own keys unless the config names some
-    else:  # empty: the file's object key and every robot's (datasets/obs_keys.py); image keys refused
+    else:  # empty: the file's object key and every robot's (datasets/obs_keys.py)
         keys, keys_warning = resolve_obs_keys(d.path, d.obs_keys)
         if keys_warning:
             say(f"warning: {keys_warning}")
