@@ -1,13 +1,16 @@
 """Time per training step (forward + backward + clip + optimizer step) of each optimizer as a ratio to AdamW.
 
 Run:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/optim_step.py [--threads 1] [--repeats 3] [--steps 7]
-                                                                 [--device cpu|cuda] [--only mlp|unet] [--full]
+                                                                 [--device cpu|cuda] [--only MODEL] [--full]
                                                                  [--profile VARIANT] [--variants a,b]
 Interleaved A/B: in every repeat each optimizer's steps alternate with AdamW's (same policy, same batch), its ratio
 to AdamW is taken within that repeat, and the table shows the median ratio over repeats (and median ms/step).
 Policies: the default Lift policy (diffusion, MLP denoiser, batch 256) and the full-size ConditionalUnet1D
 (down_dims 256/512/1024, kernel 5, batch 64). The step is the trainer's: gradients clipped by
 `dopr_robot.optim.clip_grad_norm_` (which measures DoPr's in-backward layers by their true gradient).
+Image policies (`--only lift_image|can_image`, not in the default run): the policy of that config built by
+`build_policy` with its ResNet-18 encoder per camera (two 84x84 cameras, uint8 frames, random crops) and a
+ConditionalUnet1D denoiser (lift_image.yaml's own denoiser is the MLP; here the default full-size UNet).
 """
 
 from __future__ import annotations
@@ -17,15 +20,21 @@ import gc
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from dopr_robot.config import PolicyConfig, UNetConfig
+from dopr_robot.config import PolicyConfig, UNetConfig, load_config
 from dopr_robot.optim import DoPr, OptimConfig, build_optimizer, clip_grad_norm_
 from dopr_robot.optim.config import APConfig
 from dopr_robot.policies import RangeNormalizer, build_policy
 
 OBS_DIM, ACTION_DIM, N_OBS, HORIZON = 19, 7, 2, 16
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# image policies: (config file, overrides); their low-dim keys are the robot's proprioception (eef_pos 3 +
+# eef_quat 4 + gripper_qpos 2), their images (collect_image_size)^2 x 3 per camera
+IMAGE_MODELS = {"lift_image": ("lift_image.yaml", ["policy.backbone=unet"]), "can_image": ("can_image.yaml", [])}
+PROPRIO_DIM = 9
 REFRESH10 = dict(refresh_every=10, ema_decay=0.9)
 
 # (name, optimizer config, extra DoPr keyword arguments); the first row is the baseline
@@ -46,10 +55,24 @@ FULL_VARIANTS = [
 ]
 
 
-def make_policy(backbone: str, device: torch.device):
-    cfg = PolicyConfig(backbone=backbone, unet=UNetConfig(down_dims=[256, 512, 1024], kernel_size=5))
+def model_shapes(model: str):
+    """(policy config, low-dim obs width, n_obs_steps, horizon, {image key: (H, W, 3)}) of a benchmarked model."""
+    if model not in IMAGE_MODELS:
+        cfg = PolicyConfig(backbone=model, unet=UNetConfig(down_dims=[256, 512, 1024], kernel_size=5))
+        return cfg, OBS_DIM, N_OBS, HORIZON, {}
+    name, overrides = IMAGE_MODELS[model]
+    config = load_config(CONFIGS / name, overrides)
+    d = config.data
+    size = d.collect_image_size
+    images = {k: (size, size, 3) for k in d.obs_keys if k.endswith("_image")}
+    return config.policy, PROPRIO_DIM, d.n_obs_steps, d.horizon, images
+
+
+def make_policy(model: str, device: torch.device):
+    cfg, obs_dim, n_obs, horizon, images = model_shapes(model)
     ident = lambda d: RangeNormalizer(-torch.ones(d), torch.ones(d), 1.0)
-    return build_policy(cfg, OBS_DIM, ACTION_DIM, N_OBS, HORIZON, ident(OBS_DIM), ident(ACTION_DIM)).to(device)
+    return build_policy(cfg, obs_dim, ACTION_DIM, n_obs, horizon, ident(obs_dim), ident(ACTION_DIM),
+                        image_shapes=images or None).to(device)
 
 
 def make_optimizer(policy, cfg: OptimConfig, extra: dict):
@@ -71,8 +94,13 @@ class Bench:
         self.policy = make_policy(backbone, device)
         self.optimizer = make_optimizer(self.policy, cfg, extra)
         self.generator = torch.Generator(device=device).manual_seed(0)
-        self.obs = torch.randn(batch, N_OBS, OBS_DIM, device=device, generator=self.generator)
-        self.actions = torch.randn(batch, HORIZON, ACTION_DIM, device=device, generator=self.generator).clamp(-1, 1)
+        _, obs_dim, n_obs, horizon, images = model_shapes(backbone)
+        self.obs = torch.randn(batch, n_obs, obs_dim, device=device, generator=self.generator)
+        if images:  # the trainer's dict batch: low-dim floats and uint8 frames per camera
+            self.obs = {"low_dim": self.obs} | {
+                k: torch.randint(0, 256, (batch, n_obs, *shape), dtype=torch.uint8, device=device,
+                                 generator=self.generator) for k, shape in images.items()}
+        self.actions = torch.randn(batch, horizon, ACTION_DIM, device=device, generator=self.generator).clamp(-1, 1)
 
     def step(self) -> None:
         loss = self.policy.compute_loss(self.obs, self.actions, self.generator)
@@ -99,7 +127,7 @@ def benchmark(backbone: str, batch: int, variants, args, device) -> None:
     (AdamW, X, AdamW, X, ...) so both see the same machine load, and the repeat's ratio is median(X) /
     median(AdamW) over those alternating steps."""
     params = sum(p.numel() for p in make_policy(backbone, device).parameters())
-    print(f"\n{backbone} denoiser ({params / 1e6:.1f}M parameters), batch {batch}, {args.repeats} repeats x "
+    print(f"\n{backbone} policy ({params / 1e6:.1f}M parameters), batch {batch}, {args.repeats} repeats x "
           f"{args.steps} alternating steps per optimizer pair (after {args.warmup} warm-up)", flush=True)
     base_name, base_cfg, base_extra = variants[0]
     ms = {name: [] for name, _, _ in variants}
@@ -122,6 +150,13 @@ def benchmark(backbone: str, batch: int, variants, args, device) -> None:
             if isinstance(bench.optimizer, DoPr) and bench.optimizer.ap:
                 h = bench.optimizer.health()
                 paths[name] = ", ".join(f"{h[f'ap_layers_{p}']} {p}" for p in ("primal", "dual", "backward"))
+                convs = [(layer.name.split(".trunk.")[-1], bench.optimizer.last_paths.get(layer.name, "none"))
+                         for layer in bench.optimizer.layers if isinstance(layer.module, torch.nn.Conv2d)]
+                if convs:  # the encoder's layers by path (trunk-relative names, each camera alike or not)
+                    by_path = {p: sorted({n for n, q in convs if q == p}) for p in sorted({q for _, q in convs})}
+                    print(f"    {name}: {len(convs)} Conv2d AP layers; " + "; ".join(
+                        f"{sum(q == p for _, q in convs)} {p}: {' '.join(ns)}" for p, ns in by_path.items()),
+                        flush=True)
             del bench
             gc.collect()  # the hooks make optimizer <-> module cycles: free the model before the next one
         del base
@@ -153,7 +188,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--mlp-batch", type=int, default=256)
     parser.add_argument("--unet-batch", type=int, default=64, help="full-size UNet batch (256 on a GPU)")
-    parser.add_argument("--only", choices=["mlp", "unet"], default=None)
+    parser.add_argument("--image-batch", type=int, default=0, help="image policies' batch (0: the config's)")
+    parser.add_argument("--only", choices=["mlp", "unet", *IMAGE_MODELS], default=None,
+                        help="one policy; the image policies run only when named here")
     parser.add_argument("--full", action="store_true", help="also conv_mode full on the UNet (slow)")
     parser.add_argument("--profile", metavar="VARIANT", default=None, help="profile one optimizer instead")
     parser.add_argument("--variants", default=None, help="comma-separated optimizer names (AdamW always runs)")
@@ -163,7 +200,11 @@ def main() -> None:
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
-    for backbone, batch in (("mlp", args.mlp_batch), ("unet", args.unet_batch)):
+    models = [("mlp", args.mlp_batch), ("unet", args.unet_batch)]
+    if args.only in IMAGE_MODELS:
+        name, overrides = IMAGE_MODELS[args.only]
+        models = [(args.only, args.image_batch or load_config(CONFIGS / name, overrides).train.batch_size)]
+    for backbone, batch in models:
         if args.only and backbone != args.only:
             continue
         variants = VARIANTS + (FULL_VARIANTS if backbone == "unet" and args.full else [])
