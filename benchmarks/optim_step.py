@@ -2,6 +2,7 @@
 
 Run:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/optim_step.py [--threads 1] [--repeats 3] [--steps 7]
                                                                  [--device cpu|cuda] [--only MODEL] [--full]
+                                                                 [--image-batch N]
                                                                  [--profile VARIANT] [--variants a,b]
 Interleaved A/B: in every repeat each optimizer's steps alternate with AdamW's (same policy, same batch), its ratio
 to AdamW is taken within that repeat, and the table shows the median ratio over repeats (and median ms/step).
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import re
 import statistics
 import sys
 import time
@@ -150,13 +152,8 @@ def benchmark(backbone: str, batch: int, variants, args, device) -> None:
             if isinstance(bench.optimizer, DoPr) and bench.optimizer.ap:
                 h = bench.optimizer.health()
                 paths[name] = ", ".join(f"{h[f'ap_layers_{p}']} {p}" for p in ("primal", "dual", "backward"))
-                convs = [(layer.name.split(".trunk.")[-1], bench.optimizer.last_paths.get(layer.name, "none"))
-                         for layer in bench.optimizer.layers if isinstance(layer.module, torch.nn.Conv2d)]
-                if convs:  # the encoder's layers by path (trunk-relative names, each camera alike or not)
-                    by_path = {p: sorted({n for n, q in convs if q == p}) for p in sorted({q for _, q in convs})}
-                    print(f"    {name}: {len(convs)} Conv2d AP layers; " + "; ".join(
-                        f"{sum(q == p for _, q in convs)} {p}: {' '.join(ns)}" for p, ns in by_path.items()),
-                        flush=True)
+                if repeat == 0:
+                    print_conv_paths(name, bench.optimizer)
             del bench
             gc.collect()  # the hooks make optimizer <-> module cycles: free the model before the next one
         del base
@@ -167,6 +164,18 @@ def benchmark(backbone: str, batch: int, variants, args, device) -> None:
         each = " ".join(f"{r:.2f}" for r in ratios[name]) if name != base_name else ""
         print(f"  {name:<26} {statistics.median(ms[name]):9.1f} {statistics.median(ratios[name]):7.2f}x   "
               f"{each:<17} {paths.get(name, '')}", flush=True)
+
+
+def print_conv_paths(name: str, optimizer: DoPr) -> None:
+    """The image encoder's Conv2d AP layers by the path they took last step (names below the camera, so both
+    cameras' layers of one name count together)."""
+    convs = [(re.sub(r"^obs_encoder\.cameras\.[^.]+\.(trunk\.)?", "", layer.name),
+              optimizer.last_paths.get(layer.name, "none"))
+             for layer in optimizer.layers if isinstance(layer.module, torch.nn.Conv2d)]
+    if convs:
+        by_path = {p: sorted({n for n, q in convs if q == p}) for p in sorted({q for _, q in convs})}
+        print(f"    {name}: {len(convs)} Conv2d AP layers; " + "; ".join(
+            f"{sum(q == p for _, q in convs)} {p}: {' '.join(ns)}" for p, ns in by_path.items()), flush=True)
 
 
 def profile(backbone: str, batch: int, name: str, variants, args, device) -> None:
