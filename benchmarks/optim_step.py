@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from dopr_robot.config import PolicyConfig, UNetConfig, load_config
+from dopr_robot.datasets.images import IMAGE_SUFFIX
 from dopr_robot.optim import DoPr, OptimConfig, build_optimizer, clip_grad_norm_
 from dopr_robot.optim.config import APConfig
 from dopr_robot.policies import RangeNormalizer, build_policy
@@ -66,7 +67,7 @@ def model_shapes(model: str):
     config = load_config(CONFIGS / name, overrides)
     d = config.data
     size = d.collect_image_size
-    images = {k: (size, size, 3) for k in d.obs_keys if k.endswith("_image")}
+    images = {k: (size, size, 3) for k in d.obs_keys if k.endswith(IMAGE_SUFFIX)}
     return config.policy, PROPRIO_DIM, d.n_obs_steps, d.horizon, images
 
 
