@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from dopr_robot.errors import Interrupted, UserError
+from dopr_robot.errors import Interrupted, UserError, check_counts
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Train diffusion / flow action-chunking policies with AdamW, Muon or DoPr; "
@@ -205,25 +205,26 @@ def eval_cmd(
     push: Optional[float] = typer.Option(None, help="probability per episode of one push on the object (Gymnasium: "
                                                     "the torso) [eval.push: 0]"),
     push_magnitude: Optional[float] = typer.Option(None, help="push: velocity kick in m/s [eval.push_magnitude: 0.5]"),
-    episode_timeout: float = typer.Option(600.0, help="seconds before a running episode is stopped and recorded "
-                                                      "as failed"),
+    episode_timeout: float = typer.Option(600.0, help="seconds per episode before a running block of episodes "
+                                                      "is stopped; its episodes are recorded as errors"),
     save_trajectories: bool = typer.Option(False, help="also store every episode (robomimic layout) beside the report"),
     videos: int = typer.Option(0, help="record the first N episodes (by seed) as MP4 in videos/ beside the report"),
     videos_failed: int = typer.Option(0, help="record up to N failed episodes (re-run with recording)"),
     video_camera: str = typer.Option("agentview", help="robosuite camera of the videos (Gymnasium: a camera of the "
                                                        "model, e.g. track; otherwise the env's own view)"),
     video_size: str = typer.Option("256", help="video frame size: N (square) or WIDTHxHEIGHT"),
+    allow_errors: bool = typer.Option(False, help="exit 0 even when episodes errored (they stay missing from "
+                                                  "the rates; the report records this)"),
 ):
     """Closed-loop success of a checkpoint over many seeded rollouts; writes a JSON report."""
     from dopr_robot.envs.render import RenderSpec, parse_size
-    from dopr_robot.evaluation import format_report, run_eval
+    from dopr_robot.evaluation import check_complete, format_report, run_eval
     from dopr_robot.evaluation.video import videos_dir_for
 
-    if (episodes is not None and episodes < 1) or (max_steps is not None and max_steps < 1) or \
-            (workers is not None and workers < 0) or (seed_start is not None and seed_start < 0) or \
-            not episode_timeout > 0 or videos < 0 or videos_failed < 0:
-        raise UserError("need --episodes >= 1, --max-steps >= 1, --workers >= 0, --seed-start >= 0, "
-                        "--episode-timeout > 0, --videos >= 0, --videos-failed >= 0")
+    check_counts(("--episodes", episodes, 1), ("--max-steps", max_steps, 1), ("--workers", workers, 0),
+                 ("--seed-start", seed_start, 0), ("--videos", videos, 0), ("--videos-failed", videos_failed, 0))
+    if not episode_timeout > 0:
+        raise UserError(f"--episode-timeout must be > 0; got {episode_timeout:g}")
     video_spec = RenderSpec(video_camera, *parse_size(video_size))
     levels = {"action_noise": action_noise, "obs_noise": obs_noise, "push": push, "push_magnitude": push_magnitude}
     perturbation = {k: v for k, v in levels.items() if v is not None}  # the rest from the run's eval config
@@ -231,12 +232,14 @@ def eval_cmd(
                             save_trajectories=save_trajectories, episodes=episodes, seed_start=seed_start,
                             max_steps=max_steps, workers=workers, n_action_steps=n_action_steps,
                             perturbation=perturbation, episode_timeout_s=episode_timeout,
-                            videos=videos, videos_failed=videos_failed, video_spec=video_spec)
+                            videos=videos, videos_failed=videos_failed, video_spec=video_spec,
+                            allow_errors=allow_errors)
     typer.echo(format_report(report))
     typer.echo(f"report -> {path}" + (f", trajectories -> {report['trajectories']}" if save_trajectories else ""))
     if "videos" in report:
         names = ", ".join(Path(v["path"]).name for v in report["videos"]) or "none (no episode matched)"
         typer.echo(f"videos -> {videos_dir_for(path)}: {names}")
+    check_complete(report, path)  # errored episodes: one error: line, exit 2 (unless --allow-errors)
 
 
 @app.command("diagnose")

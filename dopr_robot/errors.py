@@ -13,3 +13,11 @@ def error_summary(error: BaseException) -> str:
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C, with one line saying what was saved and what is lost (the CLI prints `interrupted: <message>`)."""
+
+
+def check_counts(*checks: tuple[str, float | None, float]) -> None:
+    """(flag, value, least) each: the first value below its least (None = not given) is one line naming its flag,
+    e.g. "--episodes must be >= 1; got 0"."""
+    for flag, value, least in checks:
+        if value is not None and not value >= least:  # `not >=` also catches NaN
+            raise UserError(f"{flag} must be >= {least:g}; got {value:g}")

@@ -28,7 +28,7 @@ def test_interrupted_eval_resumes_to_the_same_records_and_keeps_old_reports(run)
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr
     report = json.loads((run / "eval.json").read_text())
-    assert report["checkpoint_name"] == "final" and report["errors"] == 0
+    assert report["checkpoint_name"] == "final" and report["n_errors"] == 0 and report["complete"]
     assert report["perturbation"] == {"action_noise": 0.0, "obs_noise": 0.0, "push": 0.0, "push_magnitude": 0.0}
     journal = run / "eval_episodes.jsonl"
     lines = journal.read_text().splitlines()
@@ -104,3 +104,81 @@ def test_kill_9_mid_eval_then_resume_gives_the_uninterrupted_records(run, tmp_pa
     assert resumed["resumed_episodes"] >= 1
     assert run_cli(*args, "--out", str(tmp_path / "whole.json")).returncode == 0
     assert _records(resumed) == _records(json.loads((tmp_path / "whole.json").read_text()))
+
+
+def _variant(run, tmp_path, name, **changes):
+    """A copy of the run's final checkpoint with some of its JSON changed (same weights)."""
+    import shutil
+
+    meta = json.loads((run / "checkpoints" / "final.json").read_text())
+    meta.update(changes)
+    (tmp_path / f"{name}.json").write_text(json.dumps(meta))
+    shutil.copyfile(run / "checkpoints" / "final.safetensors", tmp_path / f"{name}.safetensors")
+    return tmp_path / f"{name}.json"
+
+
+def test_errored_episodes_are_missing_not_failures_and_fail_the_command(run, tmp_path):
+    """Main scored an episode that raised as success=False inside success_rate and exited 0 (mutant: errors
+    counted as failures). Now: missing, rates over completed episodes, exit 2 with one line, --allow-errors."""
+    raises = _variant(run, tmp_path, "raises", obs_keys=["object", "no_such_observation"])  # every episode raises
+    out = tmp_path / "r.json"
+    args = ["eval", str(raises), "--episodes", "2", "--workers", "1", "--max-steps", "4", "--out", str(out)]
+    result = run_cli(*args)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "2 of 2 episodes errored" in errors[0] and str(out) in errors[0]
+    report = json.loads(out.read_text())  # written before the command fails
+    assert (report["n_errors"], report["n_completed"], report["complete"]) == (2, 0, False)
+    assert report["success_rate"] is None and report["success_ci95"] is None and report["mean_return"] is None
+    assert report["allow_errors"] is False and report["successes"] == 0
+    assert all("KeyError" in e["error"] and e["success"] is None for e in report["per_episode"])
+    allowed = run_cli(*args, "--allow-errors")
+    assert allowed.returncode == 0, allowed.stderr
+    assert json.loads(out.read_text())["allow_errors"] is True and "INCOMPLETE" in allowed.stdout
+
+
+def test_resume_runs_errored_episodes_again(run, tmp_path):
+    """Main's --resume reused journal records with an error (mutant: errored journal records reused), so the
+    report kept them for good."""
+    out = tmp_path / "e.json"
+    args = ["eval", str(run), "--episodes", "3", "--workers", "1", "--max-steps", "6", "--seed-start", "40",
+            "--out", str(out)]
+    assert run_cli(*args).returncode == 0
+    whole = json.loads(out.read_text())
+    journal = tmp_path / "e_episodes.jsonl"
+    lines = journal.read_text().splitlines()
+    record = json.loads(lines[2])  # seed 41, as main recorded an episode that raised
+    lines[2] = json.dumps({"seed": record["seed"], "success": False, "steps": 0, "return": 0.0, "wall_s": 0.1,
+                           "error": "MemoryError"})
+    journal.write_text("\n".join(lines) + "\n")
+    resumed = run_cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    again = json.loads(out.read_text())
+    assert again["resumed_episodes"] == 2 and again["n_errors"] == 0 and again["complete"]
+    assert _records(again) == _records(whole)
+
+
+def test_rates_are_over_completed_episodes():
+    from dopr_robot.evaluation.evaluate import summarize
+    from dopr_robot.experiments.stats import wilson_interval
+
+    records = [{"seed": 1, "success": True, "steps": 10, "return": 2.0},
+               {"seed": 2, "success": False, "steps": 30, "return": 0.0},
+               {"seed": 3, "success": None, "steps": None, "return": None, "error": "timed out"}]
+    s = summarize(records)
+    assert (s["n_completed"], s["n_errors"], s["complete"], s["successes"]) == (2, 1, False, 1)
+    assert s["success_rate"] == 0.5 and s["mean_return"] == 1.0 and s["mean_steps"] == 20.0
+    assert s["success_ci95"] == list(wilson_interval(1, 2))
+    assert summarize(records[:2])["complete"] is True
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--episodes", "0", "--episodes must be >= 1; got 0"),
+    ("--max-steps", "0", "--max-steps must be >= 1; got 0"),
+    ("--workers", "-1", "--workers must be >= 0; got -1"),
+])
+def test_a_bad_count_names_its_flag(run, flag, value, message):
+    """Main's one catch-all line named every flag ("need --episodes >= 1, --max-steps >= 1, ...")."""
+    result = run_cli("eval", str(run), "--workers", "1", flag, value)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.strip() == f"error: {message}"

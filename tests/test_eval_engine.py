@@ -136,7 +136,7 @@ def test_episode_errors_timeouts_and_unbuildable_environments(tiny_runs, tmp_pat
     settings = EpisodeSettings(max_steps=24, n_action_steps=8)
     with EvalPool(1) as pool:
         outcomes = pool.evaluate(raises, [500, 501], settings)
-        assert [o.record["success"] for o in outcomes.values()] == [False, False]
+        assert [o.record["success"] for o in outcomes.values()] == [None, None]  # missing, not failed
         assert all("KeyError" in o.record["error"] for o in outcomes.values())
         with pytest.raises(UserError, match="NoSuchEnv"):
             pool.evaluate(unbuildable, [500], settings)

@@ -129,6 +129,20 @@ def test_interrupted_eval_is_finished_with_the_same_episodes(finished, lift_demo
     assert wall() > first_wall > 0  # the cell's wall time adds this invocation's to the first one's
 
 
+def test_a_report_with_errored_episodes_does_not_make_its_cell_done(tmp_path):
+    """Main counted any report with the requested episodes as done, errored episodes and all."""
+    from dopr_robot.experiments.cells import report_complete
+
+    path = tmp_path / "eval.json"
+    report = {"episodes": 4, "successes": 1, "checkpoint_name": "final", "n_errors": 0}
+    path.write_text(json.dumps(report))
+    assert report_complete(path, 4, "final")
+    legacy = {"episodes": 4, "successes": 1, "checkpoint_name": "final", "errors": 2}  # before n_errors
+    for errored in ({**report, "n_errors": 1}, legacy):
+        path.write_text(json.dumps(errored))
+        assert not report_complete(path, 4, "final")
+
+
 def test_failed_cell_is_recorded_and_retried(tmp_path, lift_demos):
     out = tmp_path / "bad"
     args = ["sweep", CONFIG, "--out", str(out), "--optims", "adam", "--seeds", "0", "--episodes", "2"]
@@ -168,7 +182,8 @@ def test_dry_run_lists_cells_and_writes_nothing(tmp_path):
     ({"optims": "adam,sgd"}, "unknown optimizer 'sgd'"),
     ({"perturb": ["wind=1"]}, "--perturb expects"),
     ({"launcher": "slurmish"}, "--launcher must be one of"),
-    ({"jobs": 0}, "--jobs >= 1"),
+    ({"jobs": 0}, "--jobs must be >= 1; got 0"),  # main: one line naming every flag
+    ({"episodes": 0}, "--episodes must be >= 1; got 0"),
 ])
 def test_bad_input_is_refused_before_any_work(tmp_path, changes, message):
     out = tmp_path / "never"

@@ -264,3 +264,28 @@ def test_a_second_eval_archives_the_first_reports_videos_and_a_resume_does_not(r
     replaced = [p for p in tiny_run.glob("eval_twice-*.json") if p != archived]
     assert len(replaced) == 1 and json.loads(replaced[0].read_text())["videos"] == second["videos"]
     assert json.loads(path.read_text())["resumed_episodes"] == 2
+
+
+def test_a_recorder_failure_never_fails_its_episode(tmp_path, rendering, tiny_run):
+    """Main recorded an episode whose recorder raised as an errored (failed) episode. Now the episode's result
+    stands and the video is reported missing with the reason: a recorder that cannot render its frames
+    (captured from an environment without a renderer) mid-episode, and one whose directory cannot be made."""
+    policy, meta = load_policy(tiny_run)
+    plain = RobosuiteEnv(rendering)
+    expected, _ = run_episode(policy, plain, 11, 8, 8, meta["obs_keys"])
+    with VideoRecorder(RobosuiteEnv(rendering, render=SPEC), tmp_path / "v", seed=11, fps=20) as recorder:
+        result, _ = run_episode(policy, plain, 11, 8, 8, meta["obs_keys"], recorder=recorder)
+        assert recorder.finish(result["success"]) is None
+    assert recorder.error.startswith("RuntimeError: this environment was built without render")
+    assert (result["success"], result["steps"], result["return"]) == \
+        (expected["success"], expected["steps"], expected["return"])
+    assert not list((tmp_path / "v").iterdir())  # no partial file
+
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a directory")
+    report = evaluate(tiny_run, episodes=1, seed_start=11, max_steps=8, workers=1, progress=False, videos=1,
+                      video_spec=SPEC, videos_dir=blocked / "videos")
+    record = report["per_episode"][0]
+    assert "error" not in record and report["complete"] and record["steps"] == expected["steps"]
+    assert report["videos"] == [] and [(m["seed"], m["reason"]) for m in report["videos_missing"]] == [(11, "first")]
+    assert report["videos_missing"][0]["error"].startswith(("NotADirectoryError", "FileExistsError"))

@@ -30,7 +30,7 @@ from typing import Any
 
 from dopr_robot.envs import check_pushable
 from dopr_robot.envs.render import RenderSpec
-from dopr_robot.errors import UserError
+from dopr_robot.errors import UserError, check_counts
 from dopr_robot.evaluation.journal import (JOURNAL_SUFFIX, Journal, check_resumable, journal_path, read_journal,
                                            report_of_journal)
 from dopr_robot.evaluation.perturb import Perturbation
@@ -199,7 +199,7 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
              resume: bool = False, pool: EvalPool | None = None,
              episode_timeout_s: float = DEFAULT_EPISODE_TIMEOUT_S, tag: str | None = None,
              videos: int = 0, videos_failed: int = 0, video_spec: RenderSpec | None = None,
-             videos_dir: Path | None = None) -> dict[str, Any]:
+             videos_dir: Path | None = None, allow_errors: bool = False) -> dict[str, Any]:
     """Evaluate one checkpoint; returns the report (a dict, not yet written).
 
     Arguments left as None come from the `eval` section of the checkpoint's training config. `journal`: append
@@ -208,6 +208,8 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
     `videos` / `videos_failed`: record the first N episodes (by seed) / up to N failed ones as MP4s in
     `videos_dir` (default: beside the default report, `videos_dir_for`), listed in the report's `videos`;
     `wall_s` and `episodes_per_s` are those of the evaluation, without the re-runs for failed-episode videos.
+    Episodes that errored are missing, not failures (see `summarize`); `allow_errors` is only recorded here
+    (`check_complete` acts on it).
     """
     ckpt = resolve_checkpoint(checkpoint, checkpoint_name)
     meta = read_checkpoint_meta(ckpt)
@@ -217,8 +219,8 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
     seed_start = defaults.get("seed_start", 100000) if seed_start is None else seed_start
     max_steps = defaults.get("max_steps", 400) if max_steps is None else max_steps
     workers = defaults.get("workers", 0) if workers is None else workers
-    if episodes < 1 or max_steps < 1 or workers < 0 or seed_start < 0:
-        raise UserError("need episodes >= 1, max steps >= 1, workers >= 0, seed start >= 0")
+    check_counts(("--episodes", episodes, 1), ("--max-steps", max_steps, 1), ("--workers", workers, 0),
+                 ("--seed-start", seed_start, 0))
     d = config["data"]
     most = d["horizon"] - d["n_obs_steps"] + 1
     n_action_steps = d["n_action_steps"] if n_action_steps is None else n_action_steps
@@ -230,8 +232,7 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
         perturbation = Perturbation(**{**levels, **(perturbation or {})})
     if perturbation.push and perturbation.push_magnitude:
         check_pushable(meta["env_args"])  # one line now, not an error in every episode
-    if videos < 0 or videos_failed < 0:
-        raise UserError("need --videos >= 0 and --videos-failed >= 0")
+    check_counts(("--videos", videos, 0), ("--videos-failed", videos_failed, 0))
     if resume and save_trajectories is not None:
         raise UserError("--resume cannot be combined with --save-trajectories (trajectories are not journaled); "
                         "rerun without --resume")
@@ -247,6 +248,7 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
     done: dict[int, dict[str, Any]] = {}
     if journal is not None and resume:
         header, done = read_journal(journal)
+        done = {s: r for s, r in done.items() if "error" not in r}  # errored episodes are missing: run again
     missing = [s for s in seeds if s not in done]
 
     def journal_header() -> dict[str, Any]:
@@ -280,8 +282,9 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
             if log is not None:
                 log.append(outcome.record)
             bar.update(1)
-            wins = sum(o.record["success"] for o in outcomes.values())
-            bar.set_postfix(success=f"{wins}/{len(outcomes)}", refresh=False)
+            counts = summarize([o.record for o in outcomes.values()])
+            bar.set_postfix(success=f"{counts['successes']}/{counts['n_completed']}", refresh=False,
+                            **({"errors": counts["n_errors"]} if counts["n_errors"] else {}))
 
         try:
             if missing:
@@ -304,8 +307,6 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
             pool.close()
 
     per_episode = [outcomes[s].record for s in seeds]
-    successes = sum(r["success"] for r in per_episode)
-    lo, hi = wilson_interval(successes, episodes)
     optim = config["optim"]
     report = {
         "checkpoint": str(ckpt), "checkpoint_name": ckpt.stem, "step": meta.get("step"),
@@ -316,10 +317,7 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
         **({"reference_scores": meta["reference_scores"]} if meta.get("reference_scores") else {}),  # Minari's
         "episodes": episodes, "seed_start": seed_start, "max_steps": max_steps,
         "workers": pool.workers if missing else 0, "n_action_steps": n_action_steps,
-        "successes": successes, "success_rate": successes / episodes, "success_ci95": [lo, hi],
-        "mean_return": sum(r["return"] for r in per_episode) / episodes,
-        "mean_steps": sum(r["steps"] for r in per_episode) / episodes,
-        "errors": sum("error" in r for r in per_episode),
+        **summarize(per_episode), "allow_errors": allow_errors,
         "resumed_episodes": len(seeds) - len(missing),
         "wall_s": wall, "episodes_per_s": len(missing) / wall if wall > 0 else 0.0,
         "perturbation": perturbation.report(), "tag": tag,
@@ -334,8 +332,37 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
                         attrs={"source": ROLLOUTS_SOURCE, "checkpoint": str(ckpt)}, compression="gzip")
         report["trajectories"] = str(save_trajectories)
     if video_plan is not None:
-        report["videos"] = video_plan.listing({s: o.record for s, o in outcomes.items()}, reruns)
+        results = {s: o.record for s, o in outcomes.items()}
+        report["videos"] = video_plan.listing(results, reruns)
+        report["videos_missing"] = video_plan.missing(results, reruns)
     return report
+
+
+def summarize(per_episode: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report's counts and rates. An episode with an `error` (it raised, timed out, or killed its worker
+    twice) is *missing*, not a policy failure: it is not counted in `successes`, and the rates, the Wilson interval
+    and the means are over the completed episodes only; the report is `complete` when none is missing."""
+    completed = [r for r in per_episode if "error" not in r]
+    n = len(completed)
+    successes = sum(bool(r["success"]) for r in completed)
+    return {"n_completed": n, "n_errors": len(per_episode) - n, "complete": n == len(per_episode),
+            "successes": successes, "success_rate": successes / n if n else None,
+            "success_ci95": list(wilson_interval(successes, n)) if n else None,
+            "mean_return": sum(r["return"] for r in completed) / n if n else None,
+            "mean_steps": sum(r["steps"] for r in completed) / n if n else None}
+
+
+class EpisodesErrored(UserError):
+    """Some episodes of a written report errored (see `check_complete`)."""
+
+
+def check_complete(report: dict[str, Any], path: Path) -> None:
+    """After the report is written: episodes that errored end the command with one line (exit 2), unless the
+    evaluation allowed them (`--allow-errors`, recorded in the report)."""
+    if report["n_errors"] and not report["allow_errors"]:
+        raise EpisodesErrored(f"{report['n_errors']} of {report['episodes']} episodes errored and are missing from the "
+                        f"success rate (see per_episode[].error in {path}); `eval --resume` runs them again, "
+                        f"--allow-errors accepts the incomplete report")
 
 
 def run_eval(run: str | Path, checkpoint_name: str | None = None, out: Path | None = None,
@@ -371,7 +398,6 @@ def _normalized(report: dict[str, Any]) -> str:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    lo, hi = report["success_ci95"]
     ap = report["ap"]
     ap_text = f" (AP damping {ap['damping']} {ap['damping_form']})" if ap else ""
     last = report["seed_start"] + report["episodes"] - 1
@@ -380,18 +406,22 @@ def format_report(report: dict[str, Any]) -> str:
         ("policy", f"{report['policy']} / {report['backbone']}, optimizer {report['optim']}{ap_text}"),
         ("episodes", f"{report['episodes']} (seeds {report['seed_start']}..{last}, max {report['max_steps']} steps, "
                      f"{report['n_action_steps']} actions per chunk)"),
-        ("success", f"{report['success_rate']:.1%}  [{lo:.1%}, {hi:.1%}] Wilson 95%  "
-                    f"({report['successes']}/{report['episodes']})"),
-        ("mean steps", f"{report['mean_steps']:.1f}"),
-        ("mean return", f"{report['mean_return']:.2f}" + _normalized(report)),
     ]
+    if report["n_completed"]:
+        lo, hi = report["success_ci95"]
+        rows += [("success", f"{report['success_rate']:.1%}  [{lo:.1%}, {hi:.1%}] Wilson 95%  "
+                             f"({report['successes']}/{report['n_completed']} completed)"),
+                 ("mean steps", f"{report['mean_steps']:.1f}"),
+                 ("mean return", f"{report['mean_return']:.2f}" + _normalized(report))]
+    else:
+        rows.append(("success", "none: no episode completed"))
     p = report.get("perturbation") or {}
     if any(p.values()):
         rows.append(("perturbation", f"action noise {p['action_noise']:g}, obs noise {p['obs_noise']:g}, "
                                      f"push p={p['push']:g} ({p['push_magnitude']:g} m/s)"))
-    if report.get("errors"):
-        rows.append(("errors", f"{report['errors']} episodes failed to run (counted as failures; see "
-                               f"per_episode[].error)"))
+    if report["n_errors"]:
+        rows.append(("errors", f"{report['n_errors']} episodes errored: missing, not counted (INCOMPLETE report; "
+                               f"see per_episode[].error)"))
     if "videos" in report:
         rows.append(("videos", f"{len(report['videos'])} recorded"))
     resumed = f", {report['resumed_episodes']} from the journal" if report.get("resumed_episodes") else ""

@@ -8,12 +8,11 @@ and the last environment (keyed by env_args, so successive checkpoints of one ru
 every evaluation of a training run (in-training rollouts) or of a sweep.
 
 Faults cost at most the episode that caused them, never the run, and never a hang:
-- an exception inside an episode (reset, step, policy) is recorded with that episode as `error` and counted as
-  a failure; it is not retried (the same seed would raise again);
+- an exception inside an episode (reset, step, policy) is recorded with that episode as `error`: the episode is
+  missing, not a failure (`errored_record`; `eval --resume` runs it again);
 - a worker process that dies (killed, out of memory, segfault) breaks the pool (`BrokenProcessPool`): the pool
   is rebuilt and the episodes that were running are run again, each one alone, so an episode that kills its
-  worker again is identified exactly and recorded with an error (counted as a failure), and a one-off kill
-  costs nothing;
+  worker again is identified exactly and recorded with an error, and a one-off kill costs nothing;
 - an episode running longer than `episode_timeout_s` is recorded with an error, the workers are killed and the
   pool rebuilt as above;
 - a checkpoint or environment that cannot be loaded or built is a setup failure: `UserError` (one line, exit 2)
@@ -69,9 +68,16 @@ def checkpoint_token(checkpoint: Path) -> str:
 _worker: dict[str, Any] = {"token": None, "env_key": None, "rendering": None}
 
 
-def _describe(error: BaseException) -> str:
+def describe(error: BaseException) -> str:
+    """`Type: first line of the message`, for a record's `error`."""
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def errored_record(seed: int, message: str, wall_s: float) -> dict[str, Any]:
+    """The record of an episode that did not complete: missing from the rates (`evaluate.summarize`), not a
+    failure, and run again by `eval --resume`."""
+    return {"seed": seed, "success": None, "steps": None, "return": None, "wall_s": wall_s, "error": message}
 
 
 def _init_worker(preload: tuple[str, str] | None) -> None:
@@ -124,7 +130,7 @@ def _episode_task(token: str, checkpoint: str, settings: EpisodeSettings, seed: 
     try:
         policy, meta, env = _load(token, checkpoint)
     except BaseException as e:  # noqa: BLE001
-        return ("setup_error", _describe(e))
+        return ("setup_error", describe(e))
     try:
         from dopr_robot.evaluation.rollout import run_episode
 
@@ -138,17 +144,24 @@ def _episode_task(token: str, checkpoint: str, settings: EpisodeSettings, seed: 
 
         if _worker["rendering"] is None:
             _worker["rendering"] = RenderingEnvironment()
-        with _worker["rendering"].recorder(settings.video, meta["env_args"], seed,
-                                           ImageSpec.from_image_shapes(meta.get("image_shapes"))) as recorder:
-            # a partial video is removed if the episode raises
+        try:
+            recorder = _worker["rendering"].recorder(settings.video, meta["env_args"], seed,
+                                                     ImageSpec.from_image_shapes(meta.get("image_shapes")))
+        except Exception as e:  # noqa: BLE001 - no video, but the episode runs (in the plain environment)
+            result, trajectory = run_episode(policy, env, seed, settings.max_steps, settings.n_action_steps,
+                                             meta["obs_keys"], record=settings.record,
+                                             perturbation=settings.perturbation)
+            return ("ok", {**result, "worker_pid": os.getpid(), "video_error": describe(e)}, trajectory)
+        with recorder:  # a partial video is removed if the episode raises
             result, trajectory = run_episode(policy, recorder.env, seed, settings.max_steps,
                                              settings.n_action_steps, meta["obs_keys"], record=settings.record,
                                              perturbation=settings.perturbation, recorder=recorder)
             recorder.finish(result["success"])
-        return ("ok", {**result, "worker_pid": os.getpid()}, trajectory)
+        video_error = {"video_error": recorder.error} if recorder.error else {}
+        return ("ok", {**result, "worker_pid": os.getpid(), **video_error}, trajectory)
     except Exception as e:  # noqa: BLE001 - the episode is lost, the worker and the run go on
         where = traceback.extract_tb(e.__traceback__)[-1]
-        return ("episode_error", f"{_describe(e)} (at {Path(where.filename).name}:{where.lineno})")
+        return ("episode_error", f"{describe(e)} (at {Path(where.filename).name}:{where.lineno})")
 
 
 def _ready() -> int:
@@ -223,8 +236,7 @@ class EvalPool:
                 on_outcome(seed, outcome)
 
         def failed(seed: int, message: str, wall: float) -> None:
-            finish(seed, Outcome({"seed": seed, "success": False, "steps": 0, "return": 0.0, "wall_s": wall,
-                                  "error": message}))
+            finish(seed, Outcome(errored_record(seed, message, wall)))
 
         try:
             while pending or suspects or in_flight:

@@ -47,6 +47,8 @@ class VideoRecorder:
     """Streams one episode's frames into an MP4. `capture(env)` is `run_episode`'s recorder hook.
 
     Use as a context manager: leaving it without `finish` (an episode that raised) deletes the partial file.
+    A recorder failure (rendering, ffmpeg, the disk) never fails its episode: the recorder stops, keeps the
+    reason in `error`, leaves no file, and the episode's result stands (its video is reported missing).
     """
 
     def __init__(self, env, directory: Path, seed: int, fps: float):
@@ -55,6 +57,7 @@ class VideoRecorder:
         self.env, self.directory, self.seed, self.fps = env, Path(directory), seed, fps
         self.frames = 0
         self.path: Path | None = None
+        self.error: str | None = None
         self.directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{seed}.", suffix=".mp4.tmp", dir=self.directory)
         os.close(fd)
@@ -68,29 +71,53 @@ class VideoRecorder:
         self._writer.send(None)  # starts ffmpeg
 
     def capture(self, env) -> None:
-        self._writer.send(env.render_frame())
-        self.frames += 1
+        if self.error is not None:
+            return
+        try:
+            self._writer.send(env.render_frame())
+            self.frames += 1
+        except Exception as e:  # noqa: BLE001 - see the class docstring
+            self._fail(e)
 
-    def finish(self, success: bool) -> Path:
-        """Close the file and give it its final name; a stale file of the other outcome for this seed goes."""
-        self._writer.close()  # waits for ffmpeg to finish the file
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self._tmp, 0o666 & ~umask)
-        self.path = self.directory / video_name(self.seed, success)
-        os.replace(self._tmp, self.path)
+    def finish(self, success: bool) -> Path | None:
+        """Close the file and give it its final name; a stale file of the other outcome for this seed goes.
+        None when recording failed (`error` says why)."""
+        if self.error is not None:
+            return None
+        try:
+            self._writer.close()  # waits for ffmpeg to finish the file
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self._tmp, 0o666 & ~umask)
+            path = self.directory / video_name(self.seed, success)
+            os.replace(self._tmp, path)
+        except Exception as e:  # noqa: BLE001 - see the class docstring
+            self._fail(e)
+            return None
+        self.path = path
         (self.directory / video_name(self.seed, not success)).unlink(missing_ok=True)
         return self.path
+
+    def _fail(self, error: BaseException) -> None:
+        from dopr_robot.evaluation.pool import describe
+
+        self.error = describe(error)
+        self._discard()
+
+    def _discard(self) -> None:
+        try:
+            self._writer.close()
+        except Exception:  # noqa: BLE001 - a broken writer is being thrown away
+            pass
+        finally:
+            self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "VideoRecorder":
         return self
 
     def __exit__(self, *exc) -> None:
         if self.path is None:
-            try:
-                self._writer.close()
-            finally:
-                self._tmp.unlink(missing_ok=True)
+            self._discard()
 
 
 @dataclass(frozen=True)
@@ -156,6 +183,14 @@ class VideoPlan:
             entries.append(entry)
         entries = [e for e in entries if (report_dir / e["path"]).is_file()]
         return sorted(entries, key=lambda e: e["seed"])
+
+    def missing(self, results: dict[int, dict[str, Any]], reruns: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The report's `videos_missing`: episodes that were to be recorded but whose recorder failed (the
+        episode's result stands), with the reason."""
+        wanted = [(results[s], FIRST) for s in sorted(self.first_seeds & set(results))] + \
+                 [(r, FAILED) for r in reruns]
+        return [{"seed": r["seed"], "reason": reason, "error": r["video_error"]}
+                for r, reason in wanted if r.get("video_error")]
 
     def _entry(self, report_dir: Path, result: dict[str, Any], reason: str) -> dict[str, Any]:
         path = self.directory / video_name(result["seed"], result["success"])

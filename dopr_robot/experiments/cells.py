@@ -5,8 +5,9 @@ perturbation level.
 Each step is skipped when its output is complete, so running a cell again only does what is missing:
 - training is done when `checkpoints/final.json` exists; with `trainer_state.pt` and no final checkpoint it continues
   with `train --resume` (bit-exact; a failed resume, e.g. a corrupt state, starts the cell afresh);
-- a report is done when it exists with the requested number of episodes; an interrupted one continues from its
-  per-episode journal (as `eval --resume`; a journal that cannot be resumed, e.g. of other settings, is run again).
+- a report is done when it exists with the requested number of episodes and none of them errored; an interrupted
+  or incomplete one continues from its per-episode journal (as `eval --resume`, which runs errored episodes again;
+  a journal that cannot be resumed, e.g. of other settings, is run again).
 The reports share one `EvalPool` (`evaluate_reports`, in `python -m dopr_robot.experiments.child PID --cell-reports
 JOB`): its workers import torch/robosuite and build the environment once per cell rather than once per report.
 The first report that fails stops the others and fails the cell with its one-line error.
@@ -85,7 +86,9 @@ def report_complete(path: Path, episodes: int, checkpoint_name: str) -> bool:
     except (OSError, ValueError):
         return False
     name = report.get("checkpoint_name") or Path(str(report.get("checkpoint", ""))).stem
-    return report.get("episodes") == episodes and isinstance(report.get("successes"), int) and name == checkpoint_name
+    errored = report.get("n_errors", report.get("errors", 0))  # `errors`: reports before n_errors
+    return report.get("episodes") == episodes and isinstance(report.get("successes"), int) and \
+        name == checkpoint_name and errored == 0
 
 
 def planned_reports(job: CellJob) -> list[tuple[str, str, dict[str, Any]]]:
@@ -181,7 +184,7 @@ def _train(job: CellJob) -> None:
 def evaluate_reports(job: CellJob) -> int:
     """Write every missing report of the cell, in order, all in one `EvalPool`; returns the exit code (0; 2 after
     one `error: ...` line; 130 when interrupted). Runs in the cell's eval subprocess (see `child`)."""
-    from dopr_robot.evaluation.evaluate import DEFAULT_EPISODE_TIMEOUT_S
+    from dopr_robot.evaluation.evaluate import DEFAULT_EPISODE_TIMEOUT_S, EpisodesErrored
     from dopr_robot.evaluation.journal import journal_path
     from dopr_robot.evaluation.pool import EvalPool
 
@@ -198,6 +201,8 @@ def evaluate_reports(job: CellJob) -> int:
                     try:
                         _write_report(kwargs, pool, resume=True)
                         continue
+                    except EpisodesErrored:  # the resume ran: its episodes errored again (the cell fails)
+                        raise
                     except UserError as e:  # e.g. the journal is for other settings: run it from the start
                         print(f"cannot resume ({e}); running {stem} from the start", flush=True)
                 _write_report(kwargs, pool, resume=False)
@@ -212,12 +217,13 @@ def evaluate_reports(job: CellJob) -> int:
 
 def _write_report(kwargs: dict[str, Any], pool: EvalPool, resume: bool) -> None:
     """`dopr-robot eval` in `pool`: its command line (as a log header), then the report as the CLI prints it."""
-    from dopr_robot.evaluation.evaluate import format_report, run_eval
+    from dopr_robot.evaluation.evaluate import check_complete, format_report, run_eval
 
     args = [*eval_command(kwargs), "--workers", str(pool.workers), *(["--resume"] if resume else [])]
     print(_log_header(f"dopr-robot {shlex.join(args)}"), end="", flush=True)
     report, path = run_eval(**kwargs, resume=resume, pool=pool)
     print(f"{format_report(report)}\nreport -> {path}", flush=True)
+    check_complete(report, path)  # errored episodes fail the cell (the report stays, to be resumed)
 
 
 def _log_header(command: str) -> str:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 import yaml
 
 from dopr_robot.config import load_config
-from dopr_robot.errors import UserError
+from dopr_robot.errors import UserError, check_counts
 from dopr_robot.experiments.cells import CellJob, is_done, summary
 from dopr_robot.experiments.grid import (Cell, cell_config, check_overrides, distinct_cells, enumerate_cells,
                                          parse_grid, parse_optims, parse_perturb, parse_seeds, perturb_tag)
@@ -47,8 +47,7 @@ def run_sweep(config: Path, out: Path, optims: str, seeds: str, grid: list[str],
               command: Optional[list[str]] = None, echo: Callable[[str], None] = print) -> int:
     """Run (or with `dry_run` list) the sweep; returns the number of cells that failed."""
     # ---- validate everything before any work
-    if jobs < 1 or (episodes is not None and episodes < 1) or (workers is not None and workers < 1):
-        raise UserError("need --jobs >= 1, --episodes >= 1, --workers >= 1")
+    check_counts(("--jobs", jobs, 1), ("--episodes", episodes, 1), ("--workers", workers, 1))
     if not config.is_file():
         raise UserError(f"config file not found: {config}")
     optim_list, seed_list = parse_optims(optims), parse_seeds(seeds)

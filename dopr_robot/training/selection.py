@@ -53,8 +53,9 @@ class RolloutSelector:
             workers = max(1, min(self.workers or os.cpu_count() or 1, len(self.seeds)))
             self.pool = EvalPool(workers, preload=last)
         outcomes = self.pool.evaluate(last, self.seeds, EpisodeSettings(self.max_steps, self.n_action_steps))
-        successes = sum(outcomes[s].record["success"] for s in self.seeds)
-        success = successes / len(self.seeds)
+        completed = [outcomes[s].record for s in self.seeds if "error" not in outcomes[s].record]
+        successes = sum(bool(r["success"]) for r in completed)  # errored episodes are missing, not failures
+        success = successes / len(completed) if completed else 0.0
         selection = {"step": step, "success": success, "successes": successes, "episodes": len(self.seeds),
                      "seed_start": self.seeds[0], "errors": sum("error" in o.record for o in outcomes.values())}
         meta = json.loads(last.read_text())
