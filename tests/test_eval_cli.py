@@ -182,3 +182,63 @@ def test_a_bad_count_names_its_flag(run, flag, value, message):
     result = run_cli("eval", str(run), "--workers", "1", flag, value)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.strip() == f"error: {message}"
+
+
+def _children(pid: int) -> list[int]:
+    """Live spawn workers (multiprocessing's spawn_main) whose parent is `pid`, from /proc (Linux)."""
+    from pathlib import Path
+
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z" and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc")
+def test_kill_9_of_eval_takes_its_workers_with_it(run, tmp_path):
+    """Main's spawn workers outlived a `kill -9` of eval's main process (~1 GB each, minutes later)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    args = ["eval", str(run), "--episodes", "40", "--workers", "2", "--max-steps", "400",
+            "--out", str(tmp_path / "k.json")]
+    process = subprocess.Popen([sys.executable, "-m", "dopr_robot.cli", *args], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and len(workers) < 2 and process.poll() is None:
+            time.sleep(0.1)
+            workers = _children(process.pid)
+        assert len(workers) == 2, "the eval's workers never started"
+        os.kill(process.pid, signal.SIGKILL)  # the main process only
+        process.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{w}") and _alive(w) for w in workers):
+            time.sleep(0.1)
+        assert not [w for w in workers if os.path.exists(f"/proc/{w}") and _alive(w)]
+    finally:
+        for w in workers:  # never leave a worker behind, whatever happened
+            try:
+                os.kill(w, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

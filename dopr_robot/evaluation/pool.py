@@ -15,6 +15,8 @@ Faults cost at most the episode that caused them, never the run, and never a han
   worker again is identified exactly and recorded with an error, and a one-off kill costs nothing;
 - an episode running longer than `episode_timeout_s` is recorded with an error, the workers are killed and the
   pool rebuilt as above;
+- workers die with the main process, even when it is killed with SIGKILL (`parent_death`): the pool's submits
+  (which start the workers) are made from the thread that calls `evaluate`, which must outlive the pool;
 - a checkpoint or environment that cannot be loaded or built is a setup failure: `UserError` (one line, exit 2)
   from the first worker that hits it; workers that die before any episode has finished end the same way.
 """
@@ -80,10 +82,14 @@ def errored_record(seed: int, message: str, wall_s: float) -> dict[str, Any]:
     return {"seed": seed, "success": None, "steps": None, "return": None, "wall_s": wall_s, "error": message}
 
 
-def _init_worker(preload: tuple[str, str] | None) -> None:
-    """Runs once per worker: one thread, no Ctrl-C tracebacks, and (optionally) the first checkpoint loaded
-    now, in parallel with the main process's own start-up. Never raises: a failure is kept and reported by
-    the first task that needs it (a raising initializer would only give an anonymous BrokenProcessPool)."""
+def _init_worker(parent: int, preload: tuple[str, str] | None) -> None:
+    """Runs once per worker: dies with the main process (even a `kill -9` of it), one thread, no Ctrl-C
+    tracebacks, and (optionally) the first checkpoint loaded now, in parallel with the main process's own
+    start-up. Never raises: a failure is kept and reported by the first task that needs it (a raising
+    initializer would only give an anonymous BrokenProcessPool)."""
+    from dopr_robot.parent_death import die_with_parent
+
+    die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and shuts the pool down
     try:
         import torch
@@ -197,7 +203,7 @@ class EvalPool:
 
     def _start(self) -> None:
         self._executor = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
-                                             initializer=_init_worker, initargs=(self._preload,))
+                                             initializer=_init_worker, initargs=(os.getpid(), self._preload))
         for _ in range(self.workers):  # a spawn-context executor starts a process per submit: start them all now
             self._executor.submit(_ready)
 
