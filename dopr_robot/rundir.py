@@ -31,6 +31,12 @@ RUN_MARKER = "config.yaml"  # every run directory this tool writes has its resol
 DRIFT_REPORT = "drift.json"  # `diagnose` writes it, `compare` reads it
 SPECTRUM_REPORT = "spectrum.json"  # `spectrum` writes it
 ROLLOUTS_SOURCE = "dopr-robot eval"  # the `source` attribute of rollouts `eval --save-trajectories` writes
+ROLLOUTS_SUFFIX = "_rollouts.hdf5"  # `eval --save-trajectories` writes <report stem>_rollouts.hdf5, `diagnose` reads it
+
+
+def rollouts_path(report: Path) -> Path:
+    """Where `--save-trajectories` stores a report's episodes (robomimic layout): <report stem>_rollouts.hdf5."""
+    return report.with_name(report.stem + ROLLOUTS_SUFFIX)
 
 
 def _nearest_existing(path: Path) -> Path:

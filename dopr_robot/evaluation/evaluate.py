@@ -39,7 +39,8 @@ from dopr_robot.evaluation.video import VideoPlan, videos_dir_for
 from dopr_robot.stats import wilson_interval
 from dopr_robot.progress import progress_bar
 from dopr_robot.provenance import file_sha256, provenance
-from dopr_robot.rundir import ROLLOUTS_SOURCE, check_writable_dir, resolve_checkpoint
+from dopr_robot.rundir import (ROLLOUTS_SOURCE, ROLLOUTS_SUFFIX, check_writable_dir, resolve_checkpoint,
+                               rollouts_path)
 
 DEFAULT_EPISODE_TIMEOUT_S = 600.0
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -70,14 +71,6 @@ def read_checkpoint_meta(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------- report locations
 def _run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-
-
-ROLLOUTS_SUFFIX = "_rollouts.hdf5"
-
-
-def rollouts_path(report: Path) -> Path:
-    """Where `--save-trajectories` stores a report's episodes (robomimic layout): <report stem>_rollouts.hdf5."""
-    return report.with_name(report.stem + ROLLOUTS_SUFFIX)
 
 
 def default_report_path(checkpoint: Path, tag: str | None = None) -> Path:
