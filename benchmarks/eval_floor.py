@@ -1,6 +1,7 @@
 """Evaluation wall time against the simulator's floor.
 
     python benchmarks/eval_floor.py RUN [--episodes 40 200] [--workers 2] [--repeats 3] [--max-steps 400]
+                                        [--batch-episodes B]
 
 For each episode count N, `repeats` interleaved pairs of
 - eval:  `dopr-robot eval RUN --episodes N --workers W` in a fresh interpreter (what a user waits for:
@@ -17,6 +18,11 @@ The floor is what evaluation would cost if the policy were free and start-up wer
 profiles what an eval worker does before its first episode against a floor worker, phase by phase, in fresh
 interpreters (median of `repeats`, alternating): import torch, import diffusers (the policy's schedulers), load
 the checkpoint, build the environment (robosuite is imported there), one policy call.
+
+    python benchmarks/eval_floor.py RUN --policy-batches 1 2 4 8 16 [--repeats 7]
+
+times one policy call (the checkpoint's, one thread) at each batch size B (episodes per block): per call and per
+episode, the median of `repeats` timings of 5 calls each.
 """
 
 from __future__ import annotations
@@ -97,6 +103,31 @@ def startup(ckpt: Path, repeats: int) -> None:
         print(f"{kind} worker start-up {sum(medians):.2f} s (medians of {repeats}): {phases}")
 
 
+def policy_batches(ckpt: Path, batches: list[int], repeats: int) -> None:
+    import numpy as np
+    import torch
+
+    from dopr_robot.checkpoint import load_policy
+    from dopr_robot.evaluation.lockstep import Planner
+
+    torch.set_num_threads(1)
+    policy, meta = load_policy(ckpt)
+    planner = Planner(policy)
+    for batch in batches:
+        seeds = list(range(batch))
+        histories = [[np.zeros(meta["obs_dim"], dtype=np.float32)] * policy.n_obs_steps] * batch
+        planner.plan(seeds, [True] * batch, histories)  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(5):
+                planner.plan(seeds, [True] * batch, histories)
+            times.append((time.perf_counter() - start) / 5)
+        call = statistics.median(times)
+        print(f"B={batch}: {call * 1e3:.2f} ms per call, {call / batch * 1e3:.2f} ms per episode "
+              f"(medians of {repeats}); load average {os.getloadavg()[0]:.2f}")
+
+
 def _timed(cmd: list[str]) -> float:
     start = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
@@ -113,7 +144,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--batch-episodes", type=int, default=None, help="eval --batch-episodes [the run's]")
     parser.add_argument("--startup", action="store_true", help="profile worker start-up phases instead")
+    parser.add_argument("--policy-batches", type=int, nargs="+", help="time one policy call per batch size instead")
     parser.add_argument("--floor-only", type=Path, default=None, help=argparse.SUPPRESS)  # internal: a spec file
     args = parser.parse_args()
     if args.floor_only is not None:
@@ -131,6 +164,9 @@ def main() -> None:
     if args.startup:
         startup(ckpt, args.repeats)
         return
+    if args.policy_batches:
+        policy_batches(ckpt, args.policy_batches, args.repeats)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.episodes:
             report = Path(tmp) / f"eval_{n}.json"
@@ -138,6 +174,8 @@ def main() -> None:
                         "--workers", str(args.workers), "--out", str(report)]
             if args.max_steps:
                 eval_cmd += ["--max-steps", str(args.max_steps)]
+            if args.batch_episodes:
+                eval_cmd += ["--batch-episodes", str(args.batch_episodes)]
             spec = Path(tmp) / f"floor_{n}.json"
             floor_cmd = [sys.executable, str(Path(__file__).resolve()), str(ckpt), "--floor-only", str(spec)]
             evals, floors = [], []

@@ -213,6 +213,10 @@ def eval_cmd(
     video_camera: str = typer.Option("agentview", help="robosuite camera of the videos (Gymnasium: a camera of the "
                                                        "model, e.g. track; otherwise the env's own view)"),
     video_size: str = typer.Option("256", help="video frame size: N (square) or WIDTHxHEIGHT"),
+    batch_episodes: Optional[int] = typer.Option(None, help="episodes a worker runs together, one batched policy "
+                                                            "call per re-plan [eval.batch_episodes]"),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda | cuda:N: run the policy in the main process on "
+                                                    "it, workers only step environments [the workers' CPUs]"),
     allow_errors: bool = typer.Option(False, help="exit 0 even when episodes errored (they stay missing from "
                                                   "the rates; the report records this)"),
 ):
@@ -222,7 +226,8 @@ def eval_cmd(
     from dopr_robot.evaluation.video import videos_dir_for
 
     check_counts(("--episodes", episodes, 1), ("--max-steps", max_steps, 1), ("--workers", workers, 0),
-                 ("--seed-start", seed_start, 0), ("--videos", videos, 0), ("--videos-failed", videos_failed, 0))
+                 ("--seed-start", seed_start, 0), ("--videos", videos, 0), ("--videos-failed", videos_failed, 0),
+                 ("--batch-episodes", batch_episodes, 1))
     if not episode_timeout > 0:
         raise UserError(f"--episode-timeout must be > 0; got {episode_timeout:g}")
     video_spec = RenderSpec(video_camera, *parse_size(video_size))
@@ -233,7 +238,7 @@ def eval_cmd(
                             max_steps=max_steps, workers=workers, n_action_steps=n_action_steps,
                             perturbation=perturbation, episode_timeout_s=episode_timeout,
                             videos=videos, videos_failed=videos_failed, video_spec=video_spec,
-                            allow_errors=allow_errors)
+                            allow_errors=allow_errors, batch_episodes=batch_episodes, device=device)
     typer.echo(format_report(report))
     typer.echo(f"report -> {path}" + (f", trajectories -> {report['trajectories']}" if save_trajectories else ""))
     if "videos" in report:

@@ -143,6 +143,10 @@ class EvalConfig:
     seed_start: int = 100000
     max_steps: int = 400
     workers: int = 0  # 0 = one per CPU core
+    # Episodes a worker runs together in lockstep, one batched policy call per re-plan (evaluation/lockstep.py);
+    # results depend on it (floating-point batching), never on `workers`. 4: measured (README, Evaluation
+    # against the simulator's floor): most of the batching gain, blocks small enough to share out evenly.
+    batch_episodes: int = 4
     # Perturbation stress (dopr_robot.evaluation.perturb): 0 = off.
     action_noise: float = 0.0  # Gaussian std on executed actions, raw env action units
     obs_noise: float = 0.0  # Gaussian std on the policy's observations, normalized units
@@ -186,6 +190,7 @@ POSITIVE = (
     "policy.mlp.num_layers", "policy.unet.kernel_size", "policy.unet.n_groups", "policy.diffusion.num_train_timesteps",
     "policy.diffusion.num_inference_steps", "policy.flow.num_inference_steps", "train.steps", "train.batch_size",
     "train.log_every", "train.val_every", "optim.lr", "optim.ap.refresh_every", "optim.ns_steps", "eval.episodes",
+    "eval.batch_episodes",
     "eval.max_steps", "data.norm_range_floor", "policy.flow.beta_a", "policy.flow.beta_b",
     "policy.resmlp.hidden_dim", "policy.resmlp.num_blocks", "policy.resmlp.expansion", "policy.resmlp.step_embed_dim",
     "policy.encoder.width", "policy.encoder.keypoints", "policy.encoder.feature_dim",

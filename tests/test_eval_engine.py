@@ -28,6 +28,7 @@ BEFORE = {
              502: (False, 24, 0.0, -0.9669857262633741)},
 }
 SEEDS = [500, 501, 502]
+ONE_BY_ONE = [(s,) for s in SEEDS]  # blocks of one episode: B = 1, the evaluation before batching
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +65,14 @@ def test_one_pool_matches_the_pre_pool_results_and_perturbs_deterministically(ti
 
     save_as_last(tiny_runs["diffusion"])
     with EvalPool(2, preload=last) as pool:
-        base = pool.evaluate(last, SEEDS, plain)
+        base = pool.evaluate(last, ONE_BY_ONE, plain)
         for seed, (success, steps, ret, action_sum) in BEFORE["diffusion"].items():
             got = _key(base)[seed]
             assert got[:3] == (success, steps, ret)
             assert got[3] == pytest.approx(action_sum, rel=1e-6, abs=1e-6)  # bit-equal here; CPUs may round
         # the same pool after the checkpoint file was replaced: the workers reload it
         save_as_last(tiny_runs["flow"])
-        flow = pool.evaluate(last, SEEDS, plain)
+        flow = pool.evaluate(last, ONE_BY_ONE, plain)
         for seed, (success, steps, ret, action_sum) in BEFORE["flow"].items():
             assert _key(flow)[seed][:3] == (success, steps, ret)
             assert _key(flow)[seed][3] == pytest.approx(action_sum, rel=1e-6, abs=1e-6)
@@ -79,7 +80,7 @@ def test_one_pool_matches_the_pre_pool_results_and_perturbs_deterministically(ti
         def run(**levels):
             settings = EpisodeSettings(max_steps=24, n_action_steps=8, record=True,
                                        perturbation=Perturbation(**levels))
-            return pool.evaluate(_ckpt(tiny_runs["diffusion"]), SEEDS[:2], settings)
+            return pool.evaluate(_ckpt(tiny_runs["diffusion"]), ONE_BY_ONE[:2], settings)
 
         zero = run(push_magnitude=2.0)  # push probability 0: zero perturbation == the unperturbed episode
         for s in SEEDS[:2]:
@@ -112,7 +113,7 @@ def test_a_killed_worker_costs_no_episode_and_the_run_finishes(tiny_runs):
                 os.kill(pid, signal.SIGKILL)  # what the out-of-memory killer does
                 killed.append(pid)
 
-        outcomes = pool.evaluate(_ckpt(tiny_runs["diffusion"]), seeds,
+        outcomes = pool.evaluate(_ckpt(tiny_runs["diffusion"]), [(s,) for s in seeds],
                                  EpisodeSettings(max_steps=24, n_action_steps=8, record=True), kill_one)
     assert killed and sorted(outcomes) == seeds
     assert not any("error" in o.record for o in outcomes.values())
@@ -135,18 +136,146 @@ def test_episode_errors_timeouts_and_unbuildable_environments(tiny_runs, tmp_pat
     unbuildable = variant("unbuildable", env_args={**meta["env_args"], "env_name": "NoSuchEnv"})
     settings = EpisodeSettings(max_steps=24, n_action_steps=8)
     with EvalPool(1) as pool:
-        outcomes = pool.evaluate(raises, [500, 501], settings)
+        outcomes = pool.evaluate(raises, [(500, 501)], settings)
         assert [o.record["success"] for o in outcomes.values()] == [None, None]  # missing, not failed
         assert all("KeyError" in o.record["error"] for o in outcomes.values())
         with pytest.raises(UserError, match="NoSuchEnv"):
-            pool.evaluate(unbuildable, [500], settings)
+            pool.evaluate(unbuildable, [(500,)], settings)
         # an episode that runs past its timeout is stopped and recorded, and the pool carries on
         pool.episode_timeout_s = 0.5
         start = time.monotonic()
-        slow = pool.evaluate(_ckpt(tiny_runs["diffusion"]), [500, 501], EpisodeSettings(400, 8))
+        slow = pool.evaluate(_ckpt(tiny_runs["diffusion"]), [(500,), (501,)], EpisodeSettings(400, 8))
         assert all("timed out" in o.record["error"] for o in slow.values())
         assert time.monotonic() - start < 120
     result = run_cli("eval", str(unbuildable), "--episodes", "2", "--workers", "1")
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1 and "NoSuchEnv" in errors[0]
     assert result.stderr.rstrip().endswith(errors[0]) and "Traceback" not in result.stderr
+
+
+# Recorded with main at 29c4d8a (one episode at a time, `rollout.run_episode` before lockstep) on these tiny
+# runs, `run_episode(policy, env, seed, 24, 8, obs_keys, record=True, perturbation=P)`, P = none or
+# (action_noise 0.2, obs_noise 0.5, push 1.0): success, steps, return, push_step, and the first 16 hex digits of
+# the sha256 of the executed actions and of the MuJoCo states (bit-exact on this machine's CPU).
+MAIN_B1 = {
+    "diffusion/plain/500": [False, 24, 0.0, None, "e7c12ee63b25e3c3", "3419c52ac4bb909f"],
+    "diffusion/plain/501": [False, 24, 0.0, None, "25b70e3b7e8dcc59", "4ffea32f64c2cafc"],
+    "diffusion/plain/502": [False, 24, 0.0, None, "3aafc183939e01a1", "68cd2b332bb422aa"],
+    "diffusion/perturbed/500": [False, 24, 0.0, 3, "4514bea9289c1f8d", "fa734dc39bf95b4d"],
+    "diffusion/perturbed/501": [False, 24, 0.0, 4, "5f49973a8b9ee924", "3177e7c14555c017"],
+    "diffusion/perturbed/502": [False, 24, 0.0, 4, "64b837dcd3ca57a9", "a1640ff07cdaaf0a"],
+    "flow/plain/500": [False, 24, 0.0, None, "50b7a28b7732f9a3", "382f963e32df9dc4"],
+    "flow/plain/501": [False, 24, 0.0, None, "dc7db35ffd19cabe", "562d3ae6ddedd5da"],
+    "flow/plain/502": [False, 24, 0.0, None, "9a486e85c4513547", "568a193427def110"],
+    "flow/perturbed/500": [False, 24, 0.0, 3, "1bea05d0a072b78a", "69f379f1e14ed0b8"],
+    "flow/perturbed/501": [False, 24, 0.0, 4, "52df3227f52bdffe", "2699b03d3b9d5db4"],
+    "flow/perturbed/502": [False, 24, 0.0, 4, "eac0f92291a15a36", "26ff4ab8938a1178"],
+}
+
+
+def _digest(array) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
+def test_blocks_of_one_reproduce_the_unbatched_evaluation_bit_for_bit(tiny_runs):
+    """B = 1 through the lockstep engine and the pool gives main's per-episode results exactly, with and without
+    perturbations (mutants: a block's noise drawn from one generator, a wrong seed per block position)."""
+    perturbed = Perturbation(action_noise=0.2, obs_noise=0.5, push=1.0)
+    with EvalPool(1) as pool:
+        for name in ("diffusion", "flow"):
+            for label, perturbation in (("plain", Perturbation()), ("perturbed", perturbed)):
+                settings = EpisodeSettings(max_steps=24, n_action_steps=8, record=True, perturbation=perturbation)
+                outcomes = pool.evaluate(_ckpt(tiny_runs[name]), ONE_BY_ONE, settings)
+                for seed in SEEDS:
+                    r, t = outcomes[seed].record, outcomes[seed].trajectory
+                    got = [r["success"], r["steps"], r["return"], r.get("push_step"), _digest(t.actions),
+                           _digest(t.states)]
+                    assert got == MAIN_B1[f"{name}/{label}/{seed}"], (name, label, seed)
+
+
+def _fingerprints(outcomes):
+    return {s: (o.record["success"], o.record["steps"], o.record["return"], o.record.get("push_step"),
+                _digest(o.trajectory.actions), _digest(o.trajectory.states)) for s, o in outcomes.items()}
+
+
+def test_per_episode_results_do_not_depend_on_workers_or_on_where_the_policy_runs(tiny_runs):
+    """At a fixed B the per-episode results are the same for 1, 2 and 3 workers, and with the policy in the main
+    process (`--device cpu`, workers only step environments). Mutants: blocks cut by worker instead of by seed,
+    a device path whose noise generators are not restarted per episode."""
+    from dopr_robot.evaluation.lockstep import episode_blocks
+
+    seeds = [600, 601, 602, 603, 604]
+    blocks = episode_blocks(seeds, 2)
+    assert blocks == [(600, 601), (602, 603), (604,)]
+    settings = EpisodeSettings(max_steps=20, n_action_steps=8, record=True,
+                               perturbation=Perturbation(action_noise=0.1, push=0.5))
+    runs = {}
+    for workers, device in ((1, None), (2, None), (3, None), (2, "cpu")):
+        with EvalPool(workers, device=device) as pool:
+            runs[workers, device] = _fingerprints(pool.evaluate(_ckpt(tiny_runs["flow"]), blocks, settings))
+            if device is not None:  # a second evaluation in the same pool starts every generator afresh
+                again = _fingerprints(pool.evaluate(_ckpt(tiny_runs["flow"]), blocks, settings))
+                assert again == runs[workers, device]
+    first = runs[1, None]
+    assert sorted(first) == seeds
+    for key, fingerprints in runs.items():
+        assert fingerprints == first, key
+
+
+def test_an_episode_whose_environment_raises_costs_only_itself(tiny_runs):
+    """One environment of a block that cannot give the policy's observations (no object observations): its
+    episode is recorded with the error, and the block's other episodes end exactly as in a block without it."""
+    from dopr_robot.checkpoint import load_policy
+    from dopr_robot.envs import make_env
+    from dopr_robot.evaluation.lockstep import Planner, PolicySpec, run_block
+
+    policy, meta = load_policy(_ckpt(tiny_runs["diffusion"]))
+    good = [make_env(meta["env_args"]) for _ in range(2)]
+    broken = make_env({**meta["env_args"], "env_kwargs": {**meta["env_args"]["env_kwargs"], "use_object_obs": False}})
+    spec = PolicySpec.of(policy)
+    mixed = run_block(Planner(policy).plan, [good[0], broken, good[1]], [700, 701, 702], spec, meta["obs_keys"],
+                      16, 8, record=True)
+    clean = run_block(Planner(policy).plan, good, [700, 702], spec, meta["obs_keys"], 16, 8, record=True)
+    assert "KeyError" in mixed[701].record["error"] and mixed[701].record["success"] is None
+    for seed in (700, 702):
+        assert "error" not in mixed[seed].record
+        assert {k: mixed[seed].record[k] for k in ("success", "steps", "return")} == \
+            {k: clean[seed].record[k] for k in ("success", "steps", "return")}
+        np.testing.assert_array_equal(mixed[seed].trajectory.actions, clean[seed].trajectory.actions)
+
+
+def test_each_row_of_a_batch_draws_its_noise_from_its_own_generator():
+    """predict_action's noise for a batch of episodes: row i as in a batch of one from generator i (main drew
+    the whole batch's noise from one generator, so an episode's noise depended on its batch)."""
+    import torch
+
+    from dopr_robot.policies.base import draw
+
+    batch = draw(torch.randn, (3, 16, 7), generator=[torch.Generator().manual_seed(s) for s in (5, 6, 7)],
+                 device=torch.device("cpu"))
+    for i, seed in enumerate((5, 6, 7)):
+        alone = torch.randn((1, 16, 7), generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(batch[i:i + 1], alone)
+
+
+def test_the_planner_keeps_one_generator_per_episode(tiny_runs):
+    """Each episode's sampling noise comes from its own seed, whatever its place in its block (mutant: a block's
+    noise seeded by its first seed), restarted on its first call of an evaluation."""
+    from collections import deque
+
+    import torch
+
+    from dopr_robot.checkpoint import load_policy
+    from dopr_robot.evaluation.lockstep import Planner
+
+    policy, meta = load_policy(_ckpt(tiny_runs["flow"]))
+    planner = Planner(policy)
+    window = deque([np.zeros(meta["obs_dim"], dtype=np.float32)] * policy.n_obs_steps)
+    for _ in range(2):  # the second time, every episode starts again
+        planner.plan([5, 6], [True, True], [window, window])
+        for seed in (5, 6):
+            expected = torch.Generator().manual_seed(seed)
+            torch.randn((1, policy.horizon, policy.action_dim), generator=expected)
+            assert torch.equal(planner._generators[seed].get_state(), expected.get_state()), seed

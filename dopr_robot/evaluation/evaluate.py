@@ -33,6 +33,7 @@ from dopr_robot.envs.render import RenderSpec
 from dopr_robot.errors import UserError, check_counts
 from dopr_robot.evaluation.journal import (JOURNAL_SUFFIX, Journal, check_resumable, journal_path, read_journal,
                                            report_of_journal)
+from dopr_robot.evaluation.lockstep import episode_blocks
 from dopr_robot.evaluation.perturb import Perturbation
 from dopr_robot.evaluation.pool import EpisodeSettings, EvalPool, Outcome
 from dopr_robot.evaluation.video import VideoPlan, videos_dir_for
@@ -185,6 +186,22 @@ def _stamp(path: Path) -> str:
 
 
 # -------------------------------------------------------------------------------------------- evaluation
+def check_device(device: str | None) -> str | None:
+    """`--device`: None (the policy runs in the workers), cpu, cuda or cuda:N, checked before any worker starts."""
+    if device is None:
+        return None
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise UserError(f"--device must be cpu, cuda or cuda:N; got {device!r}")
+    if device.startswith("cuda"):
+        import torch
+
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: no such CUDA device here (torch sees "
+                            f"{torch.cuda.device_count() if torch.cuda.is_available() else 0})")
+    return device
+
+
 def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: int | None = None,
              max_steps: int | None = None, workers: int | None = None, n_action_steps: int | None = None,
              save_trajectories: Path | None = None, progress: bool = True, *, checkpoint_name: str | None = None,
@@ -192,7 +209,8 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
              resume: bool = False, pool: EvalPool | None = None,
              episode_timeout_s: float = DEFAULT_EPISODE_TIMEOUT_S, tag: str | None = None,
              videos: int = 0, videos_failed: int = 0, video_spec: RenderSpec | None = None,
-             videos_dir: Path | None = None, allow_errors: bool = False) -> dict[str, Any]:
+             videos_dir: Path | None = None, allow_errors: bool = False, batch_episodes: int | None = None,
+             device: str | None = None) -> dict[str, Any]:
     """Evaluate one checkpoint; returns the report (a dict, not yet written).
 
     Arguments left as None come from the `eval` section of the checkpoint's training config. `journal`: append
@@ -202,7 +220,8 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
     `videos_dir` (default: beside the default report, `videos_dir_for`), listed in the report's `videos`;
     `wall_s` and `episodes_per_s` are those of the evaluation, without the re-runs for failed-episode videos.
     Episodes that errored are missing, not failures (see `summarize`); `allow_errors` is only recorded here
-    (`check_complete` acts on it).
+    (`check_complete` acts on it). `batch_episodes` B: episodes run in blocks of B fixed by seed (`lockstep`).
+    `device`: run the policy in this process on that device, the workers only step environments (`pool`).
     """
     ckpt = resolve_checkpoint(checkpoint, checkpoint_name)
     meta = read_checkpoint_meta(ckpt)
@@ -212,8 +231,11 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
     seed_start = defaults.get("seed_start", 100000) if seed_start is None else seed_start
     max_steps = defaults.get("max_steps", 400) if max_steps is None else max_steps
     workers = defaults.get("workers", 0) if workers is None else workers
+    # a checkpoint from before batched episodes was reported one episode at a time: it keeps B = 1
+    batch = defaults.get("batch_episodes", 1) if batch_episodes is None else batch_episodes
     check_counts(("--episodes", episodes, 1), ("--max-steps", max_steps, 1), ("--workers", workers, 0),
-                 ("--seed-start", seed_start, 0))
+                 ("--seed-start", seed_start, 0), ("--batch-episodes", batch, 1))
+    device = pool.device if pool is not None else check_device(device)
     d = config["data"]
     most = d["horizon"] - d["n_obs_steps"] + 1
     n_action_steps = d["n_action_steps"] if n_action_steps is None else n_action_steps
@@ -232,6 +254,7 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
     settings = EpisodeSettings(max_steps=max_steps, n_action_steps=n_action_steps,
                                record=save_trajectories is not None, perturbation=perturbation)
     seeds = [seed_start + i for i in range(episodes)]
+    blocks = episode_blocks(seeds, batch)
     video_plan = VideoPlan.create(seeds, videos, videos_failed, video_spec or RenderSpec(),
                                   videos_dir or videos_dir_for(default_report_path(ckpt, tag)), meta["env_args"])
     if video_plan is not None:
@@ -243,12 +266,14 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
         header, done = read_journal(journal)
         done = {s: r for s, r in done.items() if "error" not in r}  # errored episodes are missing: run again
     missing = [s for s in seeds if s not in done]
+    # a block with a missing episode runs whole (its episodes' results depend on it); only the missing are kept
+    to_run = [b for b in blocks if any(s not in done for s in b)]
 
     def journal_header() -> dict[str, Any]:
         return json.loads(json.dumps({
             "checkpoint": str(ckpt.resolve()), "weights_sha256": file_sha256(ckpt.with_suffix(".safetensors")),
             "step": meta.get("step"), "max_steps": max_steps, "n_action_steps": n_action_steps,
-            "perturbation": perturbation.report()}))
+            "perturbation": perturbation.report(), "batch_episodes": batch, "device": device}))
 
     expected = None
     if header is not None:  # a resume is checked before anything starts
@@ -256,10 +281,10 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
         check_resumable(journal, header, expected)
     if video_plan is not None:  # rendering and encoding work here, or one line naming the fix; before any worker
         video_plan.preflight(meta["env_args"], seed_start)
-    workers = max(1, min(workers or os.cpu_count() or 1, max(1, len(missing))))
+    workers = max(1, min(workers or os.cpu_count() or 1, max(1, len(to_run))))
     own_pool = pool is None and bool(missing)
     if own_pool:
-        pool = EvalPool(workers, episode_timeout_s, preload=ckpt)  # workers start loading now
+        pool = EvalPool(workers, episode_timeout_s, preload=ckpt, device=device)  # workers start loading now
     try:
         if journal is not None and expected is None:  # a fresh evaluation (or a resume with no journal)
             expected = journal_header()  # hashing the weights overlaps the workers' start-up
@@ -271,6 +296,8 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
         log = Journal(journal, expected, done) if journal is not None else None
 
         def on_outcome(seed: int, outcome: Outcome) -> None:
+            if seed in done:  # ran again with its block; the journal's record stands
+                return
             outcomes[seed] = outcome
             if log is not None:
                 log.append(outcome.record)
@@ -281,7 +308,7 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
 
         try:
             if missing:
-                pool.evaluate(ckpt, missing, settings, on_outcome)
+                pool.evaluate(ckpt, to_run, settings, on_outcome)
         finally:
             bar.close()
             if log is not None:
@@ -289,12 +316,14 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
         wall = time.time() - start
         reruns: list[dict[str, Any]] = []
         rerun_seeds = video_plan.reruns({s: o.record for s, o in outcomes.items()}) if video_plan else []
-        if rerun_seeds:  # failed episodes to show: the same episodes again, now recorded
+        if rerun_seeds:  # failed episodes to show: the same episodes again (with their blocks), now recorded
+            rerun_blocks = [b for b in blocks if set(b) & set(rerun_seeds)]
             if pool is None:  # every episode came from the journal
-                pool, own_pool = EvalPool(max(1, min(workers, len(rerun_seeds))), episode_timeout_s,
-                                          preload=ckpt), True
+                pool, own_pool = EvalPool(max(1, min(workers, len(rerun_blocks))), episode_timeout_s,
+                                          preload=ckpt, device=device), True
             rerun_settings = replace(settings, record=False, video_seeds=frozenset(rerun_seeds))
-            reruns = [o.record for o in pool.evaluate(ckpt, rerun_seeds, rerun_settings).values()]
+            rerun = pool.evaluate(ckpt, rerun_blocks, rerun_settings)
+            reruns = [rerun[s].record for s in rerun_seeds]
     finally:
         if own_pool:
             pool.close()
@@ -310,6 +339,7 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, seed_start: in
         **({"reference_scores": meta["reference_scores"]} if meta.get("reference_scores") else {}),  # Minari's
         "episodes": episodes, "seed_start": seed_start, "max_steps": max_steps,
         "workers": pool.workers if missing else 0, "n_action_steps": n_action_steps,
+        "batch_episodes": batch, "device": device,
         **summarize(per_episode), "allow_errors": allow_errors,
         "resumed_episodes": len(seeds) - len(missing),
         "wall_s": wall, "episodes_per_s": len(missing) / wall if wall > 0 else 0.0,
@@ -418,7 +448,9 @@ def format_report(report: dict[str, Any]) -> str:
     if "videos" in report:
         rows.append(("videos", f"{len(report['videos'])} recorded"))
     resumed = f", {report['resumed_episodes']} from the journal" if report.get("resumed_episodes") else ""
-    rows.append(("speed", f"{report['episodes_per_s']:.2f} episodes/s with {report['workers']} workers "
+    where = f", policy on {report['device']} in the main process" if report.get("device") else ""
+    rows.append(("speed", f"{report['episodes_per_s']:.2f} episodes/s with {report['workers']} workers, "
+                          f"{report.get('batch_episodes', 1)} episodes per block{where} "
                           f"({report['wall_s']:.0f} s{resumed})"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

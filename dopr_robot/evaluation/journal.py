@@ -80,9 +80,14 @@ class Journal:
         self.close()
 
 
+# Settings a journal written before they existed ran with.
+_LEGACY = {"batch_episodes": 1, "device": None}
+
+
 def check_resumable(path: Path, header: dict[str, Any], expected: dict[str, Any]) -> None:
     """One line naming the first setting that differs between the journal and this evaluation."""
     for key, value in expected.items():
-        if header.get(key) != value:
-            raise UserError(f"--resume: {path} was written with {key}={header.get(key)!r}, this evaluation has "
+        written = header.get(key, _LEGACY.get(key))
+        if written != value:
+            raise UserError(f"--resume: {path} was written with {key}={written!r}, this evaluation has "
                             f"{key}={value!r}; rerun without --resume (the journal is kept as an archive)")

@@ -1,20 +1,25 @@
-"""A reusable pool of `spawn` worker processes that run seeded episodes of any checkpoint.
+"""A reusable pool of `spawn` worker processes that run blocks of seeded episodes (see `lockstep`) of any checkpoint.
 
 Start-up is what dominated short evaluations, so: the pool starts first (all workers at once), each worker
 imports only what an episode needs (torch, robosuite, the policy family it loads; diffusers only for diffusion
-policies) and loads the checkpoint and builds the environment itself; the main process never builds a policy.
+policies) and loads the checkpoint and builds its environments itself; the main process never builds a policy.
 A worker keeps the last checkpoint it loaded (keyed by path and file times, so a re-saved `last` is reloaded)
-and the last environment (keyed by env_args, so successive checkpoints of one run share it). One pool serves
+and its environments (keyed by env_args, so successive checkpoints of one run share them). One pool serves
 every evaluation of a training run (in-training rollouts) or of a sweep.
 
-Faults cost at most the episode that caused them, never the run, and never a hang:
-- an exception inside an episode (reset, step, policy) is recorded with that episode as `error`: the episode is
-  missing, not a failure (`errored_record`; `eval --resume` runs it again);
+With `device` (`eval --device cpu|cuda`) the policy runs in the main process instead, on that device: the
+workers step their blocks' environments and send each re-plan's observation histories through a pipe; the main
+process answers with the action chunks, one batched call per request, the same call a worker would make (so
+the per-episode results are those of the in-worker path at the same block size, on the same device).
+
+Faults cost at most the episodes that caused them, never the run, and never a hang:
+- an exception inside an episode (reset, step, observation) is recorded with that episode as `error`: the
+  episode is missing, not a failure (`errored_record`; `eval --resume` runs it again); its block goes on;
 - a worker process that dies (killed, out of memory, segfault) breaks the pool (`BrokenProcessPool`): the pool
-  is rebuilt and the episodes that were running are run again, each one alone, so an episode that kills its
-  worker again is identified exactly and recorded with an error, and a one-off kill costs nothing;
-- an episode running longer than `episode_timeout_s` is recorded with an error, the workers are killed and the
-  pool rebuilt as above;
+  is rebuilt and the blocks that were running are run again, each one alone, so a block that kills its worker
+  again is identified exactly and its episodes recorded with an error, and a one-off kill costs nothing;
+- a block running longer than `episode_timeout_s` per episode in it has its episodes recorded with an error,
+  the workers are killed and the pool rebuilt as above;
 - workers die with the main process, even when it is killed with SIGKILL (`parent_death`): the pool's submits
   (which start the workers) are made from the thread that calls `evaluate`, which must outlive the pool;
 - a checkpoint or environment that cannot be loaded or built is a setup failure: `UserError` (one line, exit 2)
@@ -23,17 +28,18 @@ Faults cost at most the episode that caused them, never the run, and never a han
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import signal
 import time
-import traceback
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_for_requests
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from dopr_robot.errors import UserError
 from dopr_robot.evaluation.perturb import Perturbation
@@ -50,7 +56,7 @@ class EpisodeSettings:
     n_action_steps: int
     record: bool = False
     perturbation: Perturbation = field(default_factory=Perturbation)
-    # Videos: the episodes of `video_seeds` run in the worker's rendering environment with a recorder (see
+    # Videos: the episodes of `video_seeds` run in a rendering environment with a recorder (see
     # evaluation/video.py); rendering only reads the simulation, so they are the same episodes.
     video: VideoPlan | None = None
     video_seeds: frozenset[int] = frozenset()
@@ -66,10 +72,6 @@ def checkpoint_token(checkpoint: Path) -> str:
     return f"{checkpoint.resolve()}:{digest}:{weights.st_mtime_ns}:{weights.st_size}"
 
 
-# ----------------------------------------------------------------------------------------------- worker side
-_worker: dict[str, Any] = {"token": None, "env_key": None, "rendering": None}
-
-
 def describe(error: BaseException) -> str:
     """`Type: first line of the message`, for a record's `error`."""
     text = str(error).strip().splitlines()
@@ -82,92 +84,142 @@ def errored_record(seed: int, message: str, wall_s: float) -> dict[str, Any]:
     return {"seed": seed, "success": None, "steps": None, "return": None, "wall_s": wall_s, "error": message}
 
 
-def _init_worker(parent: int, preload: tuple[str, str] | None) -> None:
+# ----------------------------------------------------------------------------------------------- worker side
+_worker: dict[str, Any] = {"token": None, "envs": {}, "link": None}
+
+
+def _init_worker(parent: int, preload: tuple[str, str] | None, links: list | None, slot_counter) -> None:
     """Runs once per worker: dies with the main process (even a `kill -9` of it), one thread, no Ctrl-C
-    tracebacks, and (optionally) the first checkpoint loaded now, in parallel with the main process's own
-    start-up. Never raises: a failure is kept and reported by the first task that needs it (a raising
-    initializer would only give an anonymous BrokenProcessPool)."""
+    tracebacks, its end of a pipe to the main process's policy (device mode), and (optionally) the first
+    checkpoint loaded now, in parallel with the main process's own start-up. Never raises: a failure is kept
+    and reported by the first task that needs it (a raising initializer would only give an anonymous
+    BrokenProcessPool)."""
     from dopr_robot.parent_death import die_with_parent
 
     die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and shuts the pool down
+    if links is not None:
+        with slot_counter.get_lock():
+            slot, slot_counter.value = slot_counter.value, slot_counter.value + 1
+        _worker["link"] = links[slot]
     try:
-        import torch
+        if links is None:
+            import torch
 
-        torch.set_num_threads(1)  # one core per worker; also keeps CPU float results independent of pool size
+            torch.set_num_threads(1)  # one core per worker; also keeps CPU float results independent of pool size
         if preload is not None:
-            _load(*preload)
+            _load(*preload, with_policy=links is None)
     except BaseException:  # noqa: BLE001 - re-raised as a setup failure by the task that needs it
         pass
 
 
-def _load(token: str, checkpoint: str):
+def _load(token: str, checkpoint: str, with_policy: bool):
+    """(policy or None, meta) of the checkpoint, cached; its plain environment is built too (a checkpoint whose
+    environment cannot be built is a setup failure, found here)."""
     if _worker["token"] == token:
         if "error" in _worker:
             raise _worker["error"]
-        return _worker["policy"], _worker["meta"], _worker["env"]
+        return _worker["policy"], _worker["meta"]
     for key in ("policy", "meta", "error"):
         _worker.pop(key, None)
     _worker["token"] = token
     try:
-        import json
+        if with_policy:
+            from dopr_robot.checkpoint import load_policy
 
-        from dopr_robot.checkpoint import load_policy
-        from dopr_robot.envs import ImageSpec, make_env
-
-        policy, meta = load_policy(checkpoint)
-        images = ImageSpec.from_image_shapes(meta.get("image_shapes"))  # the checkpoint's cameras, at its size
-        env_key = json.dumps([meta.get("env_args"), images], sort_keys=True)
-        if _worker["env_key"] != env_key:
-            if _worker.get("env") is not None:
-                _worker["env"].close()
-            _worker["env"], _worker["env_key"] = None, None
-            _worker["env"] = make_env(meta["env_args"], images=images)
-            _worker["env_key"] = env_key
+            policy, meta = load_policy(checkpoint)
+        else:
+            policy, meta = None, json.loads(Path(checkpoint).read_text())
+        _environments(meta, 1)
     except BaseException as e:  # noqa: BLE001
         _worker["error"] = e
         raise
     _worker.update(policy=policy, meta=meta)
-    return policy, meta, _worker["env"]
+    return policy, meta
 
 
-def _episode_task(token: str, checkpoint: str, settings: EpisodeSettings, seed: int) -> tuple:
-    """("ok", result, trajectory) | ("episode_error", message) | ("setup_error", message)."""
+def _environments(meta: dict[str, Any], n: int, render=None) -> list:
+    """n environments of a checkpoint's env_args, observing its cameras at its image size (an image policy's),
+    with an offscreen renderer for `render` (videos); kept for later blocks, those of other env_args or cameras
+    closed (a worker serves one checkpoint's environment at a time)."""
+    from dopr_robot.envs import ImageSpec, make_env
+
+    env_args, images = meta["env_args"], ImageSpec.from_image_shapes(meta.get("image_shapes"))
+    args_key = json.dumps([env_args, images], sort_keys=True)
+    cache = _worker["envs"]
+    for key in [k for k in cache if k[0] != args_key]:
+        for env in cache.pop(key):
+            env.close()
+    envs = cache.setdefault((args_key, None if render is None else tuple(render)), [])
+    while len(envs) < n:
+        envs.append(make_env(env_args, render=render, images=images))
+    return envs[:n]
+
+
+class _RemotePlanner:
+    """The worker's side of device mode: the plan comes from the main process's policy."""
+
+    def __init__(self, link):
+        self.link = link
+
+    def plan(self, seeds, fresh, histories):
+        self.link.send((seeds, fresh, histories))
+        ok, payload = self.link.recv()
+        if not ok:
+            raise RuntimeError(f"the policy failed in the main process: {payload}")
+        return payload
+
+
+def _block_task(token: str, checkpoint: str, settings: EpisodeSettings, seeds: tuple[int, ...], spec) -> tuple:
+    """("ok", [(seed, record, trajectory)]) | ("setup_error", message). `spec` is given in device mode (the
+    worker has no policy), else None."""
+    from dopr_robot.evaluation.lockstep import Planner, PolicySpec, run_block
+
     try:
-        policy, meta, env = _load(token, checkpoint)
+        policy, meta = _load(token, checkpoint, with_policy=spec is None)
+        plain = _environments(meta, len(seeds))
     except BaseException as e:  # noqa: BLE001
         return ("setup_error", describe(e))
-    try:
-        from dopr_robot.evaluation.rollout import run_episode
+    if spec is None:
+        planner = _worker.get("planner")
+        if planner is None or planner.policy is not policy:
+            planner = _worker["planner"] = Planner(policy)
+        plan, spec = planner.plan, PolicySpec.of(policy)
+    else:
+        plan = _RemotePlanner(_worker["link"]).plan
+    envs, recorders, video_errors = list(plain), {}, {}
+    recorded = [i for i, s in enumerate(seeds) if settings.video is not None and s in settings.video_seeds]
+    if recorded:
+        from dopr_robot.evaluation.video import VideoRecorder
 
-        if settings.video is None or seed not in settings.video_seeds:
-            result, trajectory = run_episode(policy, env, seed, settings.max_steps, settings.n_action_steps,
-                                             meta["obs_keys"], record=settings.record,
-                                             perturbation=settings.perturbation)
-            return ("ok", {**result, "worker_pid": os.getpid()}, trajectory)
-        from dopr_robot.envs import ImageSpec
-        from dopr_robot.evaluation.video import RenderingEnvironment
-
-        if _worker["rendering"] is None:
-            _worker["rendering"] = RenderingEnvironment()
         try:
-            recorder = _worker["rendering"].recorder(settings.video, meta["env_args"], seed,
-                                                     ImageSpec.from_image_shapes(meta.get("image_shapes")))
-        except Exception as e:  # noqa: BLE001 - no video, but the episode runs (in the plain environment)
-            result, trajectory = run_episode(policy, env, seed, settings.max_steps, settings.n_action_steps,
-                                             meta["obs_keys"], record=settings.record,
-                                             perturbation=settings.perturbation)
-            return ("ok", {**result, "worker_pid": os.getpid(), "video_error": describe(e)}, trajectory)
-        with recorder:  # a partial video is removed if the episode raises
-            result, trajectory = run_episode(policy, recorder.env, seed, settings.max_steps,
-                                             settings.n_action_steps, meta["obs_keys"], record=settings.record,
-                                             perturbation=settings.perturbation, recorder=recorder)
-            recorder.finish(result["success"])
-        video_error = {"video_error": recorder.error} if recorder.error else {}
-        return ("ok", {**result, "worker_pid": os.getpid(), **video_error}, trajectory)
-    except Exception as e:  # noqa: BLE001 - the episode is lost, the worker and the run go on
-        where = traceback.extract_tb(e.__traceback__)[-1]
-        return ("episode_error", f"{describe(e)} (at {Path(where.filename).name}:{where.lineno})")
+            rendering = _environments(meta, len(recorded), render=settings.video.spec)
+        except Exception as e:  # noqa: BLE001 - no videos, but the episodes run (in the plain environments)
+            video_errors = {seeds[i]: describe(e) for i in recorded}
+            rendering = []
+        for i, env in zip(recorded, rendering):
+            try:
+                recorders[seeds[i]] = VideoRecorder(env, settings.video.directory, seeds[i], settings.video.fps)
+                envs[i] = env
+            except Exception as e:  # noqa: BLE001 - a recorder failure never fails its episode
+                video_errors[seeds[i]] = describe(e)
+    try:
+        results = run_block(plan, envs, seeds, spec, meta["obs_keys"], settings.max_steps, settings.n_action_steps,
+                            settings.perturbation, settings.record, recorders)
+        for seed, recorder in recorders.items():
+            if "error" not in results[seed].record:
+                recorder.finish(results[seed].record["success"])
+            if recorder.error:
+                video_errors[seed] = recorder.error
+    finally:
+        for recorder in recorders.values():
+            recorder.__exit__(None, None, None)  # a video not finished (its episode errored) is removed
+    out = []
+    for seed in seeds:
+        result = results[seed]
+        extra = {"video_error": video_errors[seed]} if seed in video_errors else {}
+        out.append((seed, {**result.record, "worker_pid": os.getpid(), **extra}, result.trajectory))
+    return ("ok", out)
 
 
 def _ready() -> int:
@@ -184,15 +236,23 @@ class Outcome:
 
 
 class EvalPool:
-    """`with EvalPool(workers) as pool: pool.evaluate(checkpoint, seeds, settings)`, as often as needed."""
+    """`with EvalPool(workers) as pool: pool.evaluate(checkpoint, blocks, settings)`, as often as needed.
 
-    def __init__(self, workers: int, episode_timeout_s: float = 600.0, preload: Path | None = None):
+    `device`: run the policy in this process on that device ("cpu", "cuda", "cuda:N"), the workers only step
+    environments; None: each worker runs its own copy of the policy on its CPU core."""
+
+    def __init__(self, workers: int, episode_timeout_s: float = 600.0, preload: Path | None = None,
+                 device: str | None = None):
         if workers < 1:
             raise ValueError("workers must be >= 1")
         self.workers = workers
         self.episode_timeout_s = float(episode_timeout_s)
+        self.device = device
         self._preload = (checkpoint_token(preload), str(preload)) if preload is not None else None
         self._executor: ProcessPoolExecutor | None = None
+        self._links: list = []  # device mode: the main process's ends of the workers' pipes
+        self._worker_ends: list = []
+        self._planner: tuple[str, Any, Any] | None = None  # device mode: (token, Planner, PolicySpec)
         self._start()
 
     def __enter__(self) -> "EvalPool":
@@ -202,8 +262,15 @@ class EvalPool:
         self.close()
 
     def _start(self) -> None:
-        self._executor = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
-                                             initializer=_init_worker, initargs=(os.getpid(), self._preload))
+        ctx = mp.get_context("spawn")
+        links, counter = None, None
+        if self.device is not None:
+            pairs = [ctx.Pipe() for _ in range(self.workers)]
+            self._links, links = [a for a, _ in pairs], [b for _, b in pairs]
+            self._worker_ends = links  # closed with the pool
+            counter = ctx.Value("i", 0)
+        self._executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
+                                             initargs=(os.getpid(), self._preload, links, counter))
         for _ in range(self.workers):  # a spawn-context executor starts a process per submit: start them all now
             self._executor.submit(_ready)
 
@@ -219,21 +286,57 @@ class EvalPool:
         executor.shutdown(wait=False, cancel_futures=True)
         for process in processes:
             process.join(timeout=5)
+        self._close_links()
+
+    def _close_links(self) -> None:
+        for link in [*self._links, *self._worker_ends]:
+            link.close()
+        self._links, self._worker_ends = [], []
 
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
+        self._close_links()
 
-    def evaluate(self, checkpoint: str | Path, seeds: list[int], settings: EpisodeSettings,
+    def _policy_spec(self, checkpoint: Path, token: str):
+        """Device mode: the policy (loaded here, on `device`, once per checkpoint version) and its PolicySpec."""
+        if self._planner is None or self._planner[0] != token:
+            from dopr_robot.checkpoint import load_policy
+            from dopr_robot.evaluation.lockstep import Planner, PolicySpec
+
+            policy, _ = load_policy(checkpoint, self.device)
+            self._planner = (token, Planner(policy), PolicySpec.of(policy))
+        self._planner[1].forget()
+        return self._planner[1], self._planner[2]
+
+    def _serve(self, planner, timeout: float) -> None:
+        """Device mode: answer every worker's pending re-plan request (waiting up to `timeout` for the first)."""
+        for link in wait_for_requests(self._links, timeout=timeout):
+            try:
+                seeds, fresh, histories = link.recv()
+            except (EOFError, OSError):  # its worker died: the pool notices through its futures
+                continue
+            try:
+                reply = (True, planner.plan(seeds, fresh, histories))
+            except Exception as e:  # noqa: BLE001 - costs the requesting block's running episodes
+                reply = (False, describe(e))
+            try:
+                link.send(reply)
+            except (BrokenPipeError, OSError):
+                pass
+
+    def evaluate(self, checkpoint: str | Path, blocks: Sequence[Sequence[int]], settings: EpisodeSettings,
                  on_outcome: Callable[[int, Outcome], None] | None = None) -> dict[int, Outcome]:
-        """Run one episode per seed; `on_outcome(seed, outcome)` is called in this process as each one ends."""
+        """Run every block (`lockstep.episode_blocks`); `on_outcome(seed, outcome)` is called in this process for
+        each episode as its block ends."""
         checkpoint = Path(checkpoint)
         token = checkpoint_token(checkpoint)  # equals the preloaded one while the files are unchanged
+        planner, spec = self._policy_spec(checkpoint, token) if self.device is not None else (None, None)
         outcomes: dict[int, Outcome] = {}
-        pending = deque(seeds)
-        suspects: deque[int] = deque()  # running when a worker died: run again, one at a time, alone
-        in_flight: dict[Future, tuple[int, float, bool]] = {}  # future -> (seed, submitted at, alone)
+        pending = deque(tuple(b) for b in blocks)
+        suspects: deque[tuple[int, ...]] = deque()  # running when a worker died: run again, one at a time, alone
+        in_flight: dict[Future, tuple[tuple[int, ...], float, bool]] = {}  # future -> (block, submitted at, alone)
         deaths = 0
 
         def finish(seed: int, outcome: Outcome) -> None:
@@ -241,23 +344,33 @@ class EvalPool:
             if on_outcome is not None:
                 on_outcome(seed, outcome)
 
-        def failed(seed: int, message: str, wall: float) -> None:
-            finish(seed, Outcome(errored_record(seed, message, wall)))
+        def failed(block: tuple[int, ...], message: str, wall: float) -> None:
+            for seed in block:
+                finish(seed, Outcome(errored_record(seed, message, wall)))
+
+        def deadline(block: tuple[int, ...], t0: float) -> float:
+            return t0 + self.episode_timeout_s * len(block)
 
         try:
             while pending or suspects or in_flight:
                 if self._executor is None:
                     self._start()
                 if suspects and not in_flight:
-                    seed = suspects.popleft()
-                    in_flight[self._submit(token, checkpoint, settings, seed)] = (seed, time.monotonic(), True)
+                    block = suspects.popleft()
+                    in_flight[self._submit(token, checkpoint, settings, block, spec)] = (block, time.monotonic(), True)
                 while pending and not suspects and len(in_flight) < self.workers:
-                    seed = pending.popleft()
-                    in_flight[self._submit(token, checkpoint, settings, seed)] = (seed, time.monotonic(), False)
+                    block = pending.popleft()
+                    in_flight[self._submit(token, checkpoint, settings, block, spec)] = (block, time.monotonic(), False)
                 now = time.monotonic()
-                next_deadline = min(t0 for _, t0, _ in in_flight.values()) + self.episode_timeout_s
-                done, _ = wait(list(in_flight), timeout=max(0.0, next_deadline - now) + 0.05,
-                               return_when=FIRST_COMPLETED)
+                next_deadline = min(deadline(b, t0) for b, t0, _ in in_flight.values())
+                wait_s = max(0.0, next_deadline - now) + 0.05
+                if planner is not None:
+                    self._serve(planner, timeout=min(wait_s, 0.01))
+                    done = [f for f in in_flight if f.done()]
+                else:
+                    from concurrent.futures import FIRST_COMPLETED, wait
+
+                    done, _ = wait(list(in_flight), timeout=wait_s, return_when=FIRST_COMPLETED)
                 broken = False
                 for future in done:
                     try:
@@ -265,28 +378,26 @@ class EvalPool:
                     except BrokenProcessPool:
                         broken = True
                         continue
-                    seed, t0, _ = in_flight.pop(future)
-                    if result[0] == "ok":
-                        finish(seed, Outcome(result[1], result[2]))
-                    elif result[0] == "episode_error":
-                        failed(seed, result[1], time.monotonic() - t0)
-                    else:
+                    in_flight.pop(future)
+                    if result[0] != "ok":
                         raise UserError(f"cannot evaluate {checkpoint}: {result[1]}")
+                    for seed, record, trajectory in result[1]:
+                        finish(seed, Outcome(record, trajectory))
                 now = time.monotonic()
-                for future, (seed, t0, _) in list(in_flight.items()):
-                    if now - t0 > self.episode_timeout_s and not future.done():
+                for future, (block, t0, _) in list(in_flight.items()):
+                    if now > deadline(block, t0) and not future.done():
                         in_flight.pop(future)
-                        failed(seed, f"timed out after {self.episode_timeout_s:g} s (its worker was stopped)",
-                               now - t0)
+                        failed(block, f"timed out after {self.episode_timeout_s:g} s per episode of its block of "
+                                      f"{len(block)} (its worker was stopped)", now - t0)
                         broken = True
                 if broken:
                     self._kill()
-                    for seed, t0, alone in in_flight.values():
+                    for block, t0, alone in in_flight.values():
                         if alone:  # it ran by itself: it is what killed its worker, twice
                             deaths += 1
-                            failed(seed, "its worker process died twice (killed or crashed)", now - t0)
+                            failed(block, "its worker process died twice (killed or crashed)", now - t0)
                         else:
-                            suspects.append(seed)
+                            suspects.append(block)
                     in_flight.clear()
                     if deaths >= 2 and not any("error" not in o.record for o in outcomes.values()):
                         raise UserError(f"cannot evaluate {checkpoint}: evaluation workers die before finishing "
@@ -296,5 +407,6 @@ class EvalPool:
             raise
         return outcomes
 
-    def _submit(self, token: str, checkpoint: Path, settings: EpisodeSettings, seed: int) -> Future:
-        return self._executor.submit(_episode_task, token, str(checkpoint), settings, seed)
+    def _submit(self, token: str, checkpoint: Path, settings: EpisodeSettings, block: tuple[int, ...],
+                spec) -> Future:
+        return self._executor.submit(_block_task, token, str(checkpoint), settings, block, spec)

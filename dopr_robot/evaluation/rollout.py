@@ -5,20 +5,20 @@ generators, see `perturb`) any perturbation, so an episode is reproducible on it
 it. With `record`, every step's observation, MuJoCo state and executed action are kept (robomimic layout),
 which is what drift-from-demonstration analyses need. A `recorder` (e.g. a video frame grabber) gets
 `recorder.capture(env)` after the reset and after every environment step.
+
+The loop itself is `lockstep.run_block` (B episodes together); `run_episode` is its block of one. What the
+policy sees of the running episodes is `policy_input` of their observation histories.
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import numpy as np
-import torch
 
-from dopr_robot.datasets.images import split_obs_keys
 from dopr_robot.datasets.windows import flatten_obs
-from dopr_robot.evaluation.perturb import EpisodePerturber, Perturbation
+from dopr_robot.evaluation.perturb import Perturbation
 
 
 class FrameRecorder(Protocol):
@@ -31,69 +31,30 @@ def flatten_observation(obs: dict[str, np.ndarray], low_dim_keys: list[str]) -> 
     return flatten_obs({k: np.asarray(obs[k])[None] for k in low_dim_keys}, low_dim_keys, 1)[0]
 
 
-def policy_input(history: deque, image_keys: list[str], device: torch.device) -> torch.Tensor | dict[str, torch.Tensor]:
-    """The episode's last n_obs_steps observations, as (low-dim vector as the policy sees it, raw observation)
-    pairs -> the policy's input: a (1, n_obs_steps, obs_dim) tensor, or with image keys the dict
-    {"low_dim": (1, n_obs_steps, obs_dim), "<camera>_image": uint8 (1, n_obs_steps, H, W, 3)}."""
-    low_dim = torch.from_numpy(np.stack([seen for seen, _ in history]))[None].to(device)
+def policy_input(histories: Sequence[deque], image_keys: Sequence[str], device):
+    """The running episodes' last n_obs_steps observations, each history a deque of (low-dim vector as the policy
+    sees it, {image key: frame}) pairs, oldest first -> the policy's input: a float32 (episodes, n_obs_steps,
+    obs_dim) tensor, or with image keys the dict {"low_dim": that tensor, "<camera>_image": uint8 (episodes,
+    n_obs_steps, H, W, 3)}, on `device`."""
+    import torch
+
+    low_dim = torch.from_numpy(np.stack([np.stack([seen for seen, _ in h]) for h in histories])).to(device)
     if not image_keys:
         return low_dim
-    return {"low_dim": low_dim, **{k: torch.from_numpy(np.stack([obs[k] for _, obs in history]))[None].to(device)
+    return {"low_dim": low_dim, **{k: torch.from_numpy(np.stack([np.stack([frames[k] for _, frames in h])
+                                                                 for h in histories])).to(device)
                                    for k in image_keys}}
 
 
 def run_episode(policy, env, seed: int, max_steps: int, n_action_steps: int, obs_keys: list[str],
                 record: bool = False, perturbation: Perturbation | None = None,
                 recorder: FrameRecorder | None = None) -> tuple[dict[str, Any], Any]:
-    """Returns ({seed, success, steps, return, wall_s[, push_step]}, robomimic Episode or None)."""
-    start = time.perf_counter()
-    generator = torch.Generator().manual_seed(seed)
-    device = next(policy.parameters()).device
-    n_obs = policy.n_obs_steps
-    perturb = EpisodePerturber(perturbation or Perturbation(), seed, max_steps, policy.action_dim,
-                               policy.obs_normalizer.scale.cpu().numpy())
-    # an image policy's encoder names its image keys (the checkpoint's image_shapes); the rest are low-dim
-    low_dim_keys, image_keys = split_obs_keys(obs_keys, policy.obs_encoder.keys if policy.obs_encoder else ())
+    """Returns ({seed, success, steps, return, wall_s[, push_step]}, robomimic Episode or None); raises what the
+    episode raised."""
+    from dopr_robot.evaluation.lockstep import Planner, PolicySpec, run_block
 
-    obs = env.reset(seed)
-    if recorder is not None:
-        recorder.capture(env)
-    seen_obs = perturb.observation(flatten_observation(obs, low_dim_keys))
-    history = deque([(seen_obs, obs)] * n_obs, maxlen=n_obs)  # the first observation stands in for the past
-    trajectory: dict[str, list] = {"obs": [], "states": [], "actions": []}
-    steps, total_reward = 0, 0.0
-    done = False
-    while not done:
-        chunk = policy.predict_action(policy_input(history, image_keys, device), generator)[0].cpu().numpy()
-        for action in chunk[n_obs - 1 : n_obs - 1 + n_action_steps]:
-            action = perturb.action(action)
-            if record:
-                trajectory["obs"].append({k: obs[k] for k in obs_keys})
-                trajectory["states"].append(env.get_state())
-                trajectory["actions"].append(action)
-            if perturb.push_step == steps + 1:
-                env.push_object(perturb.push_velocity)
-            obs, reward = env.step(action)
-            if recorder is not None:
-                recorder.capture(env)
-            steps += 1
-            total_reward += reward
-            history.append((perturb.observation(flatten_observation(obs, low_dim_keys)), obs))
-            done = (env.success_ends_episode and env.is_success()) or env.terminated or steps >= max_steps
-            if done:
-                break
-    success = env.is_success()  # where success does not end the episode, it is judged at its end
-    result: dict[str, Any] = {"seed": seed, "success": bool(success), "steps": steps, "return": total_reward,
-                              "wall_s": time.perf_counter() - start}
-    if perturb.push_step is not None:
-        result["push_step"] = perturb.push_step if perturb.push_step <= steps else None  # None: ended before
-    return result, (_episode(trajectory, low_dim_keys, image_keys, seed, success) if record else None)
-
-
-def _episode(trajectory: dict[str, list], low_dim_keys: list[str], image_keys: list[str], seed: int, success: bool):
-    from dopr_robot.datasets.robomimic_hdf5 import Episode
-
-    return Episode(obs={k: np.stack([o[k] for o in trajectory["obs"]]) for k in low_dim_keys},
-                   images={k: np.stack([o[k] for o in trajectory["obs"]]) for k in image_keys},
-                   actions=np.asarray(trajectory["actions"], dtype=np.float32),
-                   states=np.asarray(trajectory["states"]), attrs={"seed": seed, "success": bool(success)})
+    result = run_block(Planner(policy).plan, [env], [seed], PolicySpec.of(policy), obs_keys, max_steps,
+                       n_action_steps, perturbation, record, {seed: recorder} if recorder is not None else None)[seed]
+    if result.exception is not None:
+        raise result.exception
+    return result.record, result.trajectory

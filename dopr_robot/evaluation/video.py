@@ -7,7 +7,8 @@ are run a second time, with recording, after all episodes have run. An episode i
 run is the same episode; its outcome is checked against the first and any difference is reported.
 
 Frames come from a separate environment built with an offscreen renderer, in the same worker process, and only
-for recorded episodes: the others run at full speed. One RGB frame is captured after reset and after every
+for recorded episodes: the others run at full speed. Episodes run in blocks (`lockstep`), and an episode's
+result depends on its block, so a failed seed is re-run with its whole block (only its video is kept). One RGB frame is captured after reset and after every
 step (steps + 1 frames) and streamed into an H.264 MP4 (imageio-ffmpeg, which bundles its ffmpeg binary) at
 the environment's control frequency, so the video plays in real time. A file appears under its final name
 `<seed>_<success|failure>.mp4` only when complete (written under a temporary name, then renamed). The videos
@@ -17,7 +18,6 @@ with it under the same suffix and the archived report's paths are rewritten (`ev
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -196,29 +196,3 @@ class VideoPlan:
         path = self.directory / video_name(result["seed"], result["success"])
         return {"seed": result["seed"], "success": result["success"], "steps": result["steps"], "reason": reason,
                 "path": os.path.relpath(path, report_dir)}
-
-
-class RenderingEnvironment:
-    """An evaluation worker's rendering environment: built on the first recorded episode only (the others run
-    in the worker's plain environment, at full speed), kept for later ones with the same env_args and spec."""
-
-    def __init__(self):
-        self._key: str | None = None
-        self._env = None
-
-    def recorder(self, plan: VideoPlan, env_args: dict[str, Any], seed: int, images=None) -> VideoRecorder:
-        """A recorder for `seed`'s episode; its `env` is the rendering environment the episode must run in (with
-        `images`, an `envs.ImageSpec`, its observations hold the policy's camera frames too)."""
-        key = json.dumps([env_args, list(plan.spec), images], sort_keys=True)
-        if key != self._key:
-            self.close()
-            from dopr_robot.envs import make_env
-
-            self._env = make_env(env_args, render=plan.spec, images=images)
-            self._key = key
-        return VideoRecorder(self._env, plan.directory, seed, plan.fps)
-
-    def close(self) -> None:
-        env, self._env, self._key = self._env, None, None
-        if env is not None:
-            env.close()

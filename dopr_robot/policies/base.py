@@ -12,6 +12,8 @@ trains with the denoiser (its random crops drawn from the same generator as the 
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -25,9 +27,17 @@ def draw_device(generator: torch.Generator | None, device: torch.device) -> torc
     return generator.device if generator is not None else device
 
 
-def draw(sample, *args, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+def draw(sample, *args, generator: torch.Generator | Sequence[torch.Generator] | None,
+         device: torch.device) -> torch.Tensor:
     """`sample(*args)` (torch.randn, torch.rand, torch.randint, ...) from `generator`, made on `draw_device` and
-    returned on `device`."""
+    returned on `device`. With one generator per batch row (`sample(shape)` only; evaluation keeps one per
+    episode), row i is drawn from generator i, as it would be in a batch of one: a row's noise does not depend
+    on which rows share its batch."""
+    if isinstance(generator, (list, tuple)):
+        (shape,) = args
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.cat([draw(sample, (1, *shape[1:]), generator=g, device=device) for g in generator])
     return sample(*args, generator=generator, device=draw_device(generator, device)).to(device)
 
 
@@ -67,8 +77,10 @@ class ActionChunkPolicy(nn.Module):
         return self._loss(self.action_normalizer.normalize(actions), cond, generator, rows)
 
     @torch.no_grad()
-    def predict_action(self, obs: torch.Tensor | dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample a raw action chunk (B, horizon, action_dim) for a batch of raw observation windows."""
+    def predict_action(self, obs: torch.Tensor | dict[str, torch.Tensor],
+                       generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        """Sample a raw action chunk (B, horizon, action_dim) for a batch of raw observation windows; `generator`
+        may be one per row (see `draw`)."""
         cond = self._condition(obs)
         shape = (cond.shape[0], self.horizon, self.action_dim)
         return self.action_normalizer.unnormalize(self._sample(shape, cond, generator))

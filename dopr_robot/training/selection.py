@@ -35,6 +35,7 @@ class RolloutSelector:
         self.max_steps = cfg.eval.max_steps
         self.n_action_steps = cfg.data.n_action_steps
         self.workers = cfg.eval.workers
+        self.batch_episodes = cfg.eval.batch_episodes
         self.pool = None
         self.best_success: float | None = None
         try:
@@ -46,13 +47,15 @@ class RolloutSelector:
         """Save the EMA policy as `last` (via `save_last`), roll it out, update `best`; returns the metrics keys."""
         import os
 
+        from dopr_robot.evaluation.lockstep import episode_blocks
         from dopr_robot.evaluation.pool import EpisodeSettings, EvalPool
 
         last = save_last()
         if self.pool is None:
             workers = max(1, min(self.workers or os.cpu_count() or 1, len(self.seeds)))
             self.pool = EvalPool(workers, preload=last)
-        outcomes = self.pool.evaluate(last, self.seeds, EpisodeSettings(self.max_steps, self.n_action_steps))
+        outcomes = self.pool.evaluate(last, episode_blocks(self.seeds, self.batch_episodes),
+                                      EpisodeSettings(self.max_steps, self.n_action_steps))
         completed = [outcomes[s].record for s in self.seeds if "error" not in outcomes[s].record]
         successes = sum(bool(r["success"]) for r in completed)  # errored episodes are missing, not failures
         success = successes / len(completed) if completed else 0.0
