@@ -192,7 +192,7 @@ def test_pool_workers_record_only_the_planned_seeds_with_the_unrecorded_outcomes
 
 
 def test_archiving_a_report_moves_its_journal_and_videos_under_one_suffix_and_rewrites_its_paths(tmp_path):
-    from dopr_robot.evaluation.evaluate import archive_report
+    from dopr_robot.evaluation.archive import archive_report
 
     report = tmp_path / "eval_t.json"
     (tmp_path / "videos_t").mkdir()
@@ -226,7 +226,7 @@ def test_archiving_a_report_moves_its_journal_and_videos_under_one_suffix_and_re
 
 
 def test_archiving_moves_the_saved_rollouts_and_retargets_the_report(tmp_path):
-    from dopr_robot.evaluation.evaluate import archive_report
+    from dopr_robot.evaluation.archive import archive_report
 
     report = tmp_path / "eval_traj.json"
     (tmp_path / "eval_traj_rollouts.hdf5").write_bytes(b"hdf5")

@@ -28,7 +28,7 @@ from dopr_robot.diagnostics.drift import demo_band, departure_step, drift_curve,
 from dopr_robot.diagnostics.openloop import open_loop_chunk_mse
 from dopr_robot.diagnostics.shift import DEFAULT_RIDGE, distribution_shift
 from dopr_robot.errors import UserError
-from dopr_robot.evaluation.evaluate import archive_report
+from dopr_robot.evaluation.archive import archive_report
 from dopr_robot.fileio import write_json
 from dopr_robot.provenance import provenance
 from dopr_robot.rundir import DRIFT_REPORT, ROLLOUTS_SOURCE, ROLLOUTS_SUFFIX, check_writable_dir, resolve_checkpoint

@@ -13,7 +13,7 @@ step (steps + 1 frames) and streamed into an H.264 MP4 (imageio-ffmpeg, which bu
 the environment's control frequency, so the video plays in real time. A file appears under its final name
 `<seed>_<success|failure>.mp4` only when complete (written under a temporary name, then renamed). The videos
 directory belongs to its report: when a fresh evaluation archives an earlier report, the directory is archived
-with it under the same suffix and the archived report's paths are rewritten (`evaluate.archive_report`).
+with it under the same suffix and the archived report's paths are rewritten (`archive.archive_report`).
 """
 
 from __future__ import annotations
