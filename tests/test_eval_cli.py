@@ -160,7 +160,7 @@ def test_resume_runs_errored_episodes_again(run, tmp_path):
 
 def test_rates_are_over_completed_episodes():
     from dopr_robot.evaluation.evaluate import summarize
-    from dopr_robot.experiments.stats import wilson_interval
+    from dopr_robot.stats import wilson_interval
 
     records = [{"seed": 1, "success": True, "steps": 10, "return": 2.0},
                {"seed": 2, "success": False, "steps": 30, "return": 0.0},

@@ -99,10 +99,11 @@ class EpisodeResult:
 
 def located(error: BaseException) -> str:
     """`Type: message (at file:line)`, the line being where it was raised."""
-    from dopr_robot.evaluation.pool import describe
+    from dopr_robot.errors import error_summary
 
     frames = traceback.extract_tb(error.__traceback__)
-    return f"{describe(error)} (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else describe(error)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return error_summary(error) + where
 
 
 class _Episode:

@@ -41,7 +41,7 @@ from multiprocessing.connection import wait as wait_for_requests
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from dopr_robot.errors import UserError
+from dopr_robot.errors import UserError, error_summary
 from dopr_robot.evaluation.perturb import Perturbation
 
 if TYPE_CHECKING:
@@ -70,12 +70,6 @@ def checkpoint_token(checkpoint: Path) -> str:
     weights = checkpoint.with_suffix(".safetensors").stat()
     digest = hashlib.sha1(checkpoint.read_bytes()).hexdigest()
     return f"{checkpoint.resolve()}:{digest}:{weights.st_mtime_ns}:{weights.st_size}"
-
-
-def describe(error: BaseException) -> str:
-    """`Type: first line of the message`, for a record's `error`."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def errored_record(seed: int, message: str, wall_s: float) -> dict[str, Any]:
@@ -179,7 +173,7 @@ def _block_task(token: str, checkpoint: str, settings: EpisodeSettings, seeds: t
         policy, meta = _load(token, checkpoint, with_policy=spec is None)
         plain = _environments(meta, len(seeds))
     except BaseException as e:  # noqa: BLE001
-        return ("setup_error", describe(e))
+        return ("setup_error", error_summary(e))
     if spec is None:
         planner = _worker.get("planner")
         if planner is None or planner.policy is not policy:
@@ -195,14 +189,14 @@ def _block_task(token: str, checkpoint: str, settings: EpisodeSettings, seeds: t
         try:
             rendering = _environments(meta, len(recorded), render=settings.video.spec)
         except Exception as e:  # noqa: BLE001 - no videos, but the episodes run (in the plain environments)
-            video_errors = {seeds[i]: describe(e) for i in recorded}
+            video_errors = {seeds[i]: error_summary(e) for i in recorded}
             rendering = []
         for i, env in zip(recorded, rendering):
             try:
                 recorders[seeds[i]] = VideoRecorder(env, settings.video.directory, seeds[i], settings.video.fps)
                 envs[i] = env
             except Exception as e:  # noqa: BLE001 - a recorder failure never fails its episode
-                video_errors[seeds[i]] = describe(e)
+                video_errors[seeds[i]] = error_summary(e)
     try:
         results = run_block(plan, envs, seeds, spec, meta["obs_keys"], settings.max_steps, settings.n_action_steps,
                             settings.perturbation, settings.record, recorders)
@@ -320,7 +314,7 @@ class EvalPool:
             try:
                 reply = (True, planner.plan(seeds, fresh, histories))
             except Exception as e:  # noqa: BLE001 - costs the requesting block's running episodes
-                reply = (False, describe(e))
+                reply = (False, error_summary(e))
             try:
                 link.send(reply)
             except (BrokenPipeError, OSError):

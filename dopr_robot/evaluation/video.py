@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from dopr_robot.envs.render import RenderSpec, check_rendering
-from dopr_robot.errors import UserError
+from dopr_robot.errors import UserError, error_summary
 
 FIRST, FAILED = "first", "failed"  # why an episode was recorded
 
@@ -99,9 +99,7 @@ class VideoRecorder:
         return self.path
 
     def _fail(self, error: BaseException) -> None:
-        from dopr_robot.evaluation.pool import describe
-
-        self.error = describe(error)
+        self.error = error_summary(error)
         self._discard()
 
     def _discard(self) -> None:
