@@ -115,7 +115,7 @@ def policy_batches(ckpt: Path, batches: list[int], repeats: int) -> None:
     planner = Planner(policy)
     for batch in batches:
         seeds = list(range(batch))
-        histories = [[np.zeros(meta["obs_dim"], dtype=np.float32)] * policy.n_obs_steps] * batch
+        histories = [[(np.zeros(meta["obs_dim"], dtype=np.float32), {})] * policy.n_obs_steps] * batch  # low-dim only
         planner.plan(seeds, [True] * batch, histories)  # warm-up
         times = []
         for _ in range(repeats):

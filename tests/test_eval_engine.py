@@ -272,7 +272,7 @@ def test_the_planner_keeps_one_generator_per_episode(tiny_runs):
 
     policy, meta = load_policy(_ckpt(tiny_runs["flow"]))
     planner = Planner(policy)
-    window = deque([np.zeros(meta["obs_dim"], dtype=np.float32)] * policy.n_obs_steps)
+    window = deque([(np.zeros(meta["obs_dim"], dtype=np.float32), {})] * policy.n_obs_steps)  # (low-dim, frames)
     for _ in range(2):  # the second time, every episode starts again
         planner.plan([5, 6], [True, True], [window, window])
         for seed in (5, 6):
