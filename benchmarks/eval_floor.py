@@ -7,7 +7,8 @@ For each episode count N, `repeats` interleaved pairs of
 - eval:  `dopr-robot eval RUN --episodes N --workers W` in a fresh interpreter (what a user waits for:
          interpreter start, pool start-up, policy loading, episodes, report), and
 - floor: a fresh interpreter that starts W `spawn` processes which import only robosuite, build the same
-         environment from the checkpoint's env_args, and run the same episodes (same seeds, so the same initial
+         environment from the checkpoint's env_args (rendering its cameras at its size for an image checkpoint, as
+         the eval's observations do), and run the same episodes (same seeds, so the same initial
          states, and exactly the same number of env steps per episode as the eval's report) with seeded random
          actions and no policy;
 then prints the median wall of each, the ratio of medians and the per-pair ratios, and the machine's load.
@@ -42,13 +43,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # measure the tree this file is in (an editable install may point elsewhere)
 
 
-def _floor_worker(args: tuple[dict, list[tuple[int, int]]]) -> int:
-    env_args, episodes = args
+def _floor_worker(args: tuple[dict, dict | None, list[tuple[int, int]]]) -> int:
+    env_args, image_shapes, episodes = args
     import numpy as np
 
+    from dopr_robot.envs.render import ImageSpec
     from dopr_robot.envs.robosuite_env import RobosuiteEnv
 
-    env = RobosuiteEnv(env_args)
+    # an image checkpoint's cameras at its size: the floor renders every observation's frames as the eval does
+    env = RobosuiteEnv(env_args, images=ImageSpec.from_image_shapes(image_shapes))
     low, high = env.env.action_spec
     for seed, steps in episodes:
         rng = np.random.default_rng(seed)
@@ -59,13 +62,13 @@ def _floor_worker(args: tuple[dict, list[tuple[int, int]]]) -> int:
     return sum(steps for _, steps in episodes)
 
 
-def floor(env_args: dict, lengths: dict[int, int], workers: int) -> None:
+def floor(env_args: dict, image_shapes: dict | None, lengths: dict[int, int], workers: int) -> None:
     """Round-robin the episodes over `workers` spawn processes (the eval balances dynamically; with equal work
     per worker this is the same)."""
     seeds = sorted(lengths)
     shares = [[(s, lengths[s]) for s in seeds[i::workers]] for i in range(workers)]
     with mp.get_context("spawn").Pool(workers) as pool:
-        pool.map(_floor_worker, [(env_args, share) for share in shares], chunksize=1)
+        pool.map(_floor_worker, [(env_args, image_shapes, share) for share in shares], chunksize=1)
 
 
 _STARTUP_PHASES = {
@@ -151,14 +154,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.floor_only is not None:
         spec = json.loads(args.floor_only.read_text())
-        floor(spec["env_args"], {int(k): v for k, v in spec["lengths"].items()}, spec["workers"])
+        floor(spec["env_args"], spec["image_shapes"], {int(k): v for k, v in spec["lengths"].items()}, spec["workers"])
         return
 
     from dopr_robot.evaluation.evaluate import read_checkpoint_meta
     from dopr_robot.rundir import resolve_checkpoint
 
     ckpt = resolve_checkpoint(args.run).resolve()
-    env_args = read_checkpoint_meta(ckpt)["env_args"]
+    meta = read_checkpoint_meta(ckpt)
+    env_args, image_shapes = meta["env_args"], meta.get("image_shapes")
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start; checkpoint {ckpt}; "
           f"{args.workers} workers, 1 thread each")
     if args.startup:
@@ -184,7 +188,8 @@ def main() -> None:
                 data = json.loads(report.read_text())
                 if r == 0:
                     lengths = {e["seed"]: e["steps"] for e in data["per_episode"]}
-                    spec.write_text(json.dumps({"env_args": env_args, "lengths": lengths, "workers": args.workers}))
+                    spec.write_text(json.dumps({"env_args": env_args, "image_shapes": image_shapes, "lengths": lengths,
+                                               "workers": args.workers}))
                 floors.append(_timed(floor_cmd))
                 for old in Path(tmp).glob(f"eval_{n}-*"):
                     old.unlink()  # archived reports of the earlier repeats

@@ -108,7 +108,8 @@ def collect(task: str, episodes: int, seed: int, out: str | Path, max_steps: int
 
 def prepare_dataset(cfg: Config, collect_if_missing: bool, progress: bool) -> None:
     """The dataset `cfg.data.path` exists afterwards: with `collect_if_missing`, a missing one is collected from
-    the scripted expert of `cfg.data.task` (`train` without --dataset, `sweep`); otherwise it is an error."""
+    the scripted expert of `cfg.data.task`, or with `cfg.data.expert` from that SB3 expert on the Gymnasium task
+    (`train` without --dataset, `sweep`); otherwise it is an error."""
     path = Path(cfg.data.path)
     if path.exists() or is_minari(cfg.data.path):  # Minari datasets are downloaded, never collected here
         return
@@ -117,6 +118,14 @@ def prepare_dataset(cfg: Config, collect_if_missing: bool, progress: bool) -> No
                                                         "supported files)" if cfg.data.task == "none" else ""))
     d = cfg.data
     noise = f" (operator noise {d.collect_noise})" if d.collect_noise else ""
+    if d.expert:  # a Gymnasium task: the SB3 expert's rollouts as a Minari dataset
+        from dopr_robot.experts.minari_collect import collect_minari
+
+        print(f"{path} not found: collecting {d.collect_episodes} {d.task} episodes of {d.expert}{noise} first")
+        s = collect_minari(d.task, d.expert, d.collect_episodes, d.collect_seed, path, noise=d.collect_noise,
+                           progress=progress)
+        print(f"mean return {s['mean_return']:.1f} +- {s['std_return']:.1f}, {s['seconds']:.0f} s -> {path}")
+        return
     cameras = tuple(camera_of(k) for k in camera_keys(d.obs_keys))  # an image config collects its cameras
     images = f" with {', '.join(cameras)} at {d.collect_image_size}px" if cameras else ""
     print(f"{path} not found: collecting {d.collect_episodes} scripted {d.task} demos{noise}{images} first")

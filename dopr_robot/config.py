@@ -26,6 +26,10 @@ class DataConfig:
     # If `path` does not exist, this many scripted-expert demos of `task` are collected into it first
     # ("none": a downloaded file, never collected).
     task: str = "lift"
+    # A Stable-Baselines3 expert zip (`dopr-robot expert train`): `task` is then a Gymnasium id (e.g. Hopper-v5)
+    # and a missing `path` is collected as a Minari dataset of its rollouts (`collect --env`), with
+    # collect_noise as the locomotion operator noise level (0..3)
+    expert: str = ""
     collect_episodes: int = 100
     collect_seed: int = 0
     collect_noise: float = 0.0  # NoisyOperator level of those demos (0 = the scripted expert)
@@ -134,6 +138,9 @@ class TrainConfig:
     eval_every: int = 0
     eval_episodes: int = 20
     eval_seed_start: int = 200000
+    # What `best` maximizes over those rollouts: success rate, or mean return (the Gymnasium locomotion tasks,
+    # where success is only "did not fall")
+    select_metric: str = "success"
     logger: str = "none"  # none | tensorboard | wandb: where metrics.jsonl's records are mirrored (training/loggers.py)
 
 
@@ -184,6 +191,7 @@ CHOICES = {
     "data.task": ("lift", "can", "square", "transport", "none"),
     "data.action_rotation": ("file", "axis_angle", "rotation_6d"),
     "train.logger": ("none", "tensorboard", "wandb"),
+    "train.select_metric": ("success", "return"),
 }
 POSITIVE = (
     "data.collect_episodes", "data.collect_image_size", "data.n_obs_steps", "data.horizon", "data.n_action_steps", "policy.mlp.hidden_dim",
@@ -262,6 +270,8 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 def validate(config: Config) -> None:
     flat = _flatten(config.to_dict())
     for key, allowed in CHOICES.items():
+        if key == "data.task" and flat["data.expert"]:
+            continue  # a Gymnasium id, checked when the dataset is collected
         if flat[key] not in allowed:
             raise UserError(f"{key} must be one of {', '.join(allowed)}; got {flat[key]!r}")
     for key in POSITIVE:

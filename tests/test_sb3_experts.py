@@ -211,3 +211,33 @@ def test_a_collected_dataset_trains_a_bc_policy_that_evaluates(tmp_path, tiny_ex
     r = json.loads(report.read_text())
     assert r["per_episode"][0]["steps"] >= 1 and np.isfinite(r["per_episode"][0]["return"])
     assert set(r["reference_scores"]) == {"min", "max"} and r["reference_scores"]["min"] < r["reference_scores"]["max"]
+
+
+def test_a_gymnasium_config_collects_its_dataset_and_keeps_the_best_return(tmp_path, tiny_expert):
+    """data.expert: a missing data.path is collected from the SB3 expert as a Minari dataset before training
+    (as a robosuite config collects its scripted demos), and train.select_metric=return keeps as `best` the
+    in-training evaluation with the highest mean return on the selection seeds (ties to the later step); an
+    unknown Gymnasium id is one error line."""
+    data = tmp_path / "data" / "ip_expert"
+    run = tmp_path / "run"
+    sets = [f"data.path={data}", f"data.task={ENV}", f"data.expert={tiny_expert}", "data.collect_episodes=3",
+            "data.horizon=4", "data.n_action_steps=2", "policy.type=bc", "policy.backbone=resmlp",
+            "policy.resmlp.hidden_dim=16", "policy.resmlp.num_blocks=1", "train.steps=6", "train.log_every=2",
+            "train.eval_every=2", "train.eval_episodes=2", "train.select_metric=return", "train.batch_size=8",
+            "train.warmup_steps=0", "eval.max_steps=10", "eval.workers=1"]
+    args = ["train", "--out", str(run)] + [a for s in sets for a in ("--set", s)]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert f"{data} not found: collecting 3 {ENV} episodes" in result.stdout
+    assert len(list(minari.MinariDataset(data / "data").iterate_episodes())) == 3
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    selections = [(r["step"], r["return"]) for r in records if "return" in r]
+    assert [s for s, _ in selections] == [2, 4, 6]
+    best = json.loads((run / "checkpoints" / "best.json").read_text())["selection"]
+    assert best["metric"] == "return"
+    top = max(r for _, r in selections)
+    assert best["return"] == top and best["step"] == max(s for s, r in selections if r == top)
+
+    bad = run_cli("train", "--out", str(tmp_path / "run2"), "--set", f"data.path={tmp_path / 'other'}",
+                  "--set", "data.task=Nope-v9", "--set", f"data.expert={tiny_expert}")
+    assert_user_error(bad, "Nope-v9")

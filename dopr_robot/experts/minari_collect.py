@@ -101,7 +101,7 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
 def collect_minari(env_id: str, expert_path: str | Path, episodes: int, seed: int, out: str | Path,
                    noise: float = 0.0, dataset_id: str | None = None, ref_episodes: int = 20,
                    overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    out = Path(out)
+    out = Path(out).absolute()  # Minari's DataCollector joins a relative data path onto itself
     if episodes < 1:
         raise UserError(f"--episodes must be >= 1; got {episodes}")
     if not (np.isfinite(noise) and 0 <= noise <= MAX_NOISE):

@@ -9,8 +9,8 @@ goes to the later step (later weights are the better-trained ones when the rollo
 
 The rollouts run in one `EvalPool` kept for the whole training run (started at the first evaluation), the same
 code as `eval`. They draw nothing from the training generator, so training is bit-identical with or without
-them. The checkpoints' JSON carries `selection: {step, success, successes, episodes, seed_start}`; on resume,
-the best so far is read back from `best.json`.
+them. The checkpoints' JSON carries `selection: {step, success, successes, return, episodes, seed_start, errors, metric}`;
+on resume, the best so far is read back from `best.json`. Errored episodes are missing, not failures.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any, Callable
 from dopr_robot.fileio import atomic_path, write_json
 
 
-def is_better(success: float, best_success: float | None) -> bool:
-    """The rule for replacing `best`: higher selection success, ties to the later (current) step."""
-    return best_success is None or success >= best_success
+def is_better(score: float, best_score: float | None) -> bool:
+    """The rule for replacing `best`: higher selection score, ties to the later (current) step."""
+    return best_score is None or score >= best_score
 
 
 class RolloutSelector:
@@ -36,10 +36,11 @@ class RolloutSelector:
         self.n_action_steps = cfg.data.n_action_steps
         self.workers = cfg.eval.workers
         self.batch_episodes = cfg.eval.batch_episodes
+        self.metric = cfg.train.select_metric  # "success" | "return"
         self.pool = None
-        self.best_success: float | None = None
+        self.best_score: float | None = None
         try:
-            self.best_success = float(json.loads((self.checkpoints / "best.json").read_text())["selection"]["success"])
+            self.best_score = float(json.loads((self.checkpoints / "best.json").read_text())["selection"][self.metric])
         except (OSError, ValueError, KeyError, TypeError):
             pass
 
@@ -59,17 +60,21 @@ class RolloutSelector:
         completed = [outcomes[s].record for s in self.seeds if "error" not in outcomes[s].record]
         successes = sum(bool(r["success"]) for r in completed)  # errored episodes are missing, not failures
         success = successes / len(completed) if completed else 0.0
-        selection = {"step": step, "success": success, "successes": successes, "episodes": len(self.seeds),
-                     "seed_start": self.seeds[0], "errors": sum("error" in o.record for o in outcomes.values())}
+        mean_return = sum(float(r["return"]) for r in completed) / len(completed) if completed else float("-inf")
+        selection = {"step": step, "success": success, "successes": successes, "return": mean_return,
+                     "episodes": len(self.seeds), "seed_start": self.seeds[0],
+                     "errors": sum("error" in o.record for o in outcomes.values()), "metric": self.metric}
         meta = json.loads(last.read_text())
         meta["selection"] = selection
         write_json(last, meta)
-        if is_better(success, self.best_success):
+        score = selection[self.metric]
+        if is_better(score, self.best_score):
             with atomic_path(self.checkpoints / "best.safetensors") as tmp:
                 shutil.copyfile(last.with_suffix(".safetensors"), tmp)
             write_json(self.checkpoints / "best.json", meta)
-            self.best_success = success
-        return {"success": success, "success_episodes": len(self.seeds), "success_seed_start": self.seeds[0]}
+            self.best_score = score
+        return {"success": success, "return": mean_return, "success_episodes": len(self.seeds),
+                "success_seed_start": self.seeds[0]}
 
     def close(self) -> None:
         if self.pool is not None:

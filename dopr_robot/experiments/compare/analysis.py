@@ -36,14 +36,15 @@ def over_runs(sample: Sample) -> dict[str, Any]:
 
 def summarize(group: Group, last_n: int) -> dict[str, Any]:
     """The numbers of one group over its training seeds (mean +- sample sd) and pooled over episodes, in the
-    group's metric; validation loss and in-training success (always success) from metrics.jsonl."""
+    group's metric; validation loss and the in-training rollouts (success, or mean return for a return metric) from
+    metrics.jsonl."""
     m = group.metric
     sample = group.sample()
     best_rates = [report_rate(r.eval_best, m) for r in group.runs if r.eval_best is not None]
     best_mean, best_sd = stats.mean_sd(best_rates)
     val_final = [r.val_losses()[-1] for r in group.runs if r.val_losses()]
     val_best = [min(r.val_losses()) for r in group.runs if r.val_losses()]
-    intrain = [r.in_training_success() for r in group.runs]
+    intrain = [r.in_training(m) for r in group.runs]
     intrain_last = [float(np.mean([s for _, s in curve[-last_n:]])) for curve in intrain if curve]
     intrain_max = [max(s for _, s in curve) for curve in intrain if curve]
     val_mean, val_sd = stats.mean_sd(val_final)
@@ -176,12 +177,12 @@ def perturbation_differences(name: str, curves: dict[str, list[dict[str, Any]]],
 
 
 def select_best_config(groups: list[Group], summaries: dict[str, dict]) -> dict[tuple[str, int], Group]:
-    """Per optimizer (and protocol), the grid point with the highest mean in-training success on the selection
-    seeds (mean over training seeds of each run's last-N in-training evaluations); ties go to the first name in
-    sorted order."""
+    """Per optimizer (and protocol), the grid point with the highest mean in-training score on the selection
+    seeds (success, or mean return for a return metric; mean over training seeds of each run's last-N in-training
+    evaluations); ties go to the first name in sorted order."""
     missing = [g.name for g in groups if summaries[g.name]["intrain_last_mean"] is None]
     if missing:
-        raise UserError(f"--select best-config needs in-training success (train.eval_every > 0) in metrics.jsonl; "
+        raise UserError(f"--select best-config needs in-training rollouts (train.eval_every > 0) in metrics.jsonl; "
                         f"missing in group(s): {', '.join(missing)}")
     chosen: dict[tuple[str, int], Group] = {}
     for g in groups:

@@ -50,8 +50,11 @@ class Run:
     def val_losses(self) -> list[float]:
         return [r["val_loss"] for r in self.metrics if finite(r.get("val_loss"))]
 
-    def in_training_success(self) -> list[tuple[int, float]]:
-        return [(r["step"], r["success"]) for r in self.metrics if finite(r.get("success"))]
+    def in_training(self, metric: str = "success") -> list[tuple[int, float]]:
+        """(step, value) of the in-training rollouts on the selection seeds: their success rate, or for a return
+        metric their mean return (a normalized return ranks runs of one dataset as the return does)."""
+        key = "success" if metric == "success" else "return"
+        return [(r["step"], r[key]) for r in self.metrics if finite(r.get(key))]
 
 
 def finite(x: Any) -> bool:

@@ -70,7 +70,8 @@ def table(entries: list[dict[str, Any]], last_n: int, metric: str = "success") -
     """A markdown table (aligned, so it reads in a terminal too)."""
     label = stats.METRIC_LABELS[metric]
     header = ["group", "seeds", "val loss (final)", "val loss (best)", f"{label} final",
-              f"pooled [{stats.POOLED_INTERVAL[metric]}]", f"{label} best ckpt", f"in-train success last {last_n}",
+              f"pooled [{stats.POOLED_INTERVAL[metric]}]", f"{label} best ckpt",
+              f"in-train {'success' if metric == 'success' else 'return'} last {last_n}",
               "diff vs baseline [95% CI]", "p perm", "p paired"]
     rows = []
     for e in entries:
@@ -79,7 +80,8 @@ def table(entries: list[dict[str, Any]], last_n: int, metric: str = "success") -
                      "-" if e["val_loss_best_mean"] is None else f"{e['val_loss_best_mean']:.4g}",
                      _pm(e[f"{metric}_mean"], e[f"{metric}_sd"], metric), _pooled(e, metric),
                      _pm(e[f"best_{metric}_mean"], e[f"best_{metric}_sd"], metric),
-                     _pm(e["intrain_last_mean"], e["intrain_last_sd"]), diff,
+                     _pm(e["intrain_last_mean"], e["intrain_last_sd"], "success" if metric == "success" else "return"),
+                     diff,
                      _p(e.get("p_permutation"), e.get("p_permutation_min")),
                      _p(e.get("p_paired"), e.get("p_paired_min"))])
     return _aligned(header, rows)
