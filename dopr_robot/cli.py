@@ -347,6 +347,8 @@ def compare_cmd(
                                                      "seeds, dataset...) apart instead of refusing them"),
     metric: str = typer.Option("success", help="per-episode metric compared: success | return | "
                                                "normalized_return (by the report's reference_scores)"),
+    checkpoint: str = typer.Option("final", help="final | best: each run's held-out report of its final checkpoint "
+                                                 "(eval.json) or of its best one (eval_best.json)"),
 ):
     """Group runs by optimizer and grid point; success with intervals and tests vs the baseline, and plots."""
     from dopr_robot.experiments.compare import compare, default_out, format_markdown
@@ -354,7 +356,7 @@ def compare_cmd(
     out = out if out is not None else default_out(paths)
     report, warnings = compare(paths, baseline=baseline, select=select, out=out, last_n=last_n, n_boot=n_boot,
                                seed=seed, command=sys.argv, allow_errors=allow_errors,
-                               split_protocols=split_protocols, metric=metric)
+                               split_protocols=split_protocols, metric=metric, checkpoint=checkpoint)
     for warning in warnings:
         typer.echo(f"warning: {warning}", err=True)
     typer.echo(format_markdown(report))

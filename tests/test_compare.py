@@ -365,6 +365,45 @@ def test_best_config_needs_in_training_success(tmp_path):
         build_report(discover([root], [])[0], select="best-config")
 
 
+def test_best_config_on_a_return_metric_ranks_grid_points_by_selection_return(tmp_path):
+    """For --metric return the grid point is chosen on the mean in-training return (metrics.jsonl `return`), not on
+    in-training success, which ties here (every selection episode 'succeeds': a hopper that never fell)."""
+    root = tmp_path / "runs"
+    for seed in range(2):
+        for lr, sel_return in ((1e-4, 900.0), (3e-4, 1500.0)):
+            run = write_run(root, f"adam_lr{lr}_s{seed}", "adam", seed, [1] * 10, settings={"optim.lr": lr},
+                            success_curve=(1.0, 1.0), returns=[100.0 * (i + seed) for i in range(10)])
+            lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            for r in lines:
+                r["return"] = sel_return
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    by_return = build_report(discover([root], [], metric="return")[0], select="best-config", n_boot=200,
+                             metric="return")
+    assert [g["name"] for g in by_return["best_config"]["groups"]] == ["adam_lr-0.0003"]
+    assert by_return["best_config"]["groups"][0]["selection_score"] == pytest.approx(1500.0)
+    by_success = build_report(discover([root], [])[0], select="best-config", n_boot=200)
+    assert [g["name"] for g in by_success["best_config"]["groups"]] == ["adam_lr-0.0001"]  # a tie: first name
+
+
+def test_checkpoint_best_compares_each_runs_best_checkpoint_report(tmp_path):
+    """--checkpoint best: eval_best.json is each run's held-out report (perturbed reports of the final checkpoint
+    are not read with it); a run without one is left out, named."""
+    root = tmp_path / "runs"
+    for seed in range(3):
+        write_run(root, f"adam_s{seed}", "adam", seed, [0] * 10, best_outcomes=[1] * 5 + [0] * 5,
+                  perturbed=[("push1", "push", 1.0, [0] * 10)])
+        write_run(root, f"dopr_s{seed}", "dopr", seed, [0] * 10, best_outcomes=[1] * 8 + [0] * 2)
+    write_run(root, "dopr_s3", "dopr", 3, [1] * 10)  # no best report
+    report, warnings = compare([root], out=tmp_path / "cmp", checkpoint="best", n_boot=200)
+    groups = {g["name"]: g for g in report["groups"]}
+    assert groups["adam"]["success_mean"] == pytest.approx(0.5) and groups["dopr"]["success_mean"] == pytest.approx(0.8)
+    assert groups["dopr"]["n_seeds"] == 3 and "perturbation" not in groups["adam"]
+    assert any("dopr_s3" in w and "eval_best.json" in w for w in warnings)
+    assert "eval_best.json, the best checkpoint" in (tmp_path / "cmp" / "compare.md").read_text()
+    final, _ = compare([root], out=tmp_path / "cmp_final", n_boot=200)
+    assert {g["name"]: g["success_mean"] for g in final["groups"]}["adam"] == 0.0
+
+
 def test_per_grid_point_baseline_and_explicit_baseline(tmp_path):
     root = tmp_path / "runs"
     for lr, k_adam, k_muon in ((1e-4, 2, 4), (3e-4, 5, 9)):

@@ -81,6 +81,7 @@ def run_sweep(config: Path, out: Path, optims: str, seeds: str, grid: list[str],
     job_list = [_job(cell, config, sets, out, threads, workers or threads, episodes or configs[cell.name].eval.episodes,
                      perturb_levels, "train.threads" not in user_keys) for cell in cells]
     done = {job.name: is_done(job) for job in job_list}
+    threads_text = "train.threads as --set" if "train.threads" in user_keys else f"{threads} threads"
     to_run = [job for job in job_list if not done[job.name]]
 
     if same:
@@ -88,7 +89,7 @@ def run_sweep(config: Path, out: Path, optims: str, seeds: str, grid: list[str],
              + ", ".join(f"{dropped} = {kept}" for dropped, kept in same.items()))
     if dry_run:
         echo(f"sweep {out}: {len(cells)} cells ({len(cells) - len(to_run)} done, {len(to_run)} to run); "
-             f"{jobs} at a time, {threads} threads each")
+             f"{jobs} at a time, {threads_text} each")
         for cell, job in zip(cells, job_list):
             echo(f"  {'done' if done[cell.name] else 'todo'}  {cell.name}  "
                  f"{' '.join(f'{k}={v}' for k, v in cell.settings.items())}")
@@ -109,7 +110,7 @@ def run_sweep(config: Path, out: Path, optims: str, seeds: str, grid: list[str],
         state = _SweepState(out / SWEEP_FILE, record)
         state.save()
         echo(f"sweep {out}: {len(cells)} cells ({len(cells) - len(to_run)} done, {len(to_run)} to run); "
-             f"{jobs} at a time, {threads} threads each")
+             f"{jobs} at a time, {threads_text} each")
         _prepare_datasets([configs[job.name] for job in to_run])
         progress = _Progress(len(to_run), min(jobs, len(to_run)) or 1, echo)
         # A cell's wall_s is its wall time summed over every invocation that worked on it (an interrupted one up

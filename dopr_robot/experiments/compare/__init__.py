@@ -46,20 +46,23 @@ def default_out(paths: Sequence[Path]) -> Path:
 def compare(paths: Sequence[Path], baseline: str | None = None, select: str = "same-config",
             out: Path | None = None, last_n: int = 5, n_boot: int = 10_000, seed: int = 0,
             command: Sequence[str] | None = None, allow_errors: bool = False,
-            split_protocols: bool = False, metric: str = "success") -> tuple[dict[str, Any], list[str]]:
+            split_protocols: bool = False, metric: str = "success",
+            checkpoint: str = "final") -> tuple[dict[str, Any], list[str]]:
     """Read the runs, compute the report, write OUT/compare.json, compare.md and the plots.
     Returns (report, warnings). Reports with errored episodes are refused unless `allow_errors`; runs of
-    different protocols unless `split_protocols`. `metric`: success, return or normalized_return per episode."""
+    different protocols unless `split_protocols`. `metric`: success, return or normalized_return per episode.
+    `checkpoint`: each run's held-out report is of its final checkpoint (eval.json) or its best (eval_best.json)."""
     from dopr_robot import plotting
 
     out = Path(out) if out is not None else default_out(paths)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
     warnings: list[str] = []
-    runs, sweeps = discover(paths, warnings, metric=metric, allow_errors=allow_errors)
+    runs, sweeps = discover(paths, warnings, metric=metric, allow_errors=allow_errors, checkpoint=checkpoint)
     report = build_report(runs, baseline, select, last_n, n_boot, seed, split_protocols=split_protocols,
                           metric=metric)
     report["allow_errors"] = allow_errors
+    report["checkpoint"] = checkpoint
     for run in runs:
         if not run.complete:
             warnings.append(f"{run.dir}: incomplete ({'; '.join(run.problems)}), left out")

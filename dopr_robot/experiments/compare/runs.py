@@ -218,10 +218,15 @@ def _dataset_sha256(report: dict, run_dir: Path, warnings: list[str]) -> str | N
     return sha if isinstance(sha, str) else None
 
 
+CHECKPOINTS = ("final", "best")  # whose held-out report a run is compared by
+
+
 def load_run(path: Path, warnings: list[str], name: str | None = None, *, metric: str = "success",
-             allow_errors: bool = False) -> Run:
+             allow_errors: bool = False, checkpoint: str = "final") -> Run:
     """Read everything compare uses from one run directory (missing pieces become `problems`, not errors; a
-    report with errored episodes, or without the per-episode values of `metric`, is a UserError)."""
+    report with errored episodes, or without the per-episode values of `metric`, is a UserError). With
+    `checkpoint` "best" the run's held-out report is eval_best.json (the checkpoint chosen on the selection
+    seeds), and only perturbed reports of that checkpoint are read."""
     run = Run(dir=path, name=name or path.name)
     if not path.is_dir():
         run.problems.append("directory missing")
@@ -250,12 +255,16 @@ def load_run(path: Path, warnings: list[str], name: str | None = None, *, metric
 
     run.eval = usable(path / "eval.json")
     run.eval_best = usable(path / "eval_best.json")
+    if checkpoint == "best":
+        run.eval, run.eval_best = run.eval_best, None
+        if run.eval is None:
+            run.problems.append("no eval_best.json (dopr-robot eval RUN --checkpoint best)")
     for report_path in sorted(path.glob("eval_*.json")):
         stem = report_path.stem
         if stem == "eval_best" or ARCHIVED_REPORT.search(stem):
             continue
         report = read_json(report_path, warnings)
-        if report is not None and is_perturbed(report):
+        if report is not None and is_perturbed(report) and report.get("checkpoint_name", "final") == checkpoint:
             report = usable(report_path)
             if report is not None:
                 run.perturbed.append(report)
@@ -273,11 +282,12 @@ def load_run(path: Path, warnings: list[str], name: str | None = None, *, metric
             run.eval = None
         else:
             run.dataset_sha256 = _dataset_sha256(run.eval, path, warnings)
-    elif "eval.json" in run.unusable:
+    elif "eval.json" in run.unusable and checkpoint == "final":
         run.problems.append(f"eval.json {run.unusable['eval.json']}")
     elif not run.problems:
         run.problems.append("no eval.json (not evaluated yet)")
-    if run.eval is not None and run.eval_best is None and (path / "checkpoints" / "best.json").is_file():
+    if checkpoint == "final" and run.eval is not None and run.eval_best is None and \
+            (path / "checkpoints" / "best.json").is_file():
         warnings.append(f"{path}: has a best checkpoint but no eval_best.json "
                         f"(dopr-robot eval {path} --checkpoint best)")
     if run.optim is None:
@@ -286,11 +296,13 @@ def load_run(path: Path, warnings: list[str], name: str | None = None, *, metric
 
 
 def discover(paths: Sequence[Path], warnings: list[str], *, metric: str = "success",
-             allow_errors: bool = False) -> tuple[list[Run], list[dict]]:
+             allow_errors: bool = False, checkpoint: str = "final") -> tuple[list[Run], list[dict]]:
     """Runs under `paths` (run dirs, sweep dirs with sweep.json, or dirs of run dirs) and the sweep.json files."""
     if metric not in METRICS:
         raise UserError(f"--metric must be one of {', '.join(METRICS)}, not {metric!r}")
-    read = {"metric": metric, "allow_errors": allow_errors}
+    if checkpoint not in CHECKPOINTS:
+        raise UserError(f"--checkpoint must be one of {', '.join(CHECKPOINTS)}, not {checkpoint!r}")
+    read = {"metric": metric, "allow_errors": allow_errors, "checkpoint": checkpoint}
     if not paths:
         raise UserError("compare needs at least one run or sweep directory")
     runs: dict[Path, Run] = {}

@@ -134,7 +134,9 @@ def format_markdown(report: dict[str, Any]) -> str:
     label = stats.METRIC_LABELS[metric]
     boot = report["statistics"]["bootstrap"]
     parts = [f"# compare: baseline {report['baseline']}" + ("" if metric == "success" else f", metric {label}"), "",
-             f"{label.capitalize()}: per episode on the held-out seeds (eval.json, final checkpoint), mean ± sd over "
+             f"{label.capitalize()}: per episode on the held-out seeds ("
+             + ("eval_best.json, the best checkpoint by selection rollouts" if report.get("checkpoint") == "best"
+                else "eval.json, final checkpoint") + "), mean ± sd over "
              f"training seeds; pooled over all episodes [{stats.POOLED_INTERVAL[metric]} interval]. diff: mean "
              f"minus the baseline group's, with Welch's t 95% interval on the per-seed means"
              + (" (each group's variance at least a seed's binomial variance)" if metric == "success" else "")
