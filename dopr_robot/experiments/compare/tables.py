@@ -66,10 +66,10 @@ def _has_baseline(e: dict[str, Any]) -> bool:
     return e.get("baseline_group") not in (None, e["name"])
 
 
-def table(entries: list[dict[str, Any]], last_n: int, metric: str = "success") -> str:
-    """A markdown table (aligned, so it reads in a terminal too)."""
+def table(entries: list[dict[str, Any]], last_n: int, metric: str = "success", checkpoint: str = "final") -> str:
+    """A markdown table (aligned, so it reads in a terminal too); `checkpoint`: whose report is the held-out one."""
     label = stats.METRIC_LABELS[metric]
-    header = ["group", "seeds", "val loss (final)", "val loss (best)", f"{label} final",
+    header = ["group", "seeds", "val loss (final)", "val loss (best)", f"{label} {checkpoint}",
               f"pooled [{stats.POOLED_INTERVAL[metric]}]", f"{label} best ckpt",
               f"in-train {'success' if metric == 'success' else 'return'} last {last_n}",
               "diff vs baseline [95% CI]", "p perm", "p paired"]
@@ -145,7 +145,7 @@ def format_markdown(report: dict[str, Any]) -> str:
              "test can give with these groups. The hierarchical bootstrap interval (B = "
              f"{boot['n_boot']}, seed {boot['seed']}; under-covers at 2-3 seeds) is diff_ci_bootstrap in "
              "compare.json.", "",
-             "## Same configuration", "", table(report["groups"], last_n, metric)]
+             "## Same configuration", "", table(report["groups"], last_n, metric, report.get("checkpoint", "final"))]
     trends = [(panel, s) for panel in report.get("grid", []) for s in panel["series"] if s.get("trend")]
     if trends:
         parts += ["", "## Trend over a swept setting", "",
@@ -162,7 +162,7 @@ def format_markdown(report: dict[str, Any]) -> str:
         parts += perturbation_tables(report["groups"], metric)
     if "best_config" in report:
         parts += ["", "## Best configuration per optimizer", "", report["best_config"]["criterion"] + ".", "",
-                  table(report["best_config"]["groups"], last_n, metric)]
+                  table(report["best_config"]["groups"], last_n, metric, report.get("checkpoint", "final"))]
     if report.get("errored_episodes"):
         parts += ["", "## Errored episodes (--allow-errors)", "",
                   "Episodes that raised or timed out are missing, not failures: these reports' rates are over their "
