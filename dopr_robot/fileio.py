@@ -14,13 +14,38 @@ import io
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 from dopr_robot.errors import UserError
 
 OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Ctrl-C waits for the block: files it writes together (a checkpoint and the trainer state) are all
+    completed, then the interrupt is delivered as usual. Without this, a KeyboardInterrupt raised inside
+    torch.save's zip writer turns into a RuntimeError from its cleanup (a traceback instead of the `interrupted`
+    line). A no-op outside the main thread, or where SIGINT is ignored or not Python's to handle."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous):  # SIG_IGN (a background job), SIG_DFL, or not set from Python
+        yield
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt here
 
 
 def out_of_space_error(path: str | os.PathLike, error: BaseException | None, needed: int | None = None

@@ -173,6 +173,28 @@ def test_values_that_slipped_through_are_one_line(tmp_path, tiny_h5):
     assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
 
 
+def test_ctrl_c_during_a_save_lands_after_the_files_are_complete(tmp_path):
+    """Fault (seen in a fresh-clone run of the next test): a Ctrl-C that arrived inside torch.save raised
+    KeyboardInterrupt in its zip writer, whose cleanup then raised a RuntimeError: a traceback and exit 1 instead
+    of the `interrupted` line. The trainer's save now defers SIGINT until its files are written."""
+    from dopr_robot.fileio import atomic_file, sigint_deferred
+
+    path = tmp_path / "state.pt"
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even under `&`
+    try:
+        finished = False
+        with pytest.raises(KeyboardInterrupt):
+            with sigint_deferred():
+                os.kill(os.getpid(), signal.SIGINT)  # delivered now, inside the block
+                with atomic_file(path, suffix=".pt") as f:
+                    torch.save({"w": torch.arange(100_000)}, f)
+                finished = True
+        assert finished and torch.equal(torch.load(path)["w"], torch.arange(100_000))
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_says_what_was_saved_and_what_is_lost(tiny_h5, tmp_path):
     """Fault: Ctrl-C printed nothing and exited 130: typer's main turns KeyboardInterrupt into a silent exit code,
     so the CLI's `interrupted` line never ran. Now it names the trainer state a --resume continues from."""

@@ -27,7 +27,7 @@ from dopr_robot.datasets.obs_keys import resolve_obs_keys
 from dopr_robot.envs.compat import policy_actions, to_policy_actions, version_warning
 from dopr_robot.envs.gymnasium_env import is_gymnasium
 from dopr_robot.errors import UserError
-from dopr_robot.fileio import atomic_file, write_json, write_text
+from dopr_robot.fileio import atomic_file, sigint_deferred, write_json, write_text
 from dopr_robot.optim import build_optimizer, clip_grad_norm_, optimizer_health
 from dopr_robot.progress import progress_bar
 from dopr_robot.policies import RangeNormalizer, build_policy
@@ -177,11 +177,12 @@ def _train(cfg: Config, run_dir: Path, collect_if_missing: bool, progress: bool,
         if not ddp.is_writer:
             return
         try:
-            save_checkpoint(run_dir / "checkpoints", name, ema.model, {**meta, "step": step})
-            with atomic_file(state_path, suffix=".pt") as f:
-                torch.save({"policy": policy.state_dict(), "ema": ema.state_dict(),
-                            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                            "generator": generator.get_state(), "step": step}, f)
+            with sigint_deferred():  # a Ctrl-C lands after both files, never inside torch.save
+                save_checkpoint(run_dir / "checkpoints", name, ema.model, {**meta, "step": step})
+                with atomic_file(state_path, suffix=".pt") as f:
+                    torch.save({"policy": policy.state_dict(), "ema": ema.state_dict(),
+                                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                                "generator": generator.get_state(), "step": step}, f)
         except UserError as e:  # a full disk: say what the run still has
             raise UserError(f"{e}; {saved_state_note(run_dir)} once there is space") from None
 
