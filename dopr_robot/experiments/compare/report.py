@@ -110,8 +110,9 @@ def build_report(runs: list[Run], baseline: str | None = None, select: str = "sa
             notes.append(f"best-config: no selected {baseline!r} group, no differences computed")
         add_diffs(entries, chosen_list, base_of)
         report["best_config"] = {
-            "criterion": f"highest mean over training seeds of the last {last_n} in-training success evaluations "
-                         f"(selection seeds, metrics.jsonl); reported on the held-out seeds (eval.json)",
+            "criterion": f"highest mean over training seeds of the last {last_n} in-training "
+                         f"{'success' if metric == 'success' else 'mean-return'} evaluations (selection seeds, "
+                         f"metrics.jsonl); reported on the held-out seeds",
             "groups": [entries[g.name] for g in chosen_list]}
     return report
 
