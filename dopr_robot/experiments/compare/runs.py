@@ -253,12 +253,9 @@ def load_run(path: Path, warnings: list[str], name: str | None = None, *, metric
         _check_metric(report, report_path, metric)
         return report
 
-    run.eval = usable(path / "eval.json")
-    run.eval_best = usable(path / "eval_best.json")
-    if checkpoint == "best":
-        run.eval, run.eval_best = run.eval_best, None
-        if run.eval is None:
-            run.problems.append("no eval_best.json (dopr-robot eval RUN --checkpoint best)")
+    held_out = "eval_best.json" if checkpoint == "best" else "eval.json"  # the one report the groups compare
+    run.eval = usable(path / held_out)
+    run.eval_best = usable(path / "eval_best.json") if checkpoint == "final" else None
     for report_path in sorted(path.glob("eval_*.json")):
         stem = report_path.stem
         if stem == "eval_best" or ARCHIVED_REPORT.search(stem):
@@ -282,8 +279,10 @@ def load_run(path: Path, warnings: list[str], name: str | None = None, *, metric
             run.eval = None
         else:
             run.dataset_sha256 = _dataset_sha256(run.eval, path, warnings)
-    elif "eval.json" in run.unusable and checkpoint == "final":
-        run.problems.append(f"eval.json {run.unusable['eval.json']}")
+    elif held_out in run.unusable:
+        run.problems.append(f"{held_out} {run.unusable[held_out]}")
+    elif checkpoint == "best":
+        run.problems.append("no eval_best.json (dopr-robot eval RUN --checkpoint best)")
     elif not run.problems:
         run.problems.append("no eval.json (not evaluated yet)")
     if checkpoint == "final" and run.eval is not None and run.eval_best is None and \
