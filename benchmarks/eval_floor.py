@@ -1,7 +1,7 @@
 """Evaluation wall time against the simulator's floor.
 
     python benchmarks/eval_floor.py RUN [--episodes 40 200] [--workers 2] [--repeats 3] [--max-steps 400]
-                                        [--batch-episodes B]
+                                        [--batch-episodes B] [--device cpu]
 
 For each episode count N, `repeats` interleaved pairs of
 - eval:  `dopr-robot eval RUN --episodes N --workers W` in a fresh interpreter (what a user waits for:
@@ -148,6 +148,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--batch-episodes", type=int, default=None, help="eval --batch-episodes [the run's]")
+    parser.add_argument("--device", default=None, help="eval --device (the policy in the main process) [in the workers]")
     parser.add_argument("--startup", action="store_true", help="profile worker start-up phases instead")
     parser.add_argument("--policy-batches", type=int, nargs="+", help="time one policy call per batch size instead")
     parser.add_argument("--floor-only", type=Path, default=None, help=argparse.SUPPRESS)  # internal: a spec file
@@ -180,6 +181,8 @@ def main() -> None:
                 eval_cmd += ["--max-steps", str(args.max_steps)]
             if args.batch_episodes:
                 eval_cmd += ["--batch-episodes", str(args.batch_episodes)]
+            if args.device:
+                eval_cmd += ["--device", args.device]
             spec = Path(tmp) / f"floor_{n}.json"
             floor_cmd = [sys.executable, str(Path(__file__).resolve()), str(ckpt), "--floor-only", str(spec)]
             evals, floors = [], []

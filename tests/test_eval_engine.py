@@ -279,3 +279,18 @@ def test_the_planner_keeps_one_generator_per_episode(tiny_runs):
             expected = torch.Generator().manual_seed(seed)
             torch.randn((1, policy.horizon, policy.action_dim), generator=expected)
             assert torch.equal(planner._generators[seed].get_state(), expected.get_state()), seed
+
+
+def test_a_worker_without_the_policy_imports_neither_torch_nor_h5py(tiny_runs):
+    """With the policy in the main process (`--device`), a worker only steps environments: what it imports to
+    load the checkpoint's metadata, build the environment and run a block's episodes must not pull in torch (or
+    h5py) through a shared module, or every worker pays ~1 s of start-up for nothing. Mutant: `flatten_obs` back
+    in the torch-importing `datasets.windows`, or an eager `datasets/__init__`."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from dopr_robot.evaluation import pool, lockstep, rollout; "
+            f"ckpt = {str(_ckpt(tiny_runs['flow']))!r}; pool._load(pool.checkpoint_token(__import__('pathlib').Path(ckpt)), "
+            "ckpt, with_policy=False); print(sorted(m for m in ('torch', 'h5py', 'diffusers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -967,11 +967,15 @@ def reference_dopr_adam(model, batches, gamma, eps, path, lr, wd):
 @pytest.mark.parametrize("kind, path", [("clean", "auto"), ("clean", "primal"), ("clean", "dual"),
                                         ("clean", "backward"), ("non_finite", "primal"), ("non_finite", "dual"),
                                         ("non_finite", "backward"), ("singular", "auto")])
-def test_step_matches_a_float64_reference_on_every_layer_kind(kind, path):
+@pytest.mark.parametrize("stalls", [True, False], ids=["as-on-accelerator", "cpu"])
+def test_step_matches_a_float64_reference_on_every_layer_kind(monkeypatch, kind, path, stalls):
     """The device-side step (no .item(), masked fallbacks, batched factorizations) against the spec's step
     with Python control flow, on Linear, Conv1d, ConvTranspose1d and Conv2d: clean batches on every path, a
     batch whose S overflows (skipped, counted), and singular statistics at zero damping (factorization fails
-    at 1x and 10x, M = G, counted)."""
+    at 1x and 10x, M = G, counted). Both ways of deciding the retry (`host_reads_stall`) give that step."""
+    from dopr_robot.optim import dopr
+
+    monkeypatch.setattr(dopr, "host_reads_stall", lambda device: stalls)
     gamma, eps = (0.0, 0.0) if kind == "singular" else (0.1, 1e-8)
     model = MixedNet().double()
     reference = reference_dopr_adam(model, mixed_batches(kind), gamma, eps, path, lr=1e-2, wd=0.1)
@@ -991,13 +995,17 @@ def test_step_matches_a_float64_reference_on_every_layer_kind(kind, path):
     assert health["ap_fallbacks"] == (6 if kind == "singular" else 0)
 
 
-def test_a_training_step_never_synchronizes_with_the_host():
-    """No .item() / bool(tensor) / data-dependent shape anywhere in forward, backward, clipping and step: every
-    host synchronization goes through aten._local_scalar_dense (CPU included), and none is dispatched. Fails
-    on the step that read the damping, Cholesky's info and the finiteness check with .item() (8 per step)."""
+def test_a_training_step_never_synchronizes_with_the_host(monkeypatch):
+    """No .item() / bool(tensor) / data-dependent shape anywhere in forward, backward, clipping and step where a
+    host read would stall an accelerator's queue: every host synchronization goes through
+    aten._local_scalar_dense (CPU included), and none is dispatched when the optimizer runs as on an accelerator
+    (`host_reads_stall` True; on the CPU it may read whether a factorization failed, tested below). Fails on
+    the step that read the damping, Cholesky's info and the finiteness check with .item() (8 per step)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from dopr_robot.optim import clip_grad_norm_
+    from dopr_robot.optim import clip_grad_norm_, dopr
+
+    monkeypatch.setattr(dopr, "host_reads_stall", lambda device: True)
 
     class CountSyncs(TorchDispatchMode):
         count = 0
@@ -1058,11 +1066,16 @@ def test_trainer_applies_ap_and_clips_on_the_true_gradient(tiny_h5, tmp_path):
     assert gap < 1e-5 < ap_effect / 100
 
 
-def test_damped_inverses_retry_at_10x_then_identity():
+@pytest.mark.parametrize("stalls", [True, False])
+def test_damped_inverses_retry_at_10x_then_identity(monkeypatch, stalls):
     """One batched call: a positive definite matrix is inverted at lambda; one that fails at lambda but not at
     10 lambda is retried there; one that fails at both gives the identity (M = G); a second failure in the
-    same batch and step falls back at once (one retry slot per batch); the inputs are left as they were."""
+    same batch and step falls back at once (one retry slot per batch); the inputs are left as they were. The
+    same with the retry always made (as on an accelerator) and made only after a failure (the CPU's way)."""
+    from dopr_robot.optim import dopr
     from dopr_robot.optim.dopr import damped_inverses
+
+    monkeypatch.setattr(dopr, "host_reads_stall", lambda device: stalls)
 
     spd = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
     retryable = torch.tensor([[1.0, 0.0], [0.0, -1e-3]], dtype=torch.float64)  # fails at 5e-4, not at 5e-3

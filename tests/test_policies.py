@@ -4,7 +4,7 @@ rollout noise stream whichever device the policy runs on."""
 import pytest
 import torch
 
-from dopr_robot.config import FlowConfig, PolicyConfig
+from dopr_robot.config import DiffusionConfig, FlowConfig, PolicyConfig
 from dopr_robot.policies import RangeNormalizer, build_policy
 
 
@@ -40,3 +40,19 @@ def test_the_same_generator_seed_gives_the_same_loss_and_samples(kind):
     assert losses[0] == losses[1] != losses[2]
     a, b = (policy.predict_action(obs, torch.Generator().manual_seed(4)) for _ in range(2))
     assert torch.equal(a, b) and a.shape == (16, 8, 2)
+
+
+def test_diffusion_samples_with_the_ddim_scheduler_of_its_training_schedule():
+    """The sampler is built directly (not with `from_config`, which imports every compatible scheduler); it must
+    be the scheduler `DDIMScheduler.from_config(train_scheduler.config)` gives, down to every config entry."""
+    from diffusers import DDIMScheduler
+
+    for beta_schedule, prediction_type in [("squaredcos_cap_v2", "epsilon"), ("linear", "sample")]:
+        policy = build_policy(PolicyConfig(type="diffusion", diffusion=DiffusionConfig(beta_schedule=beta_schedule,
+                                                                                 prediction_type=prediction_type)),
+                              5, 2, 2, 8, RangeNormalizer(-torch.ones(5), torch.ones(5), 1.0),
+                              RangeNormalizer(-torch.ones(2), torch.ones(2), 1.0))
+        expected = DDIMScheduler.from_config(policy.train_scheduler.config)
+        assert dict(policy.sample_scheduler.config) == dict(expected.config)
+        assert policy.sample_scheduler.config.prediction_type == prediction_type
+        assert torch.equal(policy.sample_scheduler.alphas_cumprod, expected.alphas_cumprod)

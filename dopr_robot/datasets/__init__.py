@@ -1,9 +1,32 @@
-"""Demonstration data: robomimic HDF5 and ReplayBuffer zarr files, windowed into (observation, action-chunk) samples."""
+"""Demonstration data: robomimic HDF5, ReplayBuffer zarr and Minari files, windowed into (observation, action-chunk)
+samples.
 
-from dopr_robot.datasets.robomimic_hdf5 import Episode, RobomimicFile, write_robomimic
-from dopr_robot.datasets.source import Demos, open_demos
-from dopr_robot.datasets.windows import WindowDataset, flatten_obs, window_indices
-from dopr_robot.datasets.zarr_store import is_zarr, read_zarr, write_zarr
+The names below are imported on first use (PEP 562), so that importing one light submodule (`obs_keys`,
+`images`: numpy only, what an evaluation worker needs) does not import h5py, zarr and torch with the package."""
 
-__all__ = ["Demos", "Episode", "RobomimicFile", "WindowDataset", "flatten_obs", "is_zarr", "open_demos",
-           "read_zarr", "window_indices", "write_robomimic", "write_zarr"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_HOMES = {
+    "Episode": "robomimic_hdf5", "RobomimicFile": "robomimic_hdf5", "write_robomimic": "robomimic_hdf5",
+    "Demos": "source", "open_demos": "source",
+    "WindowDataset": "windows", "window_indices": "windows",
+    "flatten_obs": "obs_keys",
+    "is_zarr": "zarr_store", "read_zarr": "zarr_store", "write_zarr": "zarr_store",
+}
+__all__ = sorted(_HOMES)
+
+if TYPE_CHECKING:
+    from dopr_robot.datasets.obs_keys import flatten_obs
+    from dopr_robot.datasets.robomimic_hdf5 import Episode, RobomimicFile, write_robomimic
+    from dopr_robot.datasets.source import Demos, open_demos
+    from dopr_robot.datasets.windows import WindowDataset, window_indices
+    from dopr_robot.datasets.zarr_store import is_zarr, read_zarr, write_zarr
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)

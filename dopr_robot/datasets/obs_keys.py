@@ -23,6 +23,14 @@ ROBOT_KEYS = ("eef_pos", "eef_quat", "gripper_qpos")
 _ROBOT = re.compile(r"^robot(\d+)_")
 
 
+def flatten_obs(obs: dict[str, np.ndarray], obs_keys: list[str], steps: int | None = None) -> np.ndarray:
+    """Concatenate the chosen (low-dim) observation keys along the last axis, in the given order. With no keys
+    (an image-only policy) a (steps, 0) array."""
+    if not obs_keys:
+        return np.zeros((steps or 0, 0), dtype=np.float32)
+    return np.concatenate([np.asarray(obs[k], dtype=np.float32).reshape(len(obs[k]), -1) for k in obs_keys], axis=-1)
+
+
 def observation_kind(step_shape: tuple[int, ...], dtype) -> str:
     """"image" for a uint8 (H, W, C) step, else "low_dim"."""
     return "image" if np.dtype(dtype) == np.uint8 and len(step_shape) == 3 else "low_dim"

@@ -13,15 +13,8 @@ import numpy as np
 import torch
 
 from dopr_robot.datasets.images import ImageFrames, split_obs_keys
+from dopr_robot.datasets.obs_keys import flatten_obs
 from dopr_robot.datasets.robomimic_hdf5 import Episode
-
-
-def flatten_obs(obs: dict[str, np.ndarray], obs_keys: list[str], steps: int | None = None) -> np.ndarray:
-    """Concatenate the chosen (low-dim) observation keys along the last axis, in the given order. With no keys
-    (an image-only policy) a (steps, 0) array."""
-    if not obs_keys:
-        return np.zeros((steps or 0, 0), dtype=np.float32)
-    return np.concatenate([np.asarray(obs[k], dtype=np.float32).reshape(len(obs[k]), -1) for k in obs_keys], axis=-1)
 
 
 def window_indices(lengths: list[int], horizon: int, pad_before: int, pad_after: int) -> np.ndarray:

@@ -288,10 +288,10 @@ class EvalPool:
         self._links, self._worker_ends = [], []
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
-        self._close_links()
+        """Stop the workers. Every block has ended by now (or `evaluate` raised and stopped them already), so no
+        worker has anything left to finish: they are killed rather than asked to exit, which would wait for each
+        interpreter to tear down torch, MuJoCo and its environments (~1 s; 1.8 s of a 10 s evaluation)."""
+        self._kill()
 
     def _policy_spec(self, checkpoint: Path, token: str):
         """Device mode: the policy (loaded here, on `device`, once per checkpoint version) and its PolicySpec."""

@@ -17,7 +17,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from dopr_robot.datasets.windows import flatten_obs
+from dopr_robot.datasets.obs_keys import flatten_obs  # numpy only: a worker without the policy needs no torch
 from dopr_robot.evaluation.perturb import Perturbation
 
 

@@ -49,11 +49,12 @@ accumulate weighted by rows; under torch.distributed they are all-reduced before
 statistic is skipped (counted) and never enters the running average; a failed factorization is retried only
 at the next refresh.
 
-step() never synchronizes with the host (no .item(), no data-dependent branch or shape), so a GPU's queue never
-stalls on it: lambda stays a device tensor; the layers whose matrices have equal size are factored in one
+step() never synchronizes with an accelerator (no .item(), no data-dependent branch or shape), so a GPU's queue
+never stalls on it: lambda stays a device tensor; the layers whose matrices have equal size are factored in one
 batched Cholesky call, then the first of them that failed (if any) once more at 10x damping (one retry slot
 per group and step: see `damped_inverses`), and torch.where keeps what succeeded, else the identity (M = G);
 a non-finite statistic is masked out of the average; the counters are device tensors read only by health().
+The one host read is on the CPU, where it stalls nothing (`host_reads_stall`): whether to make the retry call.
 The backward path factors all its layers at the first backward of a step (Z is known by then).
 
 With ap=False, base="adam" is AdamW, base="muon" is Muon for every matrix and conv
@@ -86,14 +87,22 @@ def damping(trace: torch.Tensor, d: int, gamma: float, form: str, eps: float) ->
     return gamma * (trace / d if form == "mean" else trace) + eps
 
 
+def host_reads_stall(device: torch.device) -> bool:
+    """Whether reading a tensor back to the host waits on a queue of kernels (an accelerator), so that step()
+    must not branch on data. On the CPU every op has already run when it returns: a read costs nothing."""
+    return device.type != "cpu"
+
+
 def damped_inverses(matrices: torch.Tensor, lam: torch.Tensor, usable: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(A_b + lam_b I)^{-1} for a batch of equal-size symmetric matrices (B, m, m) by Cholesky, one batched
-    call, without reading anything back to the host (their diagonal is scratch space, restored on return).
-    Where it fails, the first failed matrix of the batch is factored again at 10 lam (one retry slot per
-    batch and step: a second retry call for the whole batch would double the factorization cost, and two
-    same-size layers failing in one step is rarer still: the second then falls back at once). Where no
-    attempt succeeded, lam is not finite or `usable` is False, the result is the identity, i.e. M = G.
+    call, without reading anything back to the host where that would stall a queue (their diagonal is scratch
+    space, restored on return). Where it fails, the first failed matrix of the batch is factored again at
+    10 lam (one retry slot per batch and step: a second retry call for the whole batch would double the
+    factorization cost, and two same-size layers failing in one step is rarer still: the second then falls
+    back at once). Where no attempt succeeded, lam is not finite or `usable` is False, the result is the
+    identity, i.e. M = G. On an accelerator the retry call always runs (whether anything failed is not known
+    on the host); on the CPU it runs only when a factorization failed, with the same result.
     Returns (inverses, ok (B,) bool: a real inverse, retried (B,) bool: ok at 10x)."""
     diagonal = matrices.diagonal(dim1=-2, dim2=-1)
     saved = diagonal.clone()
@@ -102,13 +111,16 @@ def damped_inverses(matrices: torch.Tensor, lam: torch.Tensor, usable: torch.Ten
     diagonal.copy_(saved)
     usable = torch.isfinite(lam) if usable is None else torch.isfinite(lam) & usable
     first = info == 0
-    slot = torch.argmax((usable & ~first).to(torch.int8)).reshape(1)  # the first failure (0 if none)
-    retry = matrices.index_select(0, slot)
-    retry.diagonal(dim1=-2, dim2=-1).add_(10 * lam.index_select(0, slot)[:, None])
-    retry_factor, retry_info = torch.linalg.cholesky_ex(retry)
-    retried = (torch.arange(len(lam), device=lam.device) == slot) & ~first & (retry_info == 0)
-    factor.index_copy_(0, slot, torch.where(retried.index_select(0, slot)[:, None, None], retry_factor,
-                                            factor.index_select(0, slot)))
+    failed = usable & ~first
+    retried = torch.zeros_like(first)
+    if host_reads_stall(matrices.device) or bool(failed.any()):
+        slot = torch.argmax(failed.to(torch.int8)).reshape(1)  # the first failure (0 if none)
+        retry = matrices.index_select(0, slot)
+        retry.diagonal(dim1=-2, dim2=-1).add_(10 * lam.index_select(0, slot)[:, None])
+        retry_factor, retry_info = torch.linalg.cholesky_ex(retry)
+        retried = (torch.arange(len(lam), device=lam.device) == slot) & ~first & (retry_info == 0)
+        factor.index_copy_(0, slot, torch.where(retried.index_select(0, slot)[:, None, None], retry_factor,
+                                                factor.index_select(0, slot)))
     ok = usable & (first | retried)
     factor.masked_fill_(~ok[:, None, None], 0.0)  # (in place: much faster than a where against a broadcast eye)
     factor.diagonal(dim1=-2, dim2=-1).add_((~ok)[:, None])  # the identity's factor is the identity

@@ -15,11 +15,13 @@ class DiffusionPolicy(ActionChunkPolicy):
         super().__init__(*args, **kwargs)
         from diffusers import DDIMScheduler, DDPMScheduler  # here, so flow policies never pay diffusers' import
 
-        self.train_scheduler = DDPMScheduler(
-            num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, clip_sample=clip_sample,
-            prediction_type=prediction_type,
-        )
-        self.sample_scheduler = DDIMScheduler.from_config(self.train_scheduler.config)
+        # One noise schedule for both. Not `DDIMScheduler.from_config(ddpm.config)`, which gives the same scheduler
+        # but first imports every scheduler diffusers lists as compatible (scipy.stats among them): ~0.5 s of
+        # every evaluation worker's start-up.
+        schedule = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, clip_sample=clip_sample,
+                        prediction_type=prediction_type)
+        self.train_scheduler = DDPMScheduler(**schedule)
+        self.sample_scheduler = DDIMScheduler(**schedule)
         self.num_inference_steps = num_inference_steps
 
     def _loss(self, actions, cond, generator, rows=None):
