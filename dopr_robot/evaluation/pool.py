@@ -5,7 +5,8 @@ imports only what an episode needs (torch, robosuite, the policy family it loads
 policies) and loads the checkpoint and builds its environments itself; the main process never builds a policy.
 A worker keeps the last checkpoint it loaded (keyed by path and file times, so a re-saved `last` is reloaded)
 and its environments (keyed by env_args, so successive checkpoints of one run share them). One pool serves
-every evaluation of a training run (in-training rollouts) or of a sweep.
+every evaluation of a training run (in-training rollouts) or of a sweep, and `close` kills its workers rather
+than waiting for their interpreters to exit (about a second each with torch and MuJoCo loaded).
 
 With `device` (`eval --device cpu|cuda`) the policy runs in the main process instead, on that device: the
 workers step their blocks' environments and send each re-plan's observation histories through a pipe; the main
