@@ -104,3 +104,16 @@ def test_reading_rejects_nan_and_missing_keys(tmp_path):
         open_demos(path, ["x"])
     with pytest.raises(UserError, match="no observation key 'y'"):
         open_demos(path, ["y"])
+
+
+def test_every_lazily_exported_dataset_name_resolves_to_its_home():
+    """`dopr_robot.datasets` imports its names on first use from the `_HOMES` table: a renamed or moved function
+    must fail here, not in a user's import. Mutant: a `_HOMES` entry pointing at the wrong submodule."""
+    import importlib
+
+    import dopr_robot.datasets as datasets
+
+    for name in datasets.__all__:
+        home = importlib.import_module(f"dopr_robot.datasets.{datasets._HOMES[name]}")
+        assert getattr(datasets, name) is getattr(home, name)
+        assert getattr(home, name).__module__ == home.__name__

@@ -7,7 +7,7 @@ The names below are imported on first use (PEP 562), so that importing one light
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 _HOMES = {
     "Episode": "robomimic_hdf5", "RobomimicFile": "robomimic_hdf5", "write_robomimic": "robomimic_hdf5",
@@ -17,14 +17,6 @@ _HOMES = {
     "is_zarr": "zarr_store", "read_zarr": "zarr_store", "write_zarr": "zarr_store",
 }
 __all__ = sorted(_HOMES)
-
-if TYPE_CHECKING:
-    from dopr_robot.datasets.obs_keys import flatten_obs
-    from dopr_robot.datasets.robomimic_hdf5 import Episode, RobomimicFile, write_robomimic
-    from dopr_robot.datasets.source import Demos, open_demos
-    from dopr_robot.datasets.windows import WindowDataset, window_indices
-    from dopr_robot.datasets.zarr_store import is_zarr, read_zarr, write_zarr
-
 
 def __getattr__(name: str) -> Any:
     if name not in _HOMES:
