@@ -18,6 +18,7 @@ _HOMES = {
 }
 __all__ = sorted(_HOMES)
 
+
 def __getattr__(name: str) -> Any:
     if name not in _HOMES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
