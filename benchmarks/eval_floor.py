@@ -1,17 +1,20 @@
 """Evaluation wall time against the simulator's floor.
 
     python benchmarks/eval_floor.py RUN [--episodes 40 200] [--workers 2] [--repeats 3] [--max-steps 400]
-                                        [--batch-episodes B] [--device cpu]
+                                        [--batch-episodes B] [--device cpu] [--floor replay|random|both]
 
-For each episode count N, `repeats` interleaved pairs of
+For each episode count N, first one untimed `eval --save-trajectories` (the evaluated actions), then `repeats`
+interleaved rounds of
 - eval:  `dopr-robot eval RUN --episodes N --workers W` in a fresh interpreter (what a user waits for:
          interpreter start, pool start-up, policy loading, episodes, report), and
 - floor: a fresh interpreter that starts W `spawn` processes which import only robosuite, build the same
          environment from the checkpoint's env_args (rendering its cameras at its size for an image checkpoint, as
-         the eval's observations do), and run the same episodes (same seeds, so the same initial
-         states, and exactly the same number of env steps per episode as the eval's report) with seeded random
-         actions and no policy;
-then prints the median wall of each, the ratio of medians and the per-pair ratios, and the machine's load.
+         the eval's observations do), and run the same episodes without a policy: `replay` (the default) steps
+         each episode's recorded actions from its seed's reset, so the simulator goes through exactly the eval's
+         states (checked: every replayed episode ends with the eval's success); `random` steps seeded uniform
+         random actions for the same number of steps (the floor before replay: free-space flailing has fewer
+         contacts than a grasp, so it is ~5% cheaper per step on Lift); `both` times one of each per round;
+then prints the median wall of each, the ratio of medians and the per-round ratios, and the machine's load.
 The floor is what evaluation would cost if the policy were free and start-up were only the simulator's.
 
     python benchmarks/eval_floor.py RUN --startup [--repeats 3]
@@ -43,8 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # measure the tree this file is in (an editable install may point elsewhere)
 
 
-def _floor_worker(args: tuple[dict, dict | None, list[tuple[int, int]]]) -> int:
-    env_args, image_shapes, episodes = args
+def _floor_worker(args: tuple[dict, dict | None, str, list[tuple[int, int]]]) -> int:
+    env_args, image_shapes, actions_file, episodes = args
     import numpy as np
 
     from dopr_robot.envs.render import ImageSpec
@@ -53,22 +56,46 @@ def _floor_worker(args: tuple[dict, dict | None, list[tuple[int, int]]]) -> int:
     # an image checkpoint's cameras at its size: the floor renders every observation's frames as the eval does
     env = RobosuiteEnv(env_args, images=ImageSpec.from_image_shapes(image_shapes))
     low, high = env.env.action_spec
+    recorded = np.load(actions_file) if actions_file else None
     for seed, steps in episodes:
-        rng = np.random.default_rng(seed)
+        if recorded is not None:
+            actions, expected = recorded[f"actions_{seed}"], bool(recorded[f"success_{seed}"])
+        else:
+            actions, expected = np.random.default_rng(seed).uniform(low, high, (steps, len(low))), None
         env.reset(seed)
-        for _ in range(steps):
-            env.step(rng.uniform(low, high))
-            env.is_success()  # the eval checks success after every step too
+        for action in actions:
+            env.step(action)
+            success = env.is_success()  # the eval checks success after every step too
+        if expected is not None and success != expected:
+            raise RuntimeError(f"seed {seed}: the replayed episode did not end as the evaluated one")
     return sum(steps for _, steps in episodes)
 
 
-def floor(env_args: dict, image_shapes: dict | None, lengths: dict[int, int], workers: int) -> None:
+def floor(env_args: dict, image_shapes: dict | None, actions_file: str | None, lengths: dict[int, int],
+          workers: int) -> None:
     """Round-robin the episodes over `workers` spawn processes (the eval balances dynamically; with equal work
-    per worker this is the same)."""
+    per worker this is the same). `actions_file`: the .npz of the evaluated actions (replay), or None (random)."""
     seeds = sorted(lengths)
     shares = [[(s, lengths[s]) for s in seeds[i::workers]] for i in range(workers)]
     with mp.get_context("spawn").Pool(workers) as pool:
-        pool.map(_floor_worker, [(env_args, image_shapes, share) for share in shares], chunksize=1)
+        pool.map(_floor_worker, [(env_args, image_shapes, actions_file, share) for share in shares], chunksize=1)
+
+
+def _recorded_actions(rollouts: Path, out: Path) -> dict[int, int]:
+    """The evaluated episodes' actions (an `eval --save-trajectories` file) as an .npz the floor workers read
+    with numpy alone; {seed: steps}."""
+    import h5py
+    import numpy as np
+
+    arrays, lengths = {}, {}
+    with h5py.File(rollouts, "r") as f:
+        for demo in f["data"].values():
+            seed = int(demo.attrs["seed"])
+            arrays[f"actions_{seed}"] = demo["actions"][()]
+            arrays[f"success_{seed}"] = np.array(bool(demo.attrs["success"]))
+            lengths[seed] = len(arrays[f"actions_{seed}"])
+    np.savez(out, **arrays)
+    return lengths
 
 
 _STARTUP_PHASES = {
@@ -149,17 +176,20 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--batch-episodes", type=int, default=None, help="eval --batch-episodes [the run's]")
     parser.add_argument("--device", default=None, help="eval --device (the policy in the main process) [in the workers]")
+    parser.add_argument("--floor", choices=("replay", "random", "both"), default="replay",
+                        help="the floor's actions: the evaluated ones replayed, or seeded random ones [replay]")
     parser.add_argument("--startup", action="store_true", help="profile worker start-up phases instead")
     parser.add_argument("--policy-batches", type=int, nargs="+", help="time one policy call per batch size instead")
     parser.add_argument("--floor-only", type=Path, default=None, help=argparse.SUPPRESS)  # internal: a spec file
     args = parser.parse_args()
     if args.floor_only is not None:
         spec = json.loads(args.floor_only.read_text())
-        floor(spec["env_args"], spec["image_shapes"], {int(k): v for k, v in spec["lengths"].items()}, spec["workers"])
+        floor(spec["env_args"], spec["image_shapes"], spec["actions"], {int(k): v for k, v in spec["lengths"].items()},
+              spec["workers"])
         return
 
     from dopr_robot.evaluation.evaluate import read_checkpoint_meta
-    from dopr_robot.rundir import resolve_checkpoint
+    from dopr_robot.rundir import resolve_checkpoint, rollouts_path
 
     ckpt = resolve_checkpoint(args.run).resolve()
     meta = read_checkpoint_meta(ckpt)
@@ -172,36 +202,46 @@ def main() -> None:
     if args.policy_batches:
         policy_batches(ckpt, args.policy_batches, args.repeats)
         return
+    kinds = ["replay", "random"] if args.floor == "both" else [args.floor]
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.episodes:
             report = Path(tmp) / f"eval_{n}.json"
             eval_cmd = [sys.executable, "-m", "dopr_robot.cli", "eval", str(ckpt), "--episodes", str(n),
-                        "--workers", str(args.workers), "--out", str(report)]
+                        "--workers", str(args.workers)]
             if args.max_steps:
                 eval_cmd += ["--max-steps", str(args.max_steps)]
             if args.batch_episodes:
                 eval_cmd += ["--batch-episodes", str(args.batch_episodes)]
             if args.device:
                 eval_cmd += ["--device", args.device]
-            spec = Path(tmp) / f"floor_{n}.json"
-            floor_cmd = [sys.executable, str(Path(__file__).resolve()), str(ckpt), "--floor-only", str(spec)]
-            evals, floors = [], []
-            for r in range(args.repeats):
-                evals.append(_timed(eval_cmd))
+            recorded = Path(tmp) / f"recorded_{n}.json"  # untimed: the episodes' actions, for the replay floor
+            _timed([*eval_cmd, "--out", str(recorded), "--save-trajectories"])
+            lengths = _recorded_actions(rollouts_path(recorded), Path(tmp) / f"actions_{n}.npz")
+            floor_cmds = {}
+            for kind in kinds:
+                spec = Path(tmp) / f"floor_{n}_{kind}.json"
+                spec.write_text(json.dumps({"env_args": env_args, "image_shapes": image_shapes, "lengths": lengths,
+                                            "workers": args.workers, "actions": str(Path(tmp) / f"actions_{n}.npz")
+                                            if kind == "replay" else None}))
+                floor_cmds[kind] = [sys.executable, str(Path(__file__).resolve()), str(ckpt), "--floor-only", str(spec)]
+            evals, floors = [], {kind: [] for kind in kinds}
+            for _ in range(args.repeats):
+                evals.append(_timed([*eval_cmd, "--out", str(report)]))
                 data = json.loads(report.read_text())
-                if r == 0:
-                    lengths = {e["seed"]: e["steps"] for e in data["per_episode"]}
-                    spec.write_text(json.dumps({"env_args": env_args, "image_shapes": image_shapes, "lengths": lengths,
-                                               "workers": args.workers}))
-                floors.append(_timed(floor_cmd))
+                if {e["seed"]: e["steps"] for e in data["per_episode"]} != lengths:
+                    sys.exit(f"the timed eval's episodes differ from the recorded ones: {report}")
+                for kind in kinds:
+                    floors[kind].append(_timed(floor_cmds[kind]))
                 for old in Path(tmp).glob(f"eval_{n}-*"):
                     old.unlink()  # archived reports of the earlier repeats
-            ratio = statistics.median(evals) / statistics.median(floors)
-            pairs = ", ".join(f"{e / f:.2f}" for e, f in zip(evals, floors))
+            rows = []
+            for kind in kinds:
+                ratio = statistics.median(evals) / statistics.median(floors[kind])
+                pairs = ", ".join(f"{e / f:.2f}" for e, f in zip(evals, floors[kind]))
+                rows.append(f"{kind} floor {statistics.median(floors[kind]):.1f} s, ratio {ratio:.2f} (rounds: {pairs})")
             print(f"{n} episodes ({sum(lengths.values())} env steps, success {data['success_rate']:.0%}): "
-                  f"eval {statistics.median(evals):.1f} s, floor {statistics.median(floors):.1f} s (medians of "
-                  f"{args.repeats}), ratio {ratio:.2f} (pairs: {pairs}); load average {os.getloadavg()[0]:.2f}")
-
+                  f"eval {statistics.median(evals):.1f} s; {'; '.join(rows)} (medians of {args.repeats}); "
+                  f"load average {os.getloadavg()[0]:.2f}")
 
 if __name__ == "__main__":
     main()

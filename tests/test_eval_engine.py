@@ -224,6 +224,27 @@ def test_per_episode_results_do_not_depend_on_workers_or_on_where_the_policy_run
         assert fingerprints == first, key
 
 
+def test_device_workers_read_the_policy_spec_from_the_json_which_must_match_the_weights(tiny_runs, tmp_path):
+    """Device-mode workers start their episodes on the spec read from the checkpoint's JSON while the main process
+    loads the policy: it equals the policy's own, and a JSON whose normalizer was edited is refused at load (one
+    line), so the two cannot drift apart. Mutant: the spec's obs_scale read from the action normalizer."""
+    from dopr_robot.checkpoint import load_policy
+    from dopr_robot.evaluation.lockstep import PolicySpec
+
+    policy, meta = load_policy(_ckpt(tiny_runs["diffusion"]))
+    spec, from_json = PolicySpec.of(policy), PolicySpec.of_checkpoint(meta)
+    assert (from_json.n_obs_steps, from_json.action_dim, from_json.image_keys) == \
+        (spec.n_obs_steps, spec.action_dim, spec.image_keys) == (2, 7, ())
+    assert from_json.obs_scale.dtype == np.float32
+    np.testing.assert_array_equal(from_json.obs_scale, spec.obs_scale)
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny_runs["diffusion"] / "checkpoints", edited)
+    meta["normalizer"]["obs"]["scale"][0] *= 2
+    (edited / "final.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="disagrees with its weights on the obs normalizer"):
+        load_policy(edited / "final.json")
+
+
 def test_an_episode_whose_environment_raises_costs_only_itself(tiny_runs):
     """One environment of a block that cannot give the policy's observations (no object observations): its
     episode is recorded with the error, and the block's other episodes end exactly as in a block without it."""

@@ -13,6 +13,7 @@ import torch
 from dopr_robot.checkpoint import load_policy
 from dopr_robot.datasets import WindowDataset, open_demos
 from dopr_robot.datasets.obs_keys import observation_kind
+from dopr_robot.evaluation.lockstep import PolicySpec
 from dopr_robot.policies.encoder import ObservationEncoder, ResNet18Trunk, load_torchvision_resnet18
 from dopr_robot.provenance import file_sha256
 from tiny_data import (TINY_IMAGE, assert_user_error, run_cli, tiny_episodes, tiny_image_episodes, train_args,
@@ -126,6 +127,11 @@ def test_image_checkpoint_rebuilds_encoder_and_eval_crop_from_its_json_alone(tmp
     first = policy.predict_action(obs, torch.Generator().manual_seed(0))
     again = load_policy(tmp_path / "run")[0].predict_action(obs, torch.Generator().manual_seed(0))
     assert first.shape == (2, 16, 7) and torch.equal(first, again)
+    # what a device-mode worker is told of this policy, read from the JSON alone, is what the policy says
+    spec, from_json = PolicySpec.of(policy), PolicySpec.of_checkpoint(meta)
+    assert from_json.image_keys == spec.image_keys == tuple(IMAGE_KEYS)
+    assert (from_json.n_obs_steps, from_json.action_dim) == (spec.n_obs_steps, spec.action_dim)
+    np.testing.assert_array_equal(from_json.obs_scale, spec.obs_scale)
 
 
 # ----------------------------------------------------------------------------- rendering (real robosuite)

@@ -60,6 +60,15 @@ class PolicySpec:
         image_keys = tuple(policy.obs_encoder.keys) if policy.obs_encoder is not None else ()
         return cls(policy.n_obs_steps, policy.action_dim, policy.obs_normalizer.scale.cpu().numpy(), image_keys)
 
+    @classmethod
+    def of_checkpoint(cls, meta: dict[str, Any]) -> "PolicySpec":
+        """The same, read from a checkpoint's JSON without building its policy (no torch): `load_policy` checks
+        that the JSON's normalizer is the weights'. With it, device-mode workers start their episodes while the
+        main process is still loading the policy."""
+        scale = np.asarray(meta["normalizer"]["obs"]["scale"], dtype=np.float32)
+        return cls(int(meta["config"]["data"]["n_obs_steps"]), int(meta["action_dim"]), scale,
+                   tuple(sorted(meta.get("image_shapes") or {})))
+
 
 class Planner:
     """Runs the policy for blocks of episodes: one batched call, each row's sampling noise from its episode's own

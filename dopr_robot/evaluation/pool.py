@@ -11,7 +11,9 @@ than waiting for their interpreters to exit (about a second each with torch and 
 With `device` (`eval --device cpu|cuda`) the policy runs in the main process instead, on that device: the
 workers step their blocks' environments and send each re-plan's observation histories through a pipe; the main
 process answers with the action chunks, one batched call per request, the same call a worker would make (so
-the per-episode results are those of the in-worker path at the same block size, on the same device).
+the per-episode results are those of the in-worker path at the same block size, on the same device). The first
+blocks are sent before the main process loads the policy: what a worker needs of it (`PolicySpec`) is in the
+checkpoint's JSON, so the workers build and reset their environments while the main process imports torch.
 
 Faults cost at most the episodes that caused them, never the run, and never a hang:
 - an exception inside an episode (reset, step, observation) is recorded with that episode as `error`: the
@@ -247,7 +249,7 @@ class EvalPool:
         self._executor: ProcessPoolExecutor | None = None
         self._links: list = []  # device mode: the main process's ends of the workers' pipes
         self._worker_ends: list = []
-        self._planner: tuple[str, Any, Any] | None = None  # device mode: (token, Planner, PolicySpec)
+        self._planner: tuple[str, Any] | None = None  # device mode: (checkpoint token, Planner)
         self._start()
 
     def __enter__(self) -> "EvalPool":
@@ -294,16 +296,16 @@ class EvalPool:
         interpreter to tear down torch, MuJoCo and its environments (~1 s; 1.8 s of a 10 s evaluation)."""
         self._kill()
 
-    def _policy_spec(self, checkpoint: Path, token: str):
-        """Device mode: the policy (loaded here, on `device`, once per checkpoint version) and its PolicySpec."""
+    def _device_planner(self, checkpoint: Path, token: str):
+        """Device mode: the Planner of the policy, loaded here on `device` once per checkpoint version."""
         if self._planner is None or self._planner[0] != token:
             from dopr_robot.checkpoint import load_policy
-            from dopr_robot.evaluation.lockstep import Planner, PolicySpec
+            from dopr_robot.evaluation.lockstep import Planner
 
             policy, _ = load_policy(checkpoint, self.device)
-            self._planner = (token, Planner(policy), PolicySpec.of(policy))
+            self._planner = (token, Planner(policy))
         self._planner[1].forget()
-        return self._planner[1], self._planner[2]
+        return self._planner[1]
 
     def _serve(self, planner, timeout: float) -> None:
         """Device mode: answer every worker's pending re-plan request (waiting up to `timeout` for the first)."""
@@ -327,7 +329,14 @@ class EvalPool:
         each episode as its block ends."""
         checkpoint = Path(checkpoint)
         token = checkpoint_token(checkpoint)  # equals the preloaded one while the files are unchanged
-        planner, spec = self._policy_spec(checkpoint, token) if self.device is not None else (None, None)
+        spec, planner = None, None
+        if self.device is not None:  # the workers need the spec, not the policy, to build and reset their episodes
+            from dopr_robot.evaluation.lockstep import PolicySpec
+
+            try:
+                spec = PolicySpec.of_checkpoint(json.loads(checkpoint.read_text()))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise UserError(f"checkpoint metadata {checkpoint} is malformed ({type(e).__name__}: {e})") from None
         outcomes: dict[int, Outcome] = {}
         pending = deque(tuple(b) for b in blocks)
         suspects: deque[tuple[int, ...]] = deque()  # running when a worker died: run again, one at a time, alone
@@ -356,6 +365,8 @@ class EvalPool:
                 while pending and not suspects and len(in_flight) < self.workers:
                     block = pending.popleft()
                     in_flight[self._submit(token, checkpoint, settings, block, spec)] = (block, time.monotonic(), False)
+                if self.device is not None and planner is None:  # loaded once the first blocks are on their way
+                    planner = self._device_planner(checkpoint, token)
                 now = time.monotonic()
                 next_deadline = min(deadline(b, t0) for b, t0, _ in in_flight.values())
                 wait_s = max(0.0, next_deadline - now) + 0.05
