@@ -21,9 +21,9 @@ def main() -> None:
 
         sys.exit(evaluate_reports(CellJob.from_json(args[1])))
     sys.argv = ["dopr-robot", *args]
-    from dopr_robot.cli import main as cli_main
+    from dopr_robot.cli import run
 
-    cli_main()
+    run()
 
 
 if __name__ == "__main__":
