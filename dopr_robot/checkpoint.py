@@ -74,9 +74,10 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[A
         policy.load_state_dict(state)
     except RuntimeError as e:
         raise UserError(f"checkpoint weights {weights} do not match its config ({str(e).splitlines()[0]})") from None
-    recorded = meta.get("normalizer")  # evaluation reads the observation scale from the JSON (`PolicySpec`)
+    recorded = meta.get("normalizer") or {}  # evaluation reads the observation scale from the JSON (`PolicySpec`)
     for part, normalizer in (("obs", policy.obs_normalizer), ("action", policy.action_normalizer)):
-        if recorded is not None and any(recorded[part][k] != getattr(normalizer, k).tolist() for k in ("center", "scale")):
+        saved = {k: getattr(normalizer, k).tolist() for k in ("center", "scale")}
+        if part in recorded and any(recorded[part].get(k) != v for k, v in saved.items()):
             raise UserError(f"checkpoint metadata {meta_path} disagrees with its weights on the {part} normalizer "
                             f"(the JSON was edited)")
     return policy.to(device).eval(), meta
