@@ -236,13 +236,14 @@ def main() -> None:
                     old.unlink()  # archived reports of the earlier repeats
             rows = []
             for kind in kinds:
-                ratio = statistics.median(evals) / statistics.median(floors[kind])
-                pairs = ", ".join(f"{e / f:.2f}" for e, f in zip(evals, floors[kind]))
                 median = statistics.median(floors[kind])
-                rows.append(f"{kind} floor {median:.1f} s, ratio {ratio:.2f} (rounds: {pairs})")
+                pairs = ", ".join(f"{e / f:.2f}" for e, f in zip(evals, floors[kind]))
+                rows.append(f"{kind} floor {median:.1f} s, ratio {statistics.median(evals) / median:.2f} "
+                            f"(rounds: {pairs})")
             print(f"{n} episodes ({sum(lengths.values())} env steps, success {data['success_rate']:.0%}): "
                   f"eval {statistics.median(evals):.1f} s; {'; '.join(rows)} (medians of {args.repeats}); "
                   f"load average {os.getloadavg()[0]:.2f}")
+
 
 if __name__ == "__main__":
     main()
