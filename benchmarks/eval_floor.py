@@ -112,8 +112,12 @@ _STARTUP_PHASES = {
 
 
 def _phase_times(kind: str, ckpt: str) -> list[float]:
-    """One fresh interpreter (as a spawn worker is) running the phases of `kind`; seconds per phase."""
-    lines = ["import time, sys", f"CKPT = {ckpt!r}", "_t = [time.perf_counter()]"]
+    """One fresh interpreter (as a spawn worker is) running the phases of `kind`; seconds per phase. An eval worker
+    starts as the pool's do (`lean_startup`)."""
+    lines = ["import time, sys", f"CKPT = {ckpt!r}"]
+    if kind == "eval":
+        lines.append("from dopr_robot.evaluation.pool import lean_startup; lean_startup().__enter__()")
+    lines.append("_t = [time.perf_counter()]")
     for _, code in _STARTUP_PHASES[kind]:
         lines += [code, "_t.append(time.perf_counter())"]
     lines.append("print(' '.join(f'{b - a:.4f}' for a, b in zip(_t, _t[1:])))")
