@@ -456,11 +456,21 @@ def run() -> None:
     Shutting down collects every object the garbage collector tracks, 0.8 s once torch and diffusers are loaded
     (an `eval --device` or `train` process; 0.23 s with them frozen, measured here): a short evaluation's
     user waits for it. Nothing left at that point needs a collection (reports and checkpoints are written and
-    closed). Tests call `main` in their own long-lived process, which this would leave frozen."""
+    closed). Tests call `main` in their own long-lived process, which this would leave frozen.
+
+    A torchrun rank that finished (its process group destroyed, its files written and closed) skips interpreter
+    teardown altogether: gloo's threads still alive at static destruction sometimes abort a rank there ("terminate
+    called without an active exception", SIGABRT), and torchrun then reports a run that succeeded as failed
+    (seen once in the DDP test under load; the same abort in a spawned gloo worker went from 2 in 15 runs to 0 in
+    55 when it skipped teardown, 87b1d7e)."""
     try:
         main()
     finally:
         gc.freeze()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun, as `init_distributed` reads it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

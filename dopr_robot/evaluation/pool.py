@@ -2,7 +2,8 @@
 
 Start-up is what dominated short evaluations, so: the pool starts first (all workers at once), each worker
 imports only what an episode needs (torch, robosuite, the policy family it loads; diffusers only for diffusion
-policies, without torch._dynamo: `lean_startup`) and loads the checkpoint and builds its environments itself; the main process never builds a policy.
+policies, without importing torch._dynamo: `lean_startup`) and loads the checkpoint and builds its environments
+itself; the main process never builds a policy.
 A worker keeps the last checkpoint it loaded (keyed by path and file times, so a re-saved `last` is reloaded)
 and its environments (keyed by env_args, so successive checkpoints of one run share them). One pool serves
 every evaluation of a training run (in-training rollouts) or of a sweep, and `close` kills its workers rather
@@ -120,16 +121,21 @@ def lean_startup():
     policy and building its environment, measured in one process on a 2-core machine like CI's):
     - diffusers imports torch._dynamo at import time only to mark a few of its classes `allow_in_graph`, which
       matters only under torch.compile (never used in evaluation), and falls back to a no-op marker when that
-      import fails; it is made to fail (0.7 s);
+      import fails. During start-up (where diffusers is imported) it is made to fail (0.7 s); afterwards it is
+      importable again, so a later call that needs it (torch's `_disable_dynamo` functions) imports it then;
     - the garbage collector walks everything start-up creates (modules, the policy, its environment), though all
       of it lives as long as the worker (0.3 s). No collection runs until start-up ends, and then what it made
       is frozen, out of every later collection's walk.
-    Only for a process of its own: in a longer-lived one, it would deny that process torch.compile."""
-    sys.modules.setdefault("torch._dynamo", None)
+    For a process of its own: in a longer-lived one, freezing would keep its garbage of the time forever."""
+    blocked = "torch._dynamo" not in sys.modules
+    if blocked:
+        sys.modules["torch._dynamo"] = None  # what an import finds here raises ModuleNotFoundError
     gc.disable()
     try:
         yield
     finally:
+        if blocked:
+            del sys.modules["torch._dynamo"]
         gc.freeze()
         gc.enable()
 
