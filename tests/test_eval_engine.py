@@ -346,3 +346,4 @@ def test_a_worker_starts_without_torch_dynamo_and_samples_as_the_main_process_do
     here = policy.predict_action(torch.ones(2, policy.n_obs_steps, meta["obs_dim"]),
                                  [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]).numpy()
     np.testing.assert_array_equal(np.asarray(chunk, dtype=np.float32), here)  # JSON round-trips float32 exactly
+    assert sys.modules.get("torch._dynamo") is not None  # this process, which loaded diffusers, is untouched
